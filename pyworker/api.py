@@ -1,0 +1,334 @@
+"""What users call: pmap, imap, imap_unordered, Executor, connect."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import sys
+import threading
+import time
+from itertools import islice
+
+from . import protocol, serialize
+from .client import ChunkResult, Client, Job
+from .config import Settings
+from .errors import SignatureError, VersionMismatchError, WorkerLostError
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+MAX_AUTO_CHUNKSIZE = 10_000
+
+
+def connect(url: str | None = None, password: str | None = None, secret: str | None = None,
+            **settings) -> Client:
+    """Make (and return) the default client; anything not given comes from PYWORKER_* variables.
+
+    Raises a one-line pyworker.ConnectionError if Redis cannot be reached or refuses the password.
+    """
+    global _default
+    client = Client(Settings.from_env(redis_url=url, redis_password=password, secret=secret,
+                                      **settings))
+    client.ping()
+    with _default_lock:
+        old, _default = _default, client
+    if old is not None and old is not client:
+        old.close()
+    return client
+
+
+def get_client() -> Client:
+    """The default client, made from the environment on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Client(Settings.from_env())
+        return _default
+
+
+def _set_default(client: Client | None) -> None:
+    global _default
+    with _default_lock:
+        _default = client
+
+
+# --- pmap and friends ---------------------------------------------------------------------------
+
+
+def _length(iterables) -> int | None:
+    try:
+        return min(len(it) for it in iterables)
+    except TypeError:
+        return None
+
+
+def auto_chunksize(n: int | None, workers: int) -> int:
+    """Like multiprocessing.Pool: about four chunks per worker, so the overhead is paid per chunk
+    while the load still balances."""
+    if not n:
+        return 1
+    size, extra = divmod(n, 4 * max(workers, 1))
+    return max(1, min(size + bool(extra), MAX_AUTO_CHUNKSIZE))
+
+
+def _interactive() -> bool:
+    if "ipykernel" in sys.modules:
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _Progress:
+    """A notebook-aware tqdm bar that shows up only for jobs longer than about a second."""
+
+    def __init__(self, total, enabled):
+        self.bar = None
+        if enabled is None:
+            enabled = _interactive()
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, delay=1.0, unit="item", desc="pmap", dynamic_ncols=True)
+
+    def update(self, n):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _show_outputs(result: ChunkResult, first_index: int):
+    for offset in sorted(result.outputs):
+        text = result.outputs[offset]
+        prefix = f"[{result.worker}] "
+        lines = text.splitlines(keepends=True)
+        sys.stdout.write("".join(prefix + line for line in lines))
+        if not text.endswith("\n"):
+            sys.stdout.write("\n")
+
+
+def _raise_for_status(result: ChunkResult, items, first_index, return_exceptions):
+    """Turn a result without values into an error; returns per-item exceptions for 'lost'."""
+    if result.status == protocol.STATUS_LOST:
+        n = result.detail or "?"
+        errors = []
+        for offset, item in enumerate(items):
+            errors.append(WorkerLostError(
+                f"item #{first_index + offset} ({serialize._describe(item)}) was lost: the worker "
+                f"running it died {n} times (last: {result.worker}), more than the retry limit; "
+                "see PYWORKER_MAX_RETRIES"))
+        if not return_exceptions:
+            raise errors[0]
+        return errors
+    if result.status == protocol.STATUS_MISMATCH:
+        raise VersionMismatchError(result.detail)
+    if result.status == protocol.STATUS_REJECTED:
+        raise SignatureError(f"worker {result.worker} rejected the job: {result.detail}")
+    raise RuntimeError(f"unknown result status {result.status!r} from worker {result.worker}")
+
+
+def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client):
+    """Yields (first index, values) per chunk in the order chunks finish."""
+    if not iterables:
+        raise TypeError("pmap() needs at least one iterable of items")
+    if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+        raise ValueError(f"chunksize must be a positive integer or None, not {chunksize!r}")
+    client = client or get_client()
+    mode = protocol.MODE_ONE if len(iterables) == 1 else protocol.MODE_STAR
+    n = _length(iterables)
+    source = iter(iterables[0]) if mode == protocol.MODE_ONE else zip(*iterables)
+    workers = client.live_workers()
+    if workers == 0 and not client._warned_no_workers:
+        client._warned_no_workers = True
+        print(f"pyworker: no workers are connected to Redis at {client.broker.where}; "
+              "the job waits until one starts", file=sys.stderr)
+    size = chunksize or auto_chunksize(n, workers)
+    window = max(4 * max(workers, 1), 8) + 1
+    job = client.job()
+    sha = job.add_function(fn)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending: dict[int, tuple[int, list]] = {}
+    next_index, exhausted, done = 0, False, 0
+    bar = _Progress(n, progress)
+    try:
+        while True:
+            if not exhausted and len(pending) < window:
+                batch = []
+                while len(pending) + len(batch) < window:
+                    items = list(islice(source, size))
+                    if not items:
+                        exhausted = True
+                        break
+                    batch.append((next_index, items))
+                    next_index += len(items)
+                if batch:
+                    for chunk, entry in zip(job.submit(mode, sha, batch), batch):
+                        pending[chunk] = entry
+            if not pending:
+                return
+            result = job.next_result(deadline)
+            if result is None:
+                raise TimeoutError(
+                    f"pmap timed out after {timeout:g} s with {done} of "
+                    f"{n if n is not None else next_index} items done; the job was cancelled")
+            entry = pending.pop(result.chunk, None)
+            if entry is None:
+                continue  # a task that ran twice: its first result already counted
+            first, items = entry
+            if result.status != protocol.STATUS_OK:
+                values = _raise_for_status(result, items, first, return_exceptions)
+            else:
+                if result.outputs:
+                    _show_outputs(result, first)
+                values = result.values
+                errors = result.errors
+                if -1 in errors:
+                    values = [None] * len(items)
+                    errors = {offset: errors[-1] for offset in range(len(items))}
+                for offset in sorted(errors):
+                    index = first + offset
+                    exc = serialize.unpack_exception(
+                        errors[offset], f"item #{index} ({serialize._describe(items[offset])})",
+                        index=index, item=items[offset], worker=result.worker)
+                    if not return_exceptions:
+                        raise exc
+                    values[offset] = exc
+            done += len(items)
+            bar.update(len(items))
+            yield first, values
+    finally:
+        bar.close()
+        # Finished normally: clean up with the next round trip. Interrupted, failed or
+        # abandoned: cancel now, so queued tasks leave Redis at once.
+        job.close(now=not (exhausted and not pending))
+
+
+def pmap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exceptions=False,
+         client: Client | None = None) -> list:
+    """``list(map(fn, *iterables))``, computed by the workers; results in input order.
+
+    A task that raises re-raises here as its original type (remote traceback as ``__cause__``),
+    unless ``return_exceptions=True`` puts exceptions in place of results.
+    """
+    parts = {}
+    for first, values in _run(fn, iterables, chunksize, timeout, progress, return_exceptions,
+                              client):
+        parts[first] = values
+    out = []
+    for first in sorted(parts):
+        out.extend(parts[first])
+    return out
+
+
+def imap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exceptions=False,
+         client: Client | None = None):
+    """Yields results in input order as they arrive; stopping the iteration cancels the job."""
+    buffered = {}
+    expected = 0
+    for first, values in _run(fn, iterables, chunksize, timeout, progress, return_exceptions,
+                              client):
+        buffered[first] = values
+        while expected in buffered:
+            values = buffered.pop(expected)
+            expected += len(values)
+            yield from values
+
+
+def imap_unordered(fn, *iterables, chunksize=None, timeout=None, progress=None,
+                   return_exceptions=False, client: Client | None = None):
+    """Yields results as they arrive, in any order."""
+    for _, values in _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client):
+        yield from values
+
+
+# --- concurrent.futures ---------------------------------------------------------------------------
+
+
+class Executor(cf.Executor):
+    """A concurrent.futures.Executor on the workers: submit, map, as_completed, wait, with.
+
+    Nothing touches Redis until the first submit; the executor's tasks form one job."""
+
+    def __init__(self, client: Client | None = None):
+        self._client = client
+        self._job: Job | None = None
+        self._futures: dict[int, tuple[cf.Future, str]] = {}
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self._shutdown = False
+
+    def __repr__(self):
+        state = "shut down" if self._shutdown else f"{len(self._futures)} pending"
+        return f"<pyworker.Executor {state}>"
+
+    def submit(self, fn, /, *args, **kwargs) -> cf.Future:
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._job is None or not self._job.live:
+                self._job = (self._client or get_client()).job()
+            job = self._job
+            sha = job.add_function(fn)
+            future = cf.Future()
+            name = getattr(fn, "__qualname__", "function")
+            (chunk,) = job.submit(protocol.MODE_CALL, sha, [(0, [(args, kwargs)])])
+            self._futures[chunk] = (future, f"{name}(*{serialize._describe(args)})")
+            if self._reader is None or not self._reader.is_alive():
+                self._reader = threading.Thread(target=self._read, args=(job,), daemon=True,
+                                                name="pyworker-executor")
+                self._reader.start()
+            return future
+
+    def _read(self, job: Job):
+        while True:
+            with self._lock:
+                if not self._futures:
+                    self._reader = None
+                    return
+            try:
+                result = job.next_result(time.monotonic() + 1.0)
+            except BaseException as exc:  # Redis gone for good: fail what is pending
+                with self._lock:
+                    futures, self._futures = self._futures, {}
+                    self._reader = None
+                for future, _ in futures.values():
+                    if future.set_running_or_notify_cancel():
+                        future.set_exception(exc)
+                return
+            if result is None:
+                continue
+            with self._lock:
+                entry = self._futures.pop(result.chunk, None)
+            if entry is None:
+                continue
+            future, what = entry
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                if result.status != protocol.STATUS_OK:
+                    _raise_for_status(result, [what], 0, False)
+                if result.outputs:
+                    _show_outputs(result, 0)
+                if result.errors:
+                    packed = result.errors.get(0, result.errors.get(-1))
+                    future.set_exception(serialize.unpack_exception(
+                        packed, f"call {what}", item=what, worker=result.worker))
+                else:
+                    future.set_result(result.values[0])
+            except Exception as exc:
+                future.set_exception(exc)
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        with self._lock:
+            self._shutdown = True
+            job = self._job
+            if cancel_futures:
+                for future, _ in self._futures.values():
+                    future.cancel()
+        if job is not None and cancel_futures:
+            job.drop_queued()
+        reader = self._reader
+        if wait and reader is not None:
+            reader.join()
+        if job is not None and (wait or not self._futures):
+            job.close()

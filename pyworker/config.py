@@ -1,0 +1,109 @@
+"""Settings, from PYWORKER_* environment variables or keyword arguments. Units are in the names."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass, field
+
+from .errors import ConfigurationError
+
+ENV_PREFIX = "PYWORKER_"
+
+
+def _default_worker_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass
+class Settings:
+    redis_url: str | None = None
+    redis_password: str | None = None
+    secret: str | None = None
+    prefix: str = "pyw"
+    # A worker whose heartbeat is older than this is dead; its task runs again elsewhere.
+    lease_s: float = 5.0
+    heartbeat_s: float = 1.0
+    # How many times a task may be re-run after the worker running it died.
+    max_retries: int = 3
+    # A job's keys expire this long after its caller stopped keeping them alive.
+    job_ttl_s: float = 120.0
+    max_message_mb: float = 256.0
+    forward_output: bool = True
+    connect_timeout_s: float = 5.0
+    # A caller or worker that lost Redis retries for this long before giving up.
+    reconnect_s: float = 30.0
+    # Idle workers wake at least this often to check for work and stop requests.
+    idle_wait_s: float = 1.0
+    worker_name: str = field(default_factory=_default_worker_name)
+    heartbeat_file: str | None = None
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> "Settings":
+        env = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, f.type, raw)
+        if "redis_url" not in values:
+            url = _url_from_service_env(env)
+            if url:
+                values["redis_url"] = url
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown pyworker setting(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def require_connection(self) -> None:
+        missing = []
+        if not self.redis_url:
+            missing.append("PYWORKER_REDIS_URL (e.g. redis://host:6379/0)")
+        if not self.secret:
+            missing.append("PYWORKER_SECRET (the key that signs every message)")
+        if missing:
+            raise ConfigurationError(
+                "pyworker has no Redis configured: set "
+                + " and ".join(missing)
+                + ", plus PYWORKER_REDIS_PASSWORD if Redis needs one; or call "
+                "pyworker.connect(url=..., password=..., secret=...); or start a local "
+                "cluster with `pyworker local --workers 4`"
+            )
+
+
+def _parse(name: str, typ, raw: str):
+    typ = str(typ)
+    try:
+        if "bool" in typ:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if "float" in typ:
+            return float(raw)
+        if "int" in typ:
+            return int(raw)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"{ENV_PREFIX}{name.upper()}={raw!r} is not valid: {exc}"
+        ) from None
+    return raw
+
+
+def _url_from_service_env(env) -> str | None:
+    """Inside Kubernetes: PYWORKER_REDIS_SERVICE names the Redis Service whose
+    <NAME>_SERVICE_HOST/_PORT variables the kubelet sets; a Service literally named
+    pyworker-redis works with no variable at all."""
+    service = env.get("PYWORKER_REDIS_SERVICE", "pyworker-redis")
+    var = service.upper().replace("-", "_")
+    host = env.get(f"{var}_SERVICE_HOST")
+    if not host:
+        return None
+    port = env.get(f"{var}_SERVICE_PORT", "6379")
+    if ":" in host:
+        host = f"[{host}]"
+    return f"redis://{host}:{port}/0"

@@ -1,0 +1,61 @@
+"""Exceptions that users see."""
+from __future__ import annotations
+
+
+class PyworkerError(Exception):
+    """Base class of pyworker's own errors."""
+
+
+class ConfigurationError(PyworkerError):
+    """No or wrong settings: the message says which variable or argument to set."""
+
+
+class ConnectionError(PyworkerError):  # noqa: A001 - deliberately shadows the builtin here
+    """Redis cannot be reached or refused the password; one line, no socket stack."""
+
+
+class SerializationError(PyworkerError, TypeError):
+    """A function, item or result cannot be pickled, or is over the size limit."""
+
+
+class SignatureError(PyworkerError):
+    """A message was not signed with our secret; it was not unpickled."""
+
+
+class VersionMismatchError(PyworkerError):
+    """Caller and worker run different Python minor or cloudpickle versions."""
+
+
+class WorkerLostError(PyworkerError):
+    """The workers running an item died more times than the retry limit allows."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the worker's traceback text; set as ``__cause__`` of a re-raised exception."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self):
+        return self.tb
+
+
+class RemoteError(PyworkerError):
+    """A task raised an exception that could not be sent back as itself.
+
+    ``type_name``, ``message`` and ``traceback`` describe it; ``index`` and ``item`` say where."""
+
+    def __init__(self, type_name, message, traceback, index=None, item=None, worker=None):
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+        self.index = index
+        self.item = item
+        self.worker = worker
+        super().__init__(f"{type_name}: {message}")
+
+    def __str__(self):
+        where = f" (item #{self.index}" + (f" on worker {self.worker}" if self.worker else "") + ")"
+        return f"{self.type_name}: {self.message}{where if self.index is not None else ''}\n\n" \
+               f"Remote traceback:\n{self.traceback}"

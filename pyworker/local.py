@@ -1,0 +1,190 @@
+"""A local cluster for one machine: redis-server on a free loopback port with a generated
+password, N worker processes, optionally a JupyterLab. Used by laptops, scripts and the tests."""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from .config import Settings
+from .errors import ConfigurationError, PyworkerError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout_s: float, what: str, proc=None, log_path=None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    detail = ""
+    if log_path and os.path.exists(log_path):
+        with open(log_path, errors="replace") as f:
+            detail = "\n" + "".join(f.readlines()[-15:])
+    state = f"exited with {proc.returncode}" if proc is not None and proc.poll() is not None \
+        else f"not ready after {timeout_s:g} s"
+    raise PyworkerError(f"{what} {state}{detail}")
+
+
+class RedisServer:
+    """A private redis-server: loopback only, a generated password, no persistence."""
+
+    def __init__(self, port: int | None = None, password: str | None = None, workdir=None,
+                 appendonly: bool = False):
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise ConfigurationError(
+                "redis-server is not on PATH: install it (Debian/Ubuntu: `apt-get install "
+                "redis-server`; macOS: `brew install redis`; conda: `conda install redis`)")
+        self.exe = exe
+        self.port = port or free_port()
+        self.password = password or secrets.token_urlsafe(24)
+        self._own_dir = workdir is None
+        self.dir = workdir or tempfile.mkdtemp(prefix="pyworker-redis-")
+        self.appendonly = appendonly
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        conf = os.path.join(self.dir, "redis.conf")
+        with open(conf, "w") as f:
+            f.write(f"bind 127.0.0.1\nport {self.port}\nrequirepass \"{self.password}\"\n"
+                    f"dir {self.dir}\nsave \"\"\nappendonly {'yes' if self.appendonly else 'no'}\n"
+                    "protected-mode yes\ndaemonize no\nlogfile redis.log\n")
+        os.chmod(conf, 0o600)
+        self.proc = subprocess.Popen([self.exe, conf], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        _wait(self._answers, 10, f"redis-server on port {self.port}", self.proc,
+              os.path.join(self.dir, "redis.log"))
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith((b"-NOAUTH", b"+PONG", b"-ERR"))
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class LocalCluster:
+    """``with LocalCluster(4) as cluster: pmap(...)`` — Redis plus N worker processes.
+
+    Inside the block the cluster is pyworker's default backend."""
+
+    def __init__(self, n_workers: int = 2, *, lease_s: float | None = None,
+                 max_retries: int | None = None, worker_env: dict | None = None,
+                 quiet: bool = True):
+        if not isinstance(n_workers, int) or n_workers < 0:
+            raise ValueError(f"n_workers must be a non-negative integer, not {n_workers!r}")
+        self.n_workers = n_workers
+        self.redis = RedisServer()
+        self.secret = secrets.token_urlsafe(32)
+        self.extra = {"lease_s": lease_s, "max_retries": max_retries}
+        self.worker_env = worker_env or {}
+        self.quiet = quiet
+        self.workers: list[subprocess.Popen] = []
+        self.client = None
+        self._previous_default = None
+        self._log_dir = None
+
+    @property
+    def env(self) -> dict:
+        """The PYWORKER_* variables that point a process at this cluster."""
+        env = {"PYWORKER_REDIS_URL": self.redis.url, "PYWORKER_REDIS_PASSWORD": self.redis.password,
+               "PYWORKER_SECRET": self.secret}
+        for key, value in self.extra.items():
+            if value is not None:
+                env[f"PYWORKER_{key.upper()}"] = str(value)
+        return env
+
+    def settings(self) -> Settings:
+        return Settings.from_env(environ={}, **{
+            "redis_url": self.redis.url, "redis_password": self.redis.password,
+            "secret": self.secret, **self.extra})
+
+    def start(self):
+        from . import api
+        from .client import Client
+        self.redis.start()
+        self._log_dir = self.redis.dir
+        try:
+            for _ in range(self.n_workers):
+                self.add_worker()
+            self.client = Client(self.settings())
+            self.wait_for_workers(self.n_workers)
+        except BaseException:
+            self.stop()
+            raise
+        self._previous_default = api._default
+        api._set_default(self.client)
+        return self
+
+    def add_worker(self, name: str | None = None, env: dict | None = None) -> subprocess.Popen:
+        wenv = {**os.environ, **self.env, **self.worker_env, **(env or {})}
+        if name:
+            wenv["PYWORKER_WORKER_NAME"] = name
+        log = open(os.path.join(self._log_dir, f"worker-{len(self.workers)}.log"), "w")
+        cmd = [sys.executable, "-m", "pyworker", "worker"]
+        if self.quiet:
+            cmd.append("--quiet")
+        proc = subprocess.Popen(cmd, env=wenv, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        log.close()
+        self.workers.append(proc)
+        return proc
+
+    def wait_for_workers(self, n: int, timeout_s: float = 30):
+        client = self.client
+        _wait(lambda: client.live_workers() >= n, timeout_s, f"{n} pyworker worker(s)")
+
+    def stop(self):
+        from . import api
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.workers:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if self.client is not None:
+            if api._default is self.client:
+                api._set_default(self._previous_default)
+            self.client.close()
+        self.redis.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

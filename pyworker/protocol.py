@@ -1,0 +1,174 @@
+"""The Redis key layout and the message formats: written down here once, used from here.
+
+No I/O in this module. docs/protocol.md explains the same layout for people.
+
+Keys (``P`` is the prefix, ``pyw`` by default)::
+
+    P:jobs                list   job ids that have queued tasks, rotated for fairness between jobs
+    P:wake                list   tokens that wake idle workers blocked in BLPOP (trimmed)
+    P:workers             set    names of registered workers
+    P:job:<jid>           hash   job metadata; exists while the job is alive (TTL, kept alive by
+                                 the caller; its absence means cancelled, finished or abandoned)
+    P:job:<jid>:q         list   queued task messages of the job
+    P:job:<jid>:r         list   result messages of the job
+    P:job:<jid>:n         hash   chunk id -> how many times a worker died running it
+    P:fn:<sha>            string a signed, pickled function (shared by every task that uses it)
+    P:worker:<name>:hb    string the worker's lease; expires when the worker stops heart-beating
+    P:worker:<name>:info  hash   host, pid, started, done, current, seen (for status())
+    P:worker:<name>:active hash  "<jid> <chunk>" -> the task message it is running
+    P:stats:<unix second> string items finished in that second (expires)
+
+Messages are bytes: one ASCII header line, then (for messages that carry a pickle) a 32-byte
+HMAC-SHA256 over header line + payload, then the payload::
+
+    task:   "<jid> <chunk> <fn_sha> <python major.minor> <cloudpickle version>\\n" SIG PAYLOAD
+    result: "<chunk> ok <worker>\\n" SIG PAYLOAD
+            "<chunk> lost <worker> <attempts>\\n"            (written by Redis, no payload)
+            "<chunk> rejected <worker> <reason...>\\n"       (bad signature, no payload)
+            "<chunk> mismatch <worker> <reason...>\\n"       (version mismatch, no payload)
+    fn:     SIG PAYLOAD                                      (SIG over PAYLOAD alone)
+
+A message whose status carries no payload is never unpickled, so it needs no signature.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+SIG_BYTES = 32
+WAKE_TOKENS_MAX = 1024
+
+STATUS_OK = "ok"
+STATUS_LOST = "lost"
+STATUS_REJECTED = "rejected"
+STATUS_MISMATCH = "mismatch"
+
+# Payload modes: how a worker applies the function to each item of a chunk.
+MODE_ONE = 0  # fn(item)
+MODE_STAR = 1  # fn(*item)
+MODE_CALL = 2  # fn(*args, **kwargs) with item == (args, kwargs)
+
+_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Names end up inside keys and space-separated headers, so keep them to a safe alphabet."""
+    if not _ID.match(value):
+        raise ValueError(
+            f"invalid {kind} {value!r}: use 1-128 characters from A-Z a-z 0-9 . _ -"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "pyw"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    @property
+    def wake(self) -> str:
+        return f"{self.prefix}:wake"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def job(self, jid: str) -> str:
+        return f"{self.prefix}:job:{jid}"
+
+    def queue(self, jid: str) -> str:
+        return f"{self.prefix}:job:{jid}:q"
+
+    def results(self, jid: str) -> str:
+        return f"{self.prefix}:job:{jid}:r"
+
+    def attempts(self, jid: str) -> str:
+        return f"{self.prefix}:job:{jid}:n"
+
+    def job_keys(self, jid: str) -> list[str]:
+        return [self.job(jid), self.queue(jid), self.results(jid), self.attempts(jid)]
+
+    def fn(self, sha: str) -> str:
+        return f"{self.prefix}:fn:{sha}"
+
+    def heartbeat(self, name: str) -> str:
+        return f"{self.prefix}:worker:{name}:hb"
+
+    def info(self, name: str) -> str:
+        return f"{self.prefix}:worker:{name}:info"
+
+    def active(self, name: str) -> str:
+        return f"{self.prefix}:worker:{name}:active"
+
+    def stats(self, second: int) -> str:
+        return f"{self.prefix}:stats:{second}"
+
+    def lua_prelude(self) -> str:
+        """The same layout as Lua functions, so the scripts in queue.py never spell a key."""
+        p = self.prefix.replace("\\", "\\\\").replace("'", "\\'")
+        return f"""
+local P = '{p}'
+local K_JOBS = P .. ':jobs'
+local K_WAKE = P .. ':wake'
+local K_WORKERS = P .. ':workers'
+local function k_job(j) return P .. ':job:' .. j end
+local function k_queue(j) return P .. ':job:' .. j .. ':q' end
+local function k_results(j) return P .. ':job:' .. j .. ':r' end
+local function k_attempts(j) return P .. ':job:' .. j .. ':n' end
+local function k_hb(w) return P .. ':worker:' .. w .. ':hb' end
+local function k_info(w) return P .. ':worker:' .. w .. ':info' end
+local function k_active(w) return P .. ':worker:' .. w .. ':active' end
+local function k_stats(s) return P .. ':stats:' .. s end
+"""
+
+
+# --- headers -----------------------------------------------------------------------------------
+
+
+def task_header(jid: str, chunk: int, fn_sha: str, py: str, cp: str) -> bytes:
+    return f"{jid} {chunk} {fn_sha} {py} {cp}\n".encode()
+
+
+@dataclass(frozen=True)
+class TaskHeader:
+    jid: str
+    chunk: int
+    fn_sha: str
+    python: str
+    cloudpickle: str
+
+
+def parse_task_header(line: bytes) -> TaskHeader:
+    jid, chunk, fn_sha, py, cp = line.decode().split(" ")
+    return TaskHeader(jid, int(chunk), fn_sha, py, cp)
+
+
+def result_header(chunk: int, status: str, worker: str, detail: str = "") -> bytes:
+    detail = detail.replace("\n", " ")
+    return f"{chunk} {status} {worker}{' ' + detail if detail else ''}\n".encode()
+
+
+@dataclass(frozen=True)
+class ResultHeader:
+    chunk: int
+    status: str
+    worker: str
+    detail: str
+
+
+def parse_result_header(line: bytes) -> ResultHeader:
+    parts = line.decode(errors="replace").split(" ", 3)
+    detail = parts[3] if len(parts) > 3 else ""
+    return ResultHeader(int(parts[0]), parts[1], parts[2], detail)
+
+
+def split_message(data: bytes) -> tuple[bytes, bytes]:
+    """Header line (with its newline) and the rest."""
+    end = data.find(b"\n", 0, 512)
+    if end < 0:
+        raise ValueError("malformed pyworker message: no header line")
+    return data[: end + 1], data[end + 1 :]

@@ -1,0 +1,346 @@
+"""The only module that talks to Redis. Atomic steps are Lua scripts built on protocol.Keys."""
+from __future__ import annotations
+
+import functools
+import time
+from urllib.parse import urlsplit
+
+from . import protocol, resp
+from .config import Settings
+from .errors import ConnectionError as PyworkerConnectionError
+
+# Take the next task, round-robin over the jobs that have queued tasks, so one huge job cannot
+# starve a small one started later. The task moves into the worker's active hash in the same
+# step, so a worker that dies holding it cannot lose it (see REAP).
+_DEQUEUE_FN = r"""
+local function dequeue(worker)
+  local n = redis.call('LLEN', K_JOBS)
+  for i = 1, n do
+    local jid = redis.call('LMOVE', K_JOBS, K_JOBS, 'LEFT', 'RIGHT')
+    if not jid then return false end
+    if redis.call('EXISTS', k_job(jid)) == 0 then
+      redis.call('LREM', K_JOBS, 0, jid)
+      redis.call('DEL', k_queue(jid))
+    else
+      local t = redis.call('LPOP', k_queue(jid))
+      if t then
+        local chunk = string.match(string.sub(t, 1, 200), '^%S+ (%S+)')
+        redis.call('HSET', k_active(worker), jid .. ' ' .. chunk, t)
+        redis.call('HSET', k_info(worker), 'current', jid .. ' ' .. chunk)
+        if redis.call('LLEN', k_queue(jid)) == 0 then redis.call('LREM', K_JOBS, 0, jid) end
+        return t
+      end
+      redis.call('LREM', K_JOBS, 0, jid)
+    end
+  end
+  return false
+end
+"""
+
+_DEQUEUE = _DEQUEUE_FN + "return dequeue(ARGV[1])"
+
+# ARGV: worker, "<jid> <chunk>", jid, result message, items done, take next (0/1)
+# The result is kept only if this worker still held the task: a worker that was declared dead
+# (and whose task was re-queued) and then came back cannot add a second result.
+_FINISH = _DEQUEUE_FN + r"""
+local worker, field, jid = ARGV[1], ARGV[2], ARGV[3]
+local held = redis.call('HDEL', k_active(worker), field)
+if held == 1 and redis.call('EXISTS', k_job(jid)) == 1 then
+  redis.call('RPUSH', k_results(jid), ARGV[4])
+  redis.call('PEXPIRE', k_results(jid), math.max(redis.call('PTTL', k_job(jid)), 1000))
+end
+local now = redis.call('TIME')[1]
+redis.call('INCRBY', k_stats(now), ARGV[5])
+redis.call('EXPIRE', k_stats(now), 120)
+redis.call('HINCRBY', k_info(worker), 'done', ARGV[5])
+redis.call('HSET', k_info(worker), 'current', '')
+if ARGV[6] == '1' then return dequeue(worker) end
+return false
+"""
+
+# ARGV: jid, ttl ms, wake tokens, task...  Returns -1 when the job is gone (cancelled/expired).
+_SUBMIT = r"""
+local jid = ARGV[1]
+if redis.call('EXISTS', k_job(jid)) == 0 then return -1 end
+for i = 4, #ARGV, 500 do
+  redis.call('RPUSH', k_queue(jid), unpack(ARGV, i, math.min(i + 499, #ARGV)))
+end
+redis.call('PEXPIRE', k_queue(jid), ARGV[2])
+if not redis.call('LPOS', K_JOBS, jid) then redis.call('RPUSH', K_JOBS, jid) end
+local wake = tonumber(ARGV[3])
+if wake > 0 then
+  local tokens = {}
+  for i = 1, wake do tokens[i] = '1' end
+  redis.call('RPUSH', K_WAKE, unpack(tokens))
+  redis.call('LTRIM', K_WAKE, -1024, -1)
+end
+return redis.call('LLEN', k_queue(jid))
+"""
+
+# Re-queue the tasks of workers whose lease expired (ARGV[2], if given, names a worker to treat
+# as dead anyway: a restarted worker reclaiming its own name). A task whose workers died more
+# than ARGV[1] times fails with a 'lost' result instead.
+_REAP = r"""
+local max_retries = tonumber(ARGV[1])
+local names
+if ARGV[2] and ARGV[2] ~= '' then names = {ARGV[2]} else names = redis.call('SMEMBERS', K_WORKERS) end
+local reaped = {}
+for _, name in ipairs(names) do
+  if (ARGV[2] and ARGV[2] ~= '') or redis.call('EXISTS', k_hb(name)) == 0 then
+    local act = redis.call('HGETALL', k_active(name))
+    for i = 1, #act, 2 do
+      local jid, chunk = string.match(act[i], '^(%S+) (%S+)$')
+      if jid and redis.call('EXISTS', k_job(jid)) == 1 then
+        local ttl = math.max(redis.call('PTTL', k_job(jid)), 1000)
+        local n = redis.call('HINCRBY', k_attempts(jid), chunk, 1)
+        redis.call('PEXPIRE', k_attempts(jid), ttl)
+        if n > max_retries then
+          redis.call('RPUSH', k_results(jid), chunk .. ' lost ' .. name .. ' ' .. n .. '\n')
+          redis.call('PEXPIRE', k_results(jid), ttl)
+        else
+          redis.call('LPUSH', k_queue(jid), act[i + 1])
+          redis.call('PEXPIRE', k_queue(jid), ttl)
+          if not redis.call('LPOS', K_JOBS, jid) then redis.call('LPUSH', K_JOBS, jid) end
+          redis.call('RPUSH', K_WAKE, '1')
+        end
+      end
+    end
+    redis.call('DEL', k_active(name), k_info(name))
+    redis.call('SREM', K_WORKERS, name)
+    table.insert(reaped, name)
+  end
+end
+return reaped
+"""
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def describe_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        return f"{parts.hostname}:{parts.port or 6379}"
+    except ValueError:
+        return url
+
+
+def translate_errors(method):
+    """Redis errors become one clear line, not a stack of socket errors."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except resp.ReplyError as exc:
+            text = str(exc)
+            if text.startswith(("WRONGPASS", "NOAUTH")) or "AUTH" in text.split(" ", 2)[:2] \
+                    or "without any password configured" in text:
+                hint = ("set PYWORKER_REDIS_PASSWORD or pass password= to pyworker.connect()"
+                        if text.startswith("NOAUTH") else
+                        "check PYWORKER_REDIS_PASSWORD or the password given to pyworker.connect()")
+                raise PyworkerConnectionError(
+                    f"Redis at {self.where} refused the password ({_one_line(exc)}): {hint}"
+                ) from None
+            raise
+        except OSError as exc:
+            raise PyworkerConnectionError(
+                f"cannot reach Redis at {self.where}: {_one_line(exc) or 'connection failed'}. "
+                "Check PYWORKER_REDIS_URL and that Redis is running"
+            ) from None
+
+    return wrapper
+
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Broker:
+    """A Redis connection pool plus the operations pyworker needs, named for what they do."""
+
+    def __init__(self, settings: Settings):
+        settings.require_connection()
+        self.settings = settings
+        self.keys = protocol.Keys(settings.prefix)
+        self.where = describe_url(settings.redis_url)
+        try:
+            self.redis = resp.Redis(settings.redis_url, password=settings.redis_password or None,
+                                    connect_timeout=settings.connect_timeout_s)
+        except ValueError as exc:
+            raise PyworkerConnectionError(
+                f"PYWORKER_REDIS_URL={settings.redis_url!r} is not a Redis URL ({exc}); "
+                "expected redis://host:6379/0"
+            ) from None
+        prelude = self.keys.lua_prelude()
+        self._dequeue = resp.Script(prelude + _DEQUEUE)
+        self._finish = resp.Script(prelude + _FINISH)
+        self._submit = resp.Script(prelude + _SUBMIT)
+        self._reap = resp.Script(prelude + _REAP)
+        self._ttl_ms = int(settings.job_ttl_s * 1000)
+        self._lease_ms = int(settings.lease_s * 1000)
+        # Clean-ups of finished jobs ride along with the next pipeline instead of costing a
+        # round trip each; if none comes, the keys expire by themselves.
+        self._deferred: list[tuple] = []
+
+    def close(self):
+        self.redis.close()
+
+    # --- both sides ----------------------------------------------------------------------------
+
+    @translate_errors
+    def ping(self) -> None:
+        self.redis.call("PING")
+
+    @translate_errors
+    def reap(self, force_name: str = "") -> list[str]:
+        reaped = self.redis.run(self._reap, self.settings.max_retries, force_name)
+        return [_s(n) for n in reaped or []]
+
+    # --- caller side ---------------------------------------------------------------------------
+
+    @translate_errors
+    def live_workers(self) -> int:
+        names = self.redis.call("SMEMBERS", self.keys.workers)
+        if not names:
+            return 0
+        replies = self.redis.pipeline([("EXISTS", self.keys.heartbeat(_s(n))) for n in names])
+        return sum(replies)
+
+    @translate_errors
+    def submit(self, jid: str, tasks: list[bytes], wake: int, meta: dict | None = None,
+               fn_blobs: dict[str, bytes] | None = None) -> int:
+        """Queue tasks; with meta, create the job (and upload functions) in the same round trip."""
+        commands = self._take_deferred()
+        if meta is not None:
+            fields = [x for kv in meta.items() for x in kv]
+            commands.append(("HSET", self.keys.job(jid), *fields))
+            commands.append(("PEXPIRE", self.keys.job(jid), self._ttl_ms))
+        for sha, blob in (fn_blobs or {}).items():
+            commands.append(("SET", self.keys.fn(sha), blob, "PX", self._ttl_ms))
+        commands.append(("EVALSHA", self._submit.sha, 0, jid, self._ttl_ms, wake, *tasks))
+        replies = self.redis.pipeline(commands, raise_errors=False)
+        last = replies[-1]
+        if isinstance(last, resp.ReplyError) and str(last).startswith("NOSCRIPT"):
+            last = self.redis.run(self._submit, jid, self._ttl_ms, wake, *tasks)
+        for reply in replies[:-1] + [last]:
+            if isinstance(reply, resp.ReplyError):
+                raise reply
+        return last
+
+    @translate_errors
+    def upload_function(self, sha: str, blob: bytes) -> None:
+        self.redis.call("SET", self.keys.fn(sha), blob, "PX", self._ttl_ms)
+
+    @translate_errors
+    def pop_result(self, jid: str, timeout_s: float):
+        """The next result message of the job, or None after timeout_s."""
+        wait = max(timeout_s, 0.01)
+        item = self.redis.blocking("BLPOP", self.keys.results(jid), f"{wait:.3f}", wait_s=wait)
+        return None if item is None else item[1]
+
+    @translate_errors
+    def keep_alive(self, jids, fn_shas) -> None:
+        commands = [("PEXPIRE", key, self._ttl_ms) for jid in jids
+                    for key in self.keys.job_keys(jid)]
+        commands += [("PEXPIRE", self.keys.fn(sha), self._ttl_ms) for sha in fn_shas]
+        commands += self._take_deferred()
+        if commands:
+            self.redis.pipeline(commands)
+
+    @translate_errors
+    def end_job(self, jid: str, now: bool = True) -> None:
+        """Delete the job: queued tasks leave Redis, running ones are neither kept nor retried."""
+        commands = [("DEL", *self.keys.job_keys(jid)), ("LREM", self.keys.jobs, 0, jid)]
+        if now:
+            self.redis.pipeline(self._take_deferred() + commands)
+        else:
+            self._deferred.extend(commands)
+
+    def _take_deferred(self) -> list[tuple]:
+        taken, self._deferred = self._deferred, []
+        return taken
+
+    @translate_errors
+    def drop_queued(self, jid: str) -> None:
+        self.redis.call("DEL", self.keys.queue(jid))
+
+    # --- worker side ---------------------------------------------------------------------------
+
+    @translate_errors
+    def register_worker(self, name: str, info: dict) -> None:
+        fields = [x for kv in info.items() for x in kv]
+        self.redis.pipeline([
+            ("SET", self.keys.heartbeat(name), "1", "PX", self._lease_ms),
+            ("HSET", self.keys.info(name), *fields),
+            ("SADD", self.keys.workers, name),
+        ])
+
+    @translate_errors
+    def heartbeat(self, name: str) -> None:
+        self.redis.pipeline([
+            ("SET", self.keys.heartbeat(name), "1", "PX", self._lease_ms),
+            ("HSET", self.keys.info(name), "seen", f"{time.time():.3f}"),
+            ("SADD", self.keys.workers, name),
+        ])
+
+    @translate_errors
+    def deregister_worker(self, name: str) -> None:
+        # Anything still held goes back to the queue first (normally nothing is).
+        self.reap(force_name=name)
+        self.redis.pipeline([("DEL", self.keys.heartbeat(name), self.keys.info(name)),
+                             ("SREM", self.keys.workers, name)])
+
+    @translate_errors
+    def dequeue(self, name: str):
+        return self.redis.run(self._dequeue, name)
+
+    @translate_errors
+    def wait_for_work(self, timeout_s: float) -> None:
+        self.redis.blocking("BLPOP", self.keys.wake, f"{timeout_s:.3f}", wait_s=timeout_s)
+
+    @translate_errors
+    def finish(self, name: str, jid: str, chunk: int, result: bytes, n_items: int, take_next: bool):
+        return self.redis.run(self._finish, name, f"{jid} {chunk}", jid, result, n_items,
+                              1 if take_next else 0)
+
+    @translate_errors
+    def drop_task(self, name: str, jid: str, chunk: int, result: bytes) -> None:
+        """Give up a task this worker cannot run, telling its caller why (result has no pickle)."""
+        self.redis.run(self._finish, name, f"{jid} {chunk}", jid, result, 0, 0)
+
+    @translate_errors
+    def get_function(self, sha: str):
+        return self.redis.call("GET", self.keys.fn(sha))
+
+    # --- status --------------------------------------------------------------------------------
+
+    @translate_errors
+    def snapshot(self) -> dict:
+        r = self.redis
+        names = sorted(_s(n) for n in r.call("SMEMBERS", self.keys.workers))
+        jids = [_s(j) for j in r.call("LRANGE", self.keys.jobs, 0, -1)]
+        now = int(r.call("TIME")[0])
+        commands = []
+        for name in names:
+            commands += [("HGETALL", self.keys.info(name)), ("EXISTS", self.keys.heartbeat(name))]
+        for jid in jids:
+            commands += [("LLEN", self.keys.queue(jid)), ("HGETALL", self.keys.job(jid))]
+        commands += [("GET", self.keys.stats(sec)) for sec in range(now - 59, now + 1)]
+        out = r.pipeline(commands)
+
+        def as_dict(flat):
+            return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+        workers = []
+        for i, name in enumerate(names):
+            info = as_dict(out[2 * i])
+            info.update(name=name, alive=bool(out[2 * i + 1]))
+            workers.append(info)
+        base = 2 * len(names)
+        jobs = [{"id": jid, "queued_chunks": out[base + 2 * i], **as_dict(out[base + 2 * i + 1])}
+                for i, jid in enumerate(jids)]
+        done = sum(int(v) for v in out[base + 2 * len(jids):] if v)
+        return {"workers": workers, "jobs": jobs, "items_per_s": done / 60.0}

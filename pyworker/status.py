@@ -1,0 +1,63 @@
+"""pyworker.status(): workers, queued work and throughput, as text and as HTML for notebooks."""
+from __future__ import annotations
+
+import html
+import time
+
+
+class Status:
+    def __init__(self, snapshot: dict, where: str):
+        self.where = where
+        self.workers = snapshot["workers"]
+        self.jobs = snapshot["jobs"]
+        self.items_per_s = snapshot["items_per_s"]
+
+    @property
+    def alive(self) -> list[dict]:
+        return [w for w in self.workers if w.get("alive")]
+
+    def _worker_rows(self):
+        now = time.time()
+        for w in self.workers:
+            seen = float(w.get("seen") or 0)
+            yield (w["name"], w.get("host", ""), w.get("pid", ""),
+                   w.get("current") or "idle", w.get("done", "0"),
+                   f"{now - seen:.1f} s ago" if seen else "never",
+                   "alive" if w.get("alive") else "lease expired")
+
+    def __str__(self):
+        lines = [f"pyworker at {self.where}: {len(self.alive)} worker(s) alive, "
+                 f"{len(self.jobs)} job(s) with queued work, "
+                 f"{self.items_per_s:.1f} items/s over the last minute"]
+        if self.workers:
+            lines.append(f"  {'worker':<28} {'host':<20} {'pid':>7} {'current':<26} {'done':>8}"
+                         f"  heartbeat")
+            for name, host, pid, cur, done, seen, state in self._worker_rows():
+                lines.append(f"  {name:<28} {host:<20} {pid:>7} {cur:<26} {done:>8}  {seen}"
+                             + ("" if state == "alive" else f" ({state})"))
+        for job in self.jobs:
+            lines.append(f"  job {job['id']}: {job['queued_chunks']} chunk(s) queued"
+                         f" (caller {job.get('caller', '?')})")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def _repr_html_(self):
+        e = html.escape
+        head = "".join(f"<th>{h}</th>" for h in
+                       ("worker", "host", "pid", "current task", "tasks done", "last heartbeat",
+                        "state"))
+        rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>"
+                       for row in self._worker_rows())
+        jobs = "".join(f"<li><code>{e(j['id'])}</code>: {j['queued_chunks']} chunk(s) queued</li>"
+                       for j in self.jobs) or "<li>no queued work</li>"
+        return (f"<div><b>pyworker</b> at <code>{e(self.where)}</code>: "
+                f"{len(self.alive)} worker(s) alive, {self.items_per_s:.1f} items/s over the "
+                f"last minute<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+                f"<ul>{jobs}</ul></div>")
+
+
+def status(client=None) -> Status:
+    from .api import get_client
+    client = client or get_client()
+    return Status(client.broker.snapshot(), client.broker.where)

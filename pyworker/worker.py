@@ -1,0 +1,261 @@
+"""The worker loop: take a task, run it, send the result back; heartbeats; graceful stop."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import OrderedDict
+
+from . import protocol, serialize
+from .config import Settings
+from .errors import ConnectionError as PyworkerConnectionError
+from .errors import SignatureError
+from .queue import Broker
+
+log = logging.getLogger("pyworker.worker")
+FUNCTION_CACHE_SIZE = 16
+
+
+class _OutputCapture:
+    """Collects what items print, tagged with the item's offset in the chunk."""
+
+    def __init__(self):
+        self.offset = 0
+        self.parts: dict[int, list[str]] = {}
+
+    def write(self, text):
+        if text:
+            self.parts.setdefault(self.offset, []).append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+    def texts(self) -> dict[int, str]:
+        return {k: "".join(v) for k, v in self.parts.items()}
+
+
+def run_chunk(fn, mode: int, items: list, capture: bool):
+    """Apply fn to every item; exceptions are caught per item so one bad item loses no others."""
+    values = [None] * len(items)
+    errors = {}
+    out = _OutputCapture() if capture else None
+    saved = sys.stdout, sys.stderr
+    if out is not None:
+        sys.stdout = sys.stderr = out
+    try:
+        for offset, item in enumerate(items):
+            if out is not None:
+                out.offset = offset
+            try:
+                if mode == protocol.MODE_ONE:
+                    values[offset] = fn(item)
+                elif mode == protocol.MODE_STAR:
+                    values[offset] = fn(*item)
+                else:
+                    args, kwargs = item
+                    values[offset] = fn(*args, **kwargs)
+            except Exception as exc:
+                errors[offset] = serialize.pack_exception(exc)
+    finally:
+        sys.stdout, sys.stderr = saved
+    return values, errors, (out.texts() if out is not None else {})
+
+
+def pack_results(values, errors, outputs) -> bytes:
+    try:
+        return serialize.dumps_data((values, errors, outputs))
+    except Exception:
+        pass
+    for offset, value in enumerate(values):
+        if offset in errors:
+            continue
+        try:
+            serialize.dumps_data(value)
+        except Exception as exc:
+            wrapped = serialize.SerializationError(
+                f"the result ({type(value).__name__}) cannot be sent back: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            errors[offset] = serialize.pack_exception(wrapped)
+            values[offset] = None
+    return serialize.dumps_data((values, errors, outputs))
+
+
+class Worker:
+    def __init__(self, settings: Settings, broker: Broker | None = None):
+        self.settings = settings
+        self.name = protocol.check_name("worker name", settings.worker_name)
+        self.broker = broker or Broker(settings)
+        self.signer = serialize.Signer(settings.secret)
+        self.functions: OrderedDict[str, object] = OrderedDict()
+        self.stopping = threading.Event()
+        self.done = 0
+        self._hb_thread = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def install_signal_handlers(self):
+        def on_term(signum, frame):
+            if self.stopping.is_set():
+                raise SystemExit(128 + signum)  # a second signal: stop now, the task is re-run
+            log.info("worker %s: %s received, stopping after the current task",
+                     self.name, signal.Signals(signum).name)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+
+    def run(self) -> int:
+        b = self.broker
+        b.ping()
+        # A worker restarted under the same name first puts back what its last life held.
+        b.reap(force_name=self.name)
+        b.register_worker(self.name, {
+            "host": socket.gethostname(), "pid": os.getpid(), "started": f"{time.time():.3f}",
+            "done": 0, "current": "", "seen": f"{time.time():.3f}",
+            "python": serialize.PYTHON_VERSION, "cloudpickle": serialize.CLOUDPICKLE_VERSION,
+        })
+        self._touch_heartbeat_file()
+        log.info("worker %s started: redis %s, pid %d, python %s, cloudpickle %s", self.name,
+                 b.where, os.getpid(), serialize.PYTHON_VERSION, serialize.CLOUDPICKLE_VERSION)
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
+                                           name="pyworker-heartbeat")
+        self._hb_thread.start()
+        try:
+            self._loop()
+        finally:
+            self.stopping.set()
+            try:
+                b.deregister_worker(self.name)
+            except PyworkerConnectionError as exc:
+                log.error("worker %s: could not deregister: %s", self.name, exc)
+            log.info("worker %s stopped: %d items done", self.name, self.done)
+        return 0
+
+    def _loop(self):
+        task = None
+        while not self.stopping.is_set():
+            try:
+                if task is None:
+                    task = self.broker.dequeue(self.name)
+                    if task is None:
+                        self.broker.wait_for_work(self.settings.idle_wait_s)
+                        continue
+                task = self._process(task)
+            except PyworkerConnectionError as exc:
+                log.error("worker %s: %s; retrying in 1 s", self.name, exc)
+                self.stopping.wait(1.0)
+
+    def _heartbeat_loop(self):
+        last_reap = 0.0
+        while not self.stopping.wait(self.settings.heartbeat_s):
+            try:
+                self.broker.heartbeat(self.name)
+                self._touch_heartbeat_file()
+                now = time.monotonic()
+                if now - last_reap >= self.settings.lease_s / 2:
+                    last_reap = now
+                    for dead in self.broker.reap():
+                        log.info("worker %s: worker %s missed its lease; its tasks were re-queued",
+                                 self.name, dead)
+            except PyworkerConnectionError as exc:
+                log.error("worker %s: heartbeat failed: %s", self.name, exc)
+            except Exception:  # the heartbeat must outlive any surprise
+                log.exception("worker %s: heartbeat error", self.name)
+
+    def _touch_heartbeat_file(self):
+        path = self.settings.heartbeat_file
+        if path:
+            with open(path, "w") as f:
+                f.write(f"{time.time():.3f} {self.name}\n")
+
+    # --- one task ------------------------------------------------------------------------------
+
+    def _process(self, task: bytes):
+        """Run one task and report it; returns the next task (taken in the same step) or None."""
+        raw_header, _ = protocol.split_message(task)
+        try:
+            header = protocol.parse_task_header(raw_header[:-1])
+        except ValueError:
+            log.error("worker %s: dropped a malformed task", self.name)
+            return None
+        try:
+            _, payload = self.signer.open(task)
+        except SignatureError as exc:
+            log.error("worker %s: rejected task %d of job %s without unpickling it: %s",
+                      self.name, header.chunk, header.jid, exc)
+            self._drop(header, protocol.STATUS_REJECTED,
+                       f"the task's signature does not match this worker's secret ({exc}); "
+                       "caller and workers must share the same PYWORKER_SECRET")
+            return None
+        if (header.python, header.cloudpickle) != (serialize.PYTHON_VERSION,
+                                                    serialize.CLOUDPICKLE_VERSION):
+            reason = (f"caller runs Python {header.python} with cloudpickle {header.cloudpickle}, "
+                      f"worker {self.name} runs Python {serialize.PYTHON_VERSION} with cloudpickle "
+                      f"{serialize.CLOUDPICKLE_VERSION}; use the same versions on both sides")
+            log.error("worker %s: refused job %s: %s", self.name, header.jid, reason)
+            self._drop(header, protocol.STATUS_MISMATCH, reason)
+            return None
+        try:
+            fn = self._function(header.fn_sha)
+            mode, items = serialize.loads(payload)
+        except SignatureError as exc:
+            log.error("worker %s: rejected function of job %s without unpickling it: %s",
+                      self.name, header.jid, exc)
+            self._drop(header, protocol.STATUS_REJECTED, f"function: {exc}")
+            return None
+        except Exception as exc:
+            # The whole chunk fails alike (offset -1): say why, for every item, to the caller.
+            values, errors, outputs = [], {-1: serialize.pack_exception(exc)}, {}
+            items = ()
+        else:
+            values, errors, outputs = run_chunk(fn, mode, items, self.settings.forward_output)
+        body = pack_results(values, errors, outputs)
+        result = self.signer.seal(
+            protocol.result_header(header.chunk, protocol.STATUS_OK, self.name), body)
+        self.done += len(items)
+        return self._finish(header, result, len(items))
+
+    def _finish(self, header, result, n_items):
+        deadline = time.monotonic() + self.settings.reconnect_s
+        while True:
+            try:
+                return self.broker.finish(self.name, header.jid, header.chunk, result, n_items,
+                                          take_next=not self.stopping.is_set())
+            except PyworkerConnectionError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.error("worker %s: could not send a result: %s; retrying", self.name, exc)
+                time.sleep(0.5)
+
+    def _drop(self, header, status, reason):
+        msg = protocol.result_header(header.chunk, status, self.name, reason)
+        self.broker.drop_task(self.name, header.jid, header.chunk, msg)
+
+    def _function(self, sha: str):
+        fn = self.functions.get(sha)
+        if fn is not None:
+            self.functions.move_to_end(sha)
+            return fn
+        blob = self.broker.get_function(sha)
+        if blob is None:
+            raise LookupError(f"function {sha} is no longer in Redis (its job expired)")
+        fn = serialize.loads(self.signer.open_blob(blob))
+        self.functions[sha] = fn
+        while len(self.functions) > FUNCTION_CACHE_SIZE:
+            self.functions.popitem(last=False)
+        return fn
+
+
+def main(settings: Settings) -> int:
+    worker = Worker(settings)
+    worker.install_signal_handlers()
+    return worker.run()
