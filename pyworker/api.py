@@ -323,8 +323,9 @@ class Executor(cf.Executor):
             self._shutdown = True
             job = self._job
             if cancel_futures:
-                for future, _ in self._futures.values():
-                    future.cancel()
+                for chunk, (future, _) in list(self._futures.items()):
+                    if future.cancel():
+                        del self._futures[chunk]
         if job is not None and cancel_futures:
             job.drop_queued()
         reader = self._reader

@@ -90,7 +90,10 @@ def _local(args) -> int:
             log = open(os.path.join(cluster.redis.dir, "lab.log"), "w")
             lab = subprocess.Popen(
                 [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-                 f"--ServerApp.port={port}", f"--ServerApp.root_dir={args.notebook_dir}"],
+                 f"--ServerApp.port={port}", f"--ServerApp.root_dir={args.notebook_dir}"]
+                # root (containers, CI): Jupyter refuses without this; it stays on loopback
+                # behind a token either way.
+                + (["--allow-root"] if os.geteuid() == 0 else []),
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             print("  starting JupyterLab...", flush=True)
             _wait(lambda: _lab_answers(f"http://127.0.0.1:{port}/api"), 90, "JupyterLab", lab,

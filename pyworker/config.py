@@ -38,6 +38,10 @@ class Settings:
     worker_name: str = field(default_factory=_default_worker_name)
     heartbeat_file: str | None = None
 
+    def __post_init__(self):
+        # Several heartbeats per lease, so one slow beat does not declare a live worker dead.
+        self.heartbeat_s = min(self.heartbeat_s, self.lease_s / 3)
+
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "Settings":
         env = os.environ if environ is None else environ

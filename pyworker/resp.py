@@ -52,7 +52,7 @@ class Connection:
         try:
             sock = socket.create_connection((host, port), timeout=connect_timeout)
         except OSError as exc:
-            raise RespConnectionError(exc.errno, exc.strerror or str(exc)) from None
+            raise RespConnectionError(exc.strerror or str(exc)) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if tls:
@@ -93,13 +93,13 @@ class Connection:
                 self.sock.sendall(buf)
         except OSError as exc:
             self.close()
-            raise RespConnectionError(exc.errno, f"lost connection: {exc}") from None
+            raise RespConnectionError(f"lost connection: {exc}") from None
 
     def _read(self):
         f = self.file
         line = f.readline()
         if not line.endswith(b"\r\n"):
-            raise RespConnectionError(0, "connection closed by the server")
+            raise RespConnectionError("connection closed by the server")
         kind, rest = line[:1], line[1:-2]
         if kind == b"$":
             n = int(rest)
@@ -107,7 +107,7 @@ class Connection:
                 return None
             data = f.read(n)
             if len(data) < n or f.read(2) != b"\r\n":
-                raise RespConnectionError(0, "connection closed in the middle of a reply")
+                raise RespConnectionError("connection closed in the middle of a reply")
             return data
         if kind == b"*":
             n = int(rest)
@@ -118,7 +118,7 @@ class Connection:
             return rest
         if kind == b"-":
             return ReplyError(rest.decode(errors="replace"))
-        raise RespConnectionError(0, f"not a Redis reply: {line[:40]!r}")
+        raise RespConnectionError(f"not a Redis reply: {line[:40]!r}")
 
     def read_reply(self, timeout=None):
         if timeout is not None:
@@ -129,7 +129,7 @@ class Connection:
             self.close()
             if isinstance(exc, RespConnectionError):
                 raise
-            raise RespConnectionError(0, f"lost connection: {exc}") from None
+            raise RespConnectionError(f"lost connection: {exc}") from None
         finally:
             if timeout is not None and not self.broken:
                 self.sock.settimeout(self.timeout)
@@ -178,10 +178,11 @@ class Redis:
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
 
-    def _get(self) -> Connection:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
+    def _get(self, fresh=False) -> Connection:
+        if not fresh:
+            with self._lock:
+                if self._idle:
+                    return self._idle.pop()
         return Connection(self.host, self.port, self.password, self.username, self.db, self.tls,
                           self.connect_timeout, self.timeout)
 
@@ -194,23 +195,32 @@ class Redis:
                 return
         conn.close()
 
-    def call(self, *args, timeout=None):
+    def _with_connection(self, use):
+        """Run use(conn); a pooled connection that turns out dead (the server restarted or
+        closed it while idle) is replaced once by a new one."""
+        with self._lock:
+            pooled = bool(self._idle)
         conn = self._get()
         try:
-            return conn.call(*args, timeout=timeout)
+            return use(conn)
+        except RespConnectionError:
+            if not pooled:
+                raise
+            self.close()
+            conn = self._get(fresh=True)
+            return use(conn)
         finally:
             self._put(conn)
+
+    def call(self, *args, timeout=None):
+        return self._with_connection(lambda conn: conn.call(*args, timeout=timeout))
 
     def blocking(self, *args, wait_s: float):
         """A blocking command (BLPOP ...) whose server-side timeout is wait_s."""
         return self.call(*args, timeout=wait_s + max(5.0, wait_s))
 
     def pipeline(self, commands, raise_errors=True):
-        conn = self._get()
-        try:
-            replies = conn.pipeline(commands)
-        finally:
-            self._put(conn)
+        replies = self._with_connection(lambda conn: conn.pipeline(commands))
         if raise_errors:
             for reply in replies:
                 if isinstance(reply, ReplyError):

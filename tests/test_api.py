@@ -1,0 +1,199 @@
+"""pmap, imap, imap_unordered and Executor against a real Redis and real worker processes."""
+import concurrent.futures as cf
+import os
+import threading
+
+import pytest
+
+import pyworker
+from pyworker import Executor, RemoteError, SerializationError, imap, imap_unordered, pmap
+from pyworker.api import auto_chunksize
+
+from conftest import redis_keys, wait_until
+
+
+def test_pmap_returns_results_in_input_order(cluster):
+    xs = list(range(1000))
+    assert pmap(lambda x: x * x, xs) == [x * x for x in xs]
+
+
+@pytest.mark.parametrize("chunksize", [1, 7, 1000])
+def test_pmap_any_chunksize_keeps_order(cluster, chunksize):
+    assert pmap(str, range(53), chunksize=chunksize) == [str(x) for x in range(53)]
+
+
+def test_pmap_over_several_iterables_like_map(cluster):
+    assert pmap(pow, [2, 3, 4], [5, 2, 1, 99]) == [32, 9, 4]
+
+
+def test_pmap_closure_and_notebook_function(cluster):
+    offset = 1000
+
+    def add(x):
+        return x + offset
+
+    assert pmap(add, range(5)) == [1000, 1001, 1002, 1003, 1004]
+
+
+def test_pmap_runs_on_the_workers_not_the_caller(cluster):
+    pids = set(pmap(lambda _: os.getpid(), range(40), chunksize=1))
+    assert os.getpid() not in pids
+    assert pids <= {p.pid for p in cluster.workers}
+
+
+def test_pmap_of_nothing_and_of_a_generator(cluster):
+    assert pmap(abs, []) == []
+    assert pmap(abs, (-x for x in range(10))) == list(range(10))
+
+
+def test_auto_chunksize_follows_pool():
+    assert auto_chunksize(20_000, 2) == 2500
+    assert auto_chunksize(13, 5) == 1
+    assert auto_chunksize(None, 4) == 1
+    assert auto_chunksize(10**9, 1) == 10_000
+
+
+def test_task_error_is_the_original_type_with_remote_traceback_and_item(cluster):
+    def check(x):
+        if x == 7:
+            raise KeyError(f"missing {x}")
+        return x
+
+    with pytest.raises(KeyError) as info:
+        pmap(check, range(20), chunksize=3)
+    exc = info.value
+    assert "check" in str(exc.__cause__) and "missing 7" in str(exc.__cause__)
+    assert exc.pyworker_index == 7
+    notes = "\n".join(getattr(exc, "__notes__", []))
+    assert "item #7 (7)" in notes and "on worker" in notes
+
+
+def test_return_exceptions_puts_them_in_place(cluster):
+    out = pmap(lambda x: 1 // x, [1, 0, 2], return_exceptions=True)
+    assert out[0] == 1 and out[2] == 0
+    assert isinstance(out[1], ZeroDivisionError)
+
+
+def test_exception_that_cannot_be_rebuilt_becomes_remote_error(cluster):
+    class Weird(Exception):
+        def __init__(self, a, b):  # pickles but cannot be rebuilt from its args
+            super().__init__(f"{a}/{b}")
+
+    def boom(x):
+        raise Weird(1, 2)
+
+    with pytest.raises(RemoteError) as info:
+        pmap(boom, ["item-a"])
+    err = info.value
+    assert "Weird" in err.type_name and err.index == 0 and err.item == "item-a"
+    assert "boom" in err.traceback and "item #0" in str(err)
+
+
+def test_unpicklable_function_is_refused_before_anything_is_queued(cluster):
+    lock = threading.Lock()
+    before = redis_keys(cluster, "pyw:job:*")
+    with pytest.raises(SerializationError, match=r"cannot send function .*lock"):
+        pmap(lambda x: (lock, x), range(3))
+    assert redis_keys(cluster, "pyw:job:*") == before
+
+
+def test_unpicklable_item_is_named(cluster):
+    with pytest.raises(SerializationError, match=r"item #2 \(<unlocked _thread.lock"):
+        pmap(id, [1, 2, threading.Lock()])
+
+
+def test_item_over_the_size_limit_is_named(cluster):
+    client = pyworker.Client(cluster.settings().__class__(
+        **{**cluster.settings().__dict__, "max_message_mb": 1}))
+    try:
+        with pytest.raises(SerializationError, match=r"item #1 .* over the limit of 1 MiB"):
+            pmap(len, [b"x", b"y" * (2 * 2**20)], chunksize=1, client=client)
+    finally:
+        client.close()
+
+
+def test_imap_yields_in_order_and_unordered_yields_all(cluster):
+    it = imap(lambda x: x + 1, range(30), chunksize=4)
+    assert list(it) == list(range(1, 31))
+    assert sorted(imap_unordered(lambda x: -x, range(30), chunksize=4)) == sorted(
+        -x for x in range(30))
+
+
+def test_abandoned_imap_cancels_its_job(cluster):
+    import time
+    it = imap(lambda x: (time.sleep(0.05), x)[1], range(200), chunksize=1)
+    assert next(it) == 0
+    assert redis_keys(cluster, "pyw:job:*:q")  # the rest is queued
+    it.close()
+    assert redis_keys(cluster, "pyw:job:*:q") == []
+
+
+def test_timeout_cancels_the_job(cluster):
+    import time
+    with pytest.raises(TimeoutError, match="timed out after 0.5 s"):
+        pmap(time.sleep, [0.2] * 40, chunksize=1, timeout=0.5)
+    assert redis_keys(cluster, "pyw:job:*:q") == []
+
+
+def test_worker_output_reaches_the_caller_with_the_worker_name(cluster, capsys):
+    pmap(lambda x: print(f"hello from item {x}"), range(3))
+    out = capsys.readouterr().out
+    names = {w["name"] for w in pyworker.status().alive}
+    for x in range(3):
+        line = next(line for line in out.splitlines() if line.endswith(f"hello from item {x}"))
+        assert line.split("] ")[0].lstrip("[") in names
+
+
+def test_progress_bar_shows_for_long_jobs(cluster, capsys):
+    import time
+    pmap(time.sleep, [0.7] * 4, chunksize=1, progress=True)
+    assert "4/4" in capsys.readouterr().err
+
+
+def test_no_progress_bar_when_disabled(cluster, capsys):
+    import time
+    pmap(time.sleep, [0.7] * 4, chunksize=1, progress=False)
+    assert "4/4" not in capsys.readouterr().err
+
+
+# --- Executor ----------------------------------------------------------------------------------
+
+
+def test_executor_is_a_concurrent_futures_executor(cluster):
+    with Executor() as ex:
+        assert isinstance(ex, cf.Executor)
+        futures = [ex.submit(pow, 2, n) for n in range(10)]
+        done = {f.result(timeout=30) for f in cf.as_completed(futures, timeout=30)}
+        assert done == {2 ** n for n in range(10)}
+        assert list(ex.map(lambda a, b: a - b, [5, 6], [1, 1], timeout=30)) == [4, 5]
+        kw = ex.submit(lambda *, k: k * 2, k=21)
+        assert kw.result(timeout=30) == 42
+
+
+def test_executor_future_carries_the_remote_exception(cluster):
+    with Executor() as ex:
+        f = ex.submit(int, "not a number")
+        with pytest.raises(ValueError, match="invalid literal") as info:
+            f.result(timeout=30)
+        assert "int" in str(info.value.__cause__)
+
+
+def test_executor_shutdown_cancels_pending_futures(cluster):
+    import time
+    ex = Executor()
+    futures = [ex.submit(time.sleep, 0.3) for _ in range(20)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert any(f.cancelled() for f in futures)
+    assert all(f.done() for f in futures)
+    assert redis_keys(cluster, "pyw:job:*:q") == []
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(abs, 1)
+
+
+def test_status_lists_live_workers(cluster):
+    st = pyworker.status()
+    assert len(st.alive) == 2
+    assert {int(w["pid"]) for w in st.alive} == {p.pid for p in cluster.workers}
+    html = st._repr_html_()
+    for w in st.alive:
+        assert w["name"] in html and w["name"] in str(st)

@@ -1,0 +1,111 @@
+"""The `pyworker` command line, run as a real subprocess."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+import pyworker
+
+from conftest import need, wait_until
+
+PYWORKER = [sys.executable, "-m", "pyworker"]
+
+
+def test_version():
+    out = subprocess.run([*PYWORKER, "--version"], capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == f"pyworker {pyworker.__version__}"
+
+
+def test_health_follows_the_heartbeat_file(tmp_path):
+    hb = tmp_path / "hb"
+    run = lambda: subprocess.run([*PYWORKER, "health", "--file", str(hb), "--max-age", "5"],  # noqa
+                                 capture_output=True, text=True, timeout=30)
+    assert run().returncode == 1
+    hb.write_text("now")
+    assert run().returncode == 0
+    old = time.time() - 60
+    os.utime(hb, (old, old))
+    res = run()
+    assert res.returncode == 1 and "last heartbeat 60 s ago" in res.stderr
+
+
+def test_worker_touches_its_heartbeat_file(make_cluster, tmp_path):
+    hb = tmp_path / "hb"
+    cluster = make_cluster(0)
+    proc = cluster.add_worker(env={"PYWORKER_HEARTBEAT_FILE": str(hb)})
+    wait_until(hb.exists, 20, "the heartbeat file")
+    first = hb.stat().st_mtime
+    wait_until(lambda: hb.stat().st_mtime > first, 5, "the next heartbeat")
+    res = subprocess.run([*PYWORKER, "health", "--file", str(hb)], capture_output=True, timeout=30)
+    assert res.returncode == 0 and proc.poll() is None
+
+
+def test_status_command(cluster):
+    out = subprocess.run([*PYWORKER, "status"], env={**os.environ, **cluster.env},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    assert "2 worker(s) alive" in out.stdout
+
+
+def test_status_without_configuration_says_what_to_set():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYWORKER_")}
+    out = subprocess.run([*PYWORKER, "status"], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 1 and "PYWORKER_REDIS_URL" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def _start_local(args, timeout_s=90):
+    proc = subprocess.Popen([*PYWORKER, "local", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "Press Ctrl-C" in line:
+            return proc, "".join(lines)
+    proc.kill()
+    pytest.fail("pyworker local did not come up:\n" + "".join(lines))
+
+
+def test_local_prints_how_to_connect_and_stops_everything_on_ctrl_c():
+    proc, out = _start_local(["--workers", "2"])
+    env = dict(re.findall(r"export (PYWORKER_\w+)=(\S+)", out))
+    assert set(env) == {"PYWORKER_REDIS_URL", "PYWORKER_REDIS_PASSWORD", "PYWORKER_SECRET"}
+    script = "from pyworker import pmap; print(pmap(lambda x: x * 3, range(4)))"
+    res = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "[0, 3, 6, 9]", res.stderr
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    port = int(env["PYWORKER_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    import socket
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_local_lab_serves_jupyterlab_with_a_token():
+    import importlib.util
+    need(importlib.util.find_spec("jupyterlab"), "jupyterlab is not installed (pip install "
+                                                  "'.[lab]')")
+    proc, out = _start_local(["--workers", "1", "--lab"])
+    try:
+        url = re.search(r"Open JupyterLab: (http://127\.0\.0\.1:\d+)/lab\?token=(\S+)", out)
+        assert url, out
+        base, token = url.groups()
+        with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=10) as r:
+            assert r.status == 200
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"{base}/api/status", timeout=10)
+        assert info.value.code == 403
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)

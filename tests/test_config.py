@@ -1,0 +1,70 @@
+"""Settings from the environment, and the errors when they are missing or wrong."""
+import pytest
+
+import pyworker
+from pyworker.config import Settings
+from pyworker.errors import ConfigurationError, ConnectionError
+
+
+def test_settings_come_from_pyworker_variables():
+    s = Settings.from_env({"PYWORKER_REDIS_URL": "redis://h:1/0", "PYWORKER_LEASE_S": "2.5",
+                           "PYWORKER_MAX_RETRIES": "7", "PYWORKER_FORWARD_OUTPUT": "false"})
+    assert (s.redis_url, s.lease_s, s.max_retries, s.forward_output) == (
+        "redis://h:1/0", 2.5, 7, False)
+    assert s.heartbeat_s <= s.lease_s / 3
+
+
+def test_bad_value_names_the_variable():
+    with pytest.raises(ConfigurationError, match="PYWORKER_LEASE_S='soon' is not valid"):
+        Settings.from_env({"PYWORKER_LEASE_S": "soon"})
+
+
+def test_kubernetes_service_variables_are_enough():
+    env = {"PAR_PYWORKER_REDIS_SERVICE_HOST": "10.0.0.7", "PAR_PYWORKER_REDIS_SERVICE_PORT": "6380",
+           "PYWORKER_REDIS_SERVICE": "par-pyworker-redis"}
+    assert Settings.from_env(env).redis_url == "redis://10.0.0.7:6380/0"
+    assert Settings.from_env({"PYWORKER_REDIS_SERVICE_HOST": "r"}).redis_url == "redis://r:6379/0"
+
+
+def test_no_redis_configured_says_what_to_set():
+    with pytest.raises(ConfigurationError) as info:
+        pyworker.Client(Settings.from_env({}))
+    text = str(info.value)
+    assert "PYWORKER_REDIS_URL" in text and "PYWORKER_SECRET" in text
+    assert "pyworker.connect(" in text
+
+
+def test_wrong_password_is_one_clear_line(redis_server):
+    with pytest.raises(ConnectionError) as info:
+        pyworker.connect(url=redis_server.url, password="wrong", secret="s")
+    text = str(info.value)
+    assert "refused the password" in text and "\n" not in text
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_missing_password_is_one_clear_line(redis_server):
+    with pytest.raises(ConnectionError, match="needs a password|refused the password"):
+        pyworker.connect(url=redis_server.url, password="", secret="s")
+
+
+def test_unreachable_redis_is_one_clear_line(redis_server):
+    from pyworker.local import free_port
+    with pytest.raises(ConnectionError, match=r"cannot reach Redis at 127.0.0.1:\d+: .*refused"):
+        pyworker.connect(url=f"redis://127.0.0.1:{free_port()}/0", password="p", secret="s")
+
+
+def test_not_a_redis_url():
+    with pytest.raises(ConnectionError, match="is not a Redis URL"):
+        pyworker.connect(url="http://example.invalid/", password="p", secret="s")
+
+
+def test_connect_makes_the_default_client(redis_server):
+    from pyworker import api
+    before = api._default
+    try:
+        client = pyworker.connect(url=redis_server.url, password=redis_server.password,
+                                  secret="s")
+        assert pyworker.get_client() is client
+        assert pyworker.status().alive == []
+    finally:
+        api._set_default(before)

@@ -1,0 +1,102 @@
+"""The queue's guarantees between jobs and callers: fairness, cancellation, expiry, isolation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pyworker
+
+from conftest import redis_keys, wait_until
+
+CALLER = r"""
+import json, os, sys, time
+from pyworker import pmap
+tag, n, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+print("started", flush=True)
+out = pmap(lambda x: (time.sleep(delay), (tag, x, os.getpid()))[1], range(n), chunksize=1,
+           progress=False)
+print(json.dumps(out), flush=True)
+"""
+
+
+def _caller(cluster, *args, **env):
+    return subprocess.Popen([sys.executable, "-c", CALLER, *map(str, args)],
+                            env={**os.environ, **cluster.env, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_callers_running_at_once_never_get_each_others_results(make_cluster):
+    cluster = make_cluster(2)
+    a = _caller(cluster, "A", 60, 0.01)
+    b = _caller(cluster, "B", 60, 0.01)
+    out_a, err_a = a.communicate(timeout=60)
+    out_b, err_b = b.communicate(timeout=60)
+    res_a = json.loads(out_a.splitlines()[-1])
+    res_b = json.loads(out_b.splitlines()[-1])
+    assert [(t, x) for t, x, _ in res_a] == [("A", x) for x in range(60)], err_a
+    assert [(t, x) for t, x, _ in res_b] == [("B", x) for x in range(60)], err_b
+
+
+def test_a_huge_job_does_not_starve_a_small_one_started_later(make_cluster):
+    cluster = make_cluster(2)
+    big_done = threading.Event()
+
+    def big():
+        pyworker.pmap(time.sleep, [0.02] * 400, chunksize=1, client=cluster.client,
+                      progress=False)
+        big_done.set()
+
+    t = threading.Thread(target=big, daemon=True)
+    t.start()
+    wait_until(lambda: redis_keys(cluster, "pyw:job:*:q"), 20, "the big job to be queued")
+    small_client = pyworker.Client(cluster.settings())
+    try:
+        started = time.monotonic()
+        assert pyworker.pmap(abs, range(-4, 0), chunksize=1, client=small_client) == [4, 3, 2, 1]
+        took = time.monotonic() - started
+    finally:
+        small_client.close()
+    assert not big_done.is_set(), "the small job waited for the whole big job"
+    assert took < 2.0, f"the small job took {took:.1f} s behind a 4 s job"
+    t.join(60)
+    assert big_done.is_set()
+
+
+def test_ctrl_c_cancels_the_whole_job_at_once(make_cluster):
+    cluster = make_cluster(1)
+    caller = _caller(cluster, "C", 50, 1.0)
+    assert caller.stdout.readline().strip() == "started"
+    wait_until(lambda: [w for w in pyworker.status(cluster.client).alive if w.get("current")],
+               20, "the worker to start the caller's first task")
+    assert redis_keys(cluster, "pyw:job:*:q")
+    caller.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    caller.wait(5)
+    assert time.monotonic() - sent < 2.0, "the caller did not get control back at once"
+    assert "KeyboardInterrupt" in caller.stderr.read()
+    # Within 2 s the queued tasks have left Redis ...
+    wait_until(lambda: not redis_keys(cluster, "pyw:job:*"), 2.0 - (time.monotonic() - sent),
+               "the job's keys to leave Redis")
+    # ... and the running one is neither retried nor reported.
+    wait_until(lambda: not [w for w in pyworker.status(cluster.client).alive if w.get("current")],
+               5, "the worker to finish its current task")
+    assert redis_keys(cluster, "pyw:job:*") == []
+    info = pyworker.status(cluster.client).alive[0]
+    assert int(info["done"]) <= 2
+
+
+def test_a_vanished_callers_job_expires(make_cluster):
+    cluster = make_cluster(1)
+    caller = _caller(cluster, "V", 30, 0.5, PYWORKER_JOB_TTL_S="2")
+    assert caller.stdout.readline().strip() == "started"
+    wait_until(lambda: redis_keys(cluster, "pyw:job:*:q"), 20, "the caller's job to be queued")
+    assert redis_keys(cluster, "pyw:fn:*")
+    caller.kill()  # SIGKILL: no chance to clean up
+    caller.wait(5)
+    wait_until(lambda: not redis_keys(cluster, "pyw:job:*") and not redis_keys(cluster, "pyw:fn:*"),
+               10, "the abandoned job's keys to expire")
+    r = cluster.client.broker.redis
+    wait_until(lambda: r.call("LLEN", "pyw:jobs") == 0, 5, "the job to leave the rotation")

@@ -1,0 +1,59 @@
+"""Signing and pickling, no Redis needed."""
+import pickle
+
+import pytest
+
+from pyworker import protocol, serialize
+from pyworker.errors import SerializationError, SignatureError
+
+
+def test_sealed_message_opens_with_the_same_secret_only():
+    header = protocol.task_header("job1", 3, "f" * 32, "3.11", "3.1.0")
+    sealed = serialize.Signer("k1").seal(header, b"payload")
+    got_header, payload = serialize.Signer("k1").open(sealed)
+    assert got_header == header and bytes(payload) == b"payload"
+    with pytest.raises(SignatureError):
+        serialize.Signer("k2").open(sealed)
+
+
+@pytest.mark.parametrize("where", ["header", "payload"])
+def test_any_tampered_byte_breaks_the_signature(where):
+    header = protocol.task_header("job1", 3, "f" * 32, "3.11", "3.1.0")
+    sealed = bytearray(serialize.Signer("k").seal(header, b"payload"))
+    pos = 2 if where == "header" else len(sealed) - 1
+    sealed[pos] ^= 1
+    with pytest.raises(SignatureError):
+        serialize.Signer("k").open(bytes(sealed))
+
+
+def test_empty_secret_is_refused():
+    with pytest.raises(ValueError):
+        serialize.Signer("")
+
+
+def test_lambdas_and_closures_pickle_by_value():
+    k = 5
+    fn = lambda x: x + k  # noqa: E731
+    blob = serialize.dumps_function(fn)
+    assert pickle.loads(blob)(1) == 6
+    # The same function is the same blob, so repeated jobs share one copy in Redis.
+    assert serialize.function_sha(blob) == serialize.function_sha(serialize.dumps_function(fn))
+
+
+def test_chunk_errors_name_the_item():
+    with pytest.raises(SerializationError, match=r"item #12 .*generator"):
+        serialize.dumps_chunk(protocol.MODE_ONE, [1, (x for x in [])], 11, 2**20)
+
+
+def test_headers_round_trip():
+    h = protocol.parse_task_header(protocol.task_header("j", 7, "s", "3.11", "3.1.0")[:-1])
+    assert (h.jid, h.chunk, h.fn_sha, h.python, h.cloudpickle) == ("j", 7, "s", "3.11", "3.1.0")
+    r = protocol.parse_result_header(
+        protocol.result_header(4, "rejected", "w-1", "bad\nsig here")[:-1])
+    assert (r.chunk, r.status, r.worker, r.detail) == (4, "rejected", "w-1", "bad sig here")
+
+
+def test_names_with_spaces_or_colons_are_refused():
+    with pytest.raises(ValueError, match="invalid worker name"):
+        protocol.check_name("worker name", "a b")
+    assert protocol.check_name("worker name", "par-pyworker-worker-5d8f9-abcde") 

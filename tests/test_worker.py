@@ -1,0 +1,202 @@
+"""The worker's guarantees, with real worker processes that get killed, stopped and lied to."""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import pyworker
+from pyworker import WorkerLostError, protocol, serialize
+from pyworker.errors import SignatureError, VersionMismatchError
+
+from conftest import redis_keys, wait_until
+
+
+def _run_in_thread(fn, *args, **kwargs):
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the test thread
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, box
+
+
+def _busy_workers(cluster):
+    return [w for w in pyworker.status(cluster.client).alive if w.get("current")]
+
+
+def _marking(tmp_path):
+    """A task that leaves one file per run, so a test can count how often each item ran."""
+    folder = str(tmp_path)
+
+    def task(x):
+        import os
+        import time
+        open(os.path.join(folder, f"{x}-{os.getpid()}-{time.monotonic_ns()}"), "w").close()
+        time.sleep(0.4)
+        return x * 10
+
+    return task
+
+
+def test_killed_worker_task_runs_again_elsewhere_nothing_lost_or_duplicated(make_cluster, tmp_path):
+    cluster = make_cluster(3)
+    task = _marking(tmp_path)
+    t, box = _run_in_thread(pyworker.pmap, task, range(12), chunksize=1, client=cluster.client)
+    busy = wait_until(lambda: _busy_workers(cluster), 20, "a worker to start a task")
+    victim = int(busy[0]["pid"])
+    os.kill(victim, signal.SIGKILL)
+    t.join(60)
+    assert not t.is_alive(), "pmap did not finish after a worker was killed"
+    assert "error" not in box, box.get("error")
+    assert box["result"] == [x * 10 for x in range(12)]
+    runs = [name.split("-") for name in os.listdir(tmp_path)]
+    assert {int(x) for x, _, _ in runs} == set(range(12))
+    rerun = [x for x, pid, _ in runs if int(pid) == victim]
+    assert rerun, "the killed worker had started a task"
+    assert sum(1 for x, _, _ in runs if x == rerun[-1]) >= 2, "the lost task ran again"
+
+
+def test_task_whose_workers_keep_dying_fails_naming_the_item(make_cluster):
+    cluster = make_cluster(3, max_retries=1)
+
+    def deadly(x):
+        import os
+        if x == 3:
+            os._exit(1)
+        return x
+
+    with pytest.raises(WorkerLostError, match=r"item #3 \(3\) was lost: the worker running it "
+                                              r"died 2 times"):
+        pyworker.pmap(deadly, range(6), chunksize=1, client=cluster.client)
+
+
+def test_sigterm_finishes_the_current_task_then_exits_and_leaves_the_rest(make_cluster):
+    cluster = make_cluster(2)
+    t, box = _run_in_thread(pyworker.pmap, lambda x: (time.sleep(0.8), os.getpid())[1],
+                            range(8), chunksize=1, client=cluster.client)
+    busy = wait_until(lambda: _busy_workers(cluster), 20, "a worker to start a task")
+    victim = next(p for p in cluster.workers if p.pid == int(busy[0]["pid"]))
+    victim.send_signal(signal.SIGTERM)
+    assert victim.wait(10) == 0
+    t.join(60)
+    assert "error" not in box, box.get("error")
+    pids = box["result"]
+    assert len(pids) == 8
+    assert pids.count(victim.pid) >= 1, "the task it was running came back"
+    assert pids.count(victim.pid) <= 2  # it took nothing new after SIGTERM
+    survivor = next(p.pid for p in cluster.workers if p is not victim)
+    assert pids.count(survivor) >= 6
+
+
+def test_a_stalled_worker_cannot_add_a_second_result(make_cluster):
+    cluster = make_cluster(2)
+    t, box = _run_in_thread(pyworker.pmap, lambda x: (time.sleep(0.3), x)[1], range(6),
+                            chunksize=1, client=cluster.client)
+    busy = wait_until(lambda: _busy_workers(cluster), 20, "a worker to start a task")
+    victim = int(busy[0]["pid"])
+    os.kill(victim, signal.SIGSTOP)  # past its lease: its task is re-run by the other worker
+    try:
+        t.join(60)
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    assert box.get("result") == list(range(6))
+
+
+def _queue_raw_task(cluster, jid, header, body):
+    b = cluster.client.broker
+    b.redis.pipeline([("HSET", b.keys.job(jid), "created", "0"),
+                      ("PEXPIRE", b.keys.job(jid), 30000)])
+    return b.submit(jid, [header + body], 1)
+
+
+def test_badly_signed_task_is_rejected_without_unpickling(make_cluster, tmp_path):
+    cluster = make_cluster(1)
+    canary = tmp_path / "unpickled"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(canary), "w"))
+
+    payload = pickle.dumps((protocol.MODE_ONE, [Evil()]))
+    jid = "evil00000001"
+    header = protocol.task_header(jid, 0, "0" * 32, serialize.PYTHON_VERSION,
+                                  serialize.CLOUDPICKLE_VERSION)
+    wrong = serialize.Signer("not-the-secret")
+    _queue_raw_task(cluster, jid, header, wrong.sign(header, payload) + payload)
+    b = cluster.client.broker
+    reply = wait_until(lambda: b.pop_result(jid, 0.5), 20, "the worker's rejection")
+    assert b" rejected " in reply and b"PYWORKER_SECRET" in reply
+    assert not canary.exists(), "the worker unpickled an unsigned message"
+    log = open(os.path.join(cluster.redis.dir, "worker-0.log")).read()
+    assert "rejected task 0 of job evil00000001 without unpickling it" in log
+
+
+def test_caller_with_another_secret_gets_a_clear_error(make_cluster):
+    cluster = make_cluster(1)
+    settings = cluster.settings()
+    settings.secret = "a-different-secret"
+    client = pyworker.Client(settings)
+    try:
+        with pytest.raises(SignatureError, match="same PYWORKER_SECRET"):
+            pyworker.pmap(abs, [1, 2], client=client, timeout=20)
+    finally:
+        client.close()
+
+
+def test_worker_refuses_other_python_or_cloudpickle_versions(cluster, monkeypatch):
+    monkeypatch.setattr(serialize, "PYTHON_VERSION", "3.99")
+    with pytest.raises(VersionMismatchError) as info:
+        pyworker.pmap(abs, [1], timeout=20)
+    text = str(info.value)
+    real = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert "Python 3.99" in text and f"Python {real}" in text
+    assert serialize.CLOUDPICKLE_VERSION in text
+
+
+def test_worker_with_wrong_password_says_so_in_one_line(redis_server):
+    env = {**os.environ, "PYWORKER_REDIS_URL": redis_server.url,
+           "PYWORKER_REDIS_PASSWORD": "wrong", "PYWORKER_SECRET": "s"}
+    proc = subprocess.run([sys.executable, "-m", "pyworker", "worker"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "refused the password" in lines[0] and "PYWORKER_REDIS_PASSWORD" in lines[0]
+
+
+def test_worker_survives_a_redis_restart(make_cluster):
+    cluster = make_cluster(1)
+    assert pyworker.pmap(abs, [-1], client=cluster.client) == [1]
+    server = cluster.redis
+    server.proc.terminate()
+    server.proc.wait(10)
+    server.start()  # same port, same password, empty data
+    # The worker re-registers with its next heartbeat and serves the next job.
+    wait_until(lambda: cluster.client.live_workers(max_age_s=0) == 1, 20,
+               "the worker to come back after the restart")
+    assert pyworker.pmap(abs, [-2, -3], client=cluster.client, timeout=30) == [2, 3]
+
+
+def test_function_travels_once_per_job_not_per_item(cluster):
+    big = os.urandom(8 * 2**20)
+    r = cluster.client.broker.redis
+
+    def net_in():
+        info = r.call("INFO", "stats").decode()
+        return int(info.split("total_net_input_bytes:")[1].split()[0])
+
+    before = net_in()
+    assert pyworker.pmap(lambda x: len(big) + x, range(40), chunksize=1) == [
+        len(big) + x for x in range(40)]
+    sent = net_in() - before
+    assert sent < 3 * len(big), f"{sent / 2**20:.0f} MiB sent for an 8 MiB closure"
