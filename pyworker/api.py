@@ -5,7 +5,7 @@ import concurrent.futures as cf
 import sys
 import threading
 import time
-from itertools import islice
+from itertools import chain, islice
 
 from . import protocol, serialize
 from .client import ChunkResult, Client, Job
@@ -15,6 +15,9 @@ from .errors import SignatureError, VersionMismatchError, WorkerLostError
 _default: Client | None = None
 _default_lock = threading.Lock()
 MAX_AUTO_CHUNKSIZE = 10_000
+# Automatic chunks stay below about this many pickled bytes, and a batch of chunks sent in one
+# round trip too, so workers start on big items while the caller is still sending the rest.
+CHUNK_TARGET_BYTES = 4 * 2**20
 
 
 def connect(url: str | None = None, password: str | None = None, secret: str | None = None,
@@ -143,6 +146,14 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
         print(f"pyworker: no workers are connected to Redis at {client.broker.where}; "
               "the job waits until one starts", file=sys.stderr)
     size = chunksize or auto_chunksize(n, workers)
+    head = list(islice(source, 1))
+    try:
+        item_bytes = len(serialize.dumps_data(head[0])) if head else 0
+    except Exception:  # reported, naming the item, when its chunk is pickled
+        item_bytes = 0
+    if chunksize is None and item_bytes * size > CHUNK_TARGET_BYTES:
+        size = max(1, CHUNK_TARGET_BYTES // item_bytes)
+    source = chain(head, source)
     window = max(4 * max(workers, 1), 8) + 1
     job = client.job()
     sha = job.add_function(fn)
@@ -161,6 +172,8 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
                         break
                     batch.append((next_index, items))
                     next_index += len(items)
+                    if item_bytes * (next_index - batch[0][0]) >= CHUNK_TARGET_BYTES:
+                        break
                 if batch:
                     for chunk, entry in zip(job.submit(mode, sha, batch), batch):
                         pending[chunk] = entry

@@ -150,13 +150,16 @@ class Job:
         submit also creates the job and uploads its function, in the same round trip."""
         client = self.client
         with self._submit_lock:
-            messages, ids = [], []
+            messages, ids, big = [], [], {}
             for first, items in chunks:
                 payload = serialize.dumps_chunk(mode, items, first, client.limit_bytes)
                 chunk = self._next_chunk + len(ids)
+                inline = len(payload) <= protocol.INLINE_MAX_BYTES
                 header = protocol.task_header(self.jid, chunk, fn_sha, serialize.PYTHON_VERSION,
-                                              serialize.CLOUDPICKLE_VERSION)
-                messages.append(client.signer.seal(header, payload))
+                                              serialize.CLOUDPICKLE_VERSION, ref=not inline)
+                messages.append(client.signer.seal(header, payload, inline))
+                if not inline:
+                    big[chunk] = payload
                 ids.append(chunk)
             meta = None
             if not self.created:
@@ -166,7 +169,8 @@ class Job:
             blobs, self._pending_blobs = self._pending_blobs, {}
             try:
                 queued = client.broker.submit(self.jid, messages,
-                                              min(len(messages), MAX_WAKE_TOKENS), meta, blobs)
+                                              min(len(messages), MAX_WAKE_TOKENS), meta, blobs,
+                                              big)
             except BaseException:
                 self._pending_blobs.update(blobs)
                 raise
@@ -201,12 +205,17 @@ class Job:
                 time.sleep(0.2)
 
     def _parse(self, data: bytes) -> ChunkResult:
-        raw, _ = protocol.split_message(data)
-        h = protocol.parse_result_header(raw[:-1])
+        h = protocol.parse_result_header(protocol.header_line(data))
         if h.status != protocol.STATUS_OK:
             return ChunkResult(h.chunk, h.status, h.worker, h.detail)
+        payload = None
+        if h.ref:
+            payload = self.client.broker.take_result_payload(self.jid, h.payload_field)
+            if payload is None:
+                raise RuntimeError(f"the result of chunk {h.chunk} from worker {h.worker} "
+                                   "vanished from Redis before it could be read")
         try:
-            _, payload = self.client.signer.open(data)
+            _, payload = self.client.signer.open(data, payload)
         except SignatureError as exc:
             raise SignatureError(
                 f"a result for job {self.jid} from worker {h.worker} failed its signature check "

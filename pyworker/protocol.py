@@ -12,6 +12,8 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
     P:job:<jid>:q         list   queued task messages of the job
     P:job:<jid>:r         list   result messages of the job
     P:job:<jid>:n         hash   chunk id -> how many times a worker died running it
+    P:job:<jid>:p         hash   chunk id -> task payload too big to travel inline
+    P:job:<jid>:rp        hash   "<chunk> <worker>" -> result payload too big to travel inline
     P:fn:<sha>            string a signed, pickled function (shared by every task that uses it)
     P:worker:<name>:hb    string the worker's lease; expires when the worker stops heart-beating
     P:worker:<name>:info  hash   host, pid, started, done, current, seen (for status())
@@ -19,10 +21,12 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
     P:stats:<unix second> string items finished in that second (expires)
 
 Messages are bytes: one ASCII header line, then (for messages that carry a pickle) a 32-byte
-HMAC-SHA256 over header line + payload, then the payload::
+HMAC-SHA256 over header line + payload, then the payload. A payload over INLINE_MAX_BYTES is not
+inline but in the job's payload hash (flag ``r`` instead of ``i``), so Lua scripts only ever move
+small strings; the signature still covers it::
 
-    task:   "<jid> <chunk> <fn_sha> <python major.minor> <cloudpickle version>\\n" SIG PAYLOAD
-    result: "<chunk> ok <worker>\\n" SIG PAYLOAD
+    task:   "<jid> <chunk> <fn_sha> <python major.minor> <cloudpickle version> <i|r>\\n" SIG [PAYLOAD]
+    result: "<chunk> ok <worker> <i|r>\\n" SIG [PAYLOAD]
             "<chunk> lost <worker> <attempts>\\n"            (written by Redis, no payload)
             "<chunk> rejected <worker> <reason...>\\n"       (bad signature, no payload)
             "<chunk> mismatch <worker> <reason...>\\n"       (version mismatch, no payload)
@@ -37,6 +41,8 @@ from dataclasses import dataclass
 
 PROTOCOL_VERSION = 1
 SIG_BYTES = 32
+INLINE_MAX_BYTES = 128 * 1024
+INLINE, BY_REF = "i", "r"
 WAKE_TOKENS_MAX = 1024
 
 STATUS_OK = "ok"
@@ -89,8 +95,15 @@ class Keys:
     def attempts(self, jid: str) -> str:
         return f"{self.prefix}:job:{jid}:n"
 
+    def payloads(self, jid: str) -> str:
+        return f"{self.prefix}:job:{jid}:p"
+
+    def result_payloads(self, jid: str) -> str:
+        return f"{self.prefix}:job:{jid}:rp"
+
     def job_keys(self, jid: str) -> list[str]:
-        return [self.job(jid), self.queue(jid), self.results(jid), self.attempts(jid)]
+        return [self.job(jid), self.queue(jid), self.results(jid), self.attempts(jid),
+                self.payloads(jid), self.result_payloads(jid)]
 
     def fn(self, sha: str) -> str:
         return f"{self.prefix}:fn:{sha}"
@@ -119,6 +132,8 @@ local function k_job(j) return P .. ':job:' .. j end
 local function k_queue(j) return P .. ':job:' .. j .. ':q' end
 local function k_results(j) return P .. ':job:' .. j .. ':r' end
 local function k_attempts(j) return P .. ':job:' .. j .. ':n' end
+local function k_payloads(j) return P .. ':job:' .. j .. ':p' end
+local function k_rpayloads(j) return P .. ':job:' .. j .. ':rp' end
 local function k_hb(w) return P .. ':worker:' .. w .. ':hb' end
 local function k_info(w) return P .. ':worker:' .. w .. ':info' end
 local function k_active(w) return P .. ':worker:' .. w .. ':active' end
@@ -129,8 +144,8 @@ local function k_stats(s) return P .. ':stats:' .. s end
 # --- headers -----------------------------------------------------------------------------------
 
 
-def task_header(jid: str, chunk: int, fn_sha: str, py: str, cp: str) -> bytes:
-    return f"{jid} {chunk} {fn_sha} {py} {cp}\n".encode()
+def task_header(jid: str, chunk: int, fn_sha: str, py: str, cp: str, ref: bool = False) -> bytes:
+    return f"{jid} {chunk} {fn_sha} {py} {cp} {BY_REF if ref else INLINE}\n".encode()
 
 
 @dataclass(frozen=True)
@@ -140,14 +155,18 @@ class TaskHeader:
     fn_sha: str
     python: str
     cloudpickle: str
+    ref: bool
 
 
 def parse_task_header(line: bytes) -> TaskHeader:
-    jid, chunk, fn_sha, py, cp = line.decode().split(" ")
-    return TaskHeader(jid, int(chunk), fn_sha, py, cp)
+    jid, chunk, fn_sha, py, cp, where = line.decode().rstrip("\n").split(" ")
+    if where not in (INLINE, BY_REF):
+        raise ValueError(f"bad payload flag {where!r}")
+    return TaskHeader(jid, int(chunk), fn_sha, py, cp, where == BY_REF)
 
 
 def result_header(chunk: int, status: str, worker: str, detail: str = "") -> bytes:
+    """For 'ok' the detail is the payload flag; for the others, a reason for people."""
     detail = detail.replace("\n", " ")
     return f"{chunk} {status} {worker}{' ' + detail if detail else ''}\n".encode()
 
@@ -159,16 +178,24 @@ class ResultHeader:
     worker: str
     detail: str
 
+    @property
+    def ref(self) -> bool:
+        return self.status == STATUS_OK and self.detail == BY_REF
+
+    @property
+    def payload_field(self) -> str:
+        return f"{self.chunk} {self.worker}"
+
 
 def parse_result_header(line: bytes) -> ResultHeader:
-    parts = line.decode(errors="replace").split(" ", 3)
+    parts = line.decode(errors="replace").rstrip("\n").split(" ", 3)
     detail = parts[3] if len(parts) > 3 else ""
     return ResultHeader(int(parts[0]), parts[1], parts[2], detail)
 
 
-def split_message(data: bytes) -> tuple[bytes, bytes]:
-    """Header line (with its newline) and the rest."""
-    end = data.find(b"\n", 0, 512)
+def header_line(data) -> bytes:
+    """The header line of a message, newline included."""
+    end = bytes(data[:512]).find(b"\n")
     if end < 0:
         raise ValueError("malformed pyworker message: no header line")
-    return data[: end + 1], data[end + 1 :]
+    return bytes(data[: end + 1])

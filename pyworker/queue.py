@@ -39,15 +39,21 @@ end
 
 _DEQUEUE = _DEQUEUE_FN + "return dequeue(ARGV[1])"
 
-# ARGV: worker, "<jid> <chunk>", jid, result message, items done, take next (0/1)
+# ARGV: worker, "<jid> <chunk>", jid, result message, items done, take next (0/1), chunk,
+#       result payload field ('' when the result is inline)
 # The result is kept only if this worker still held the task: a worker that was declared dead
 # (and whose task was re-queued) and then came back cannot add a second result.
 _FINISH = _DEQUEUE_FN + r"""
-local worker, field, jid = ARGV[1], ARGV[2], ARGV[3]
+local worker, field, jid, rfield = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
 local held = redis.call('HDEL', k_active(worker), field)
 if held == 1 and redis.call('EXISTS', k_job(jid)) == 1 then
+  local ttl = math.max(redis.call('PTTL', k_job(jid)), 1000)
   redis.call('RPUSH', k_results(jid), ARGV[4])
-  redis.call('PEXPIRE', k_results(jid), math.max(redis.call('PTTL', k_job(jid)), 1000))
+  redis.call('PEXPIRE', k_results(jid), ttl)
+  redis.call('HDEL', k_payloads(jid), ARGV[7])
+  if rfield ~= '' then redis.call('PEXPIRE', k_rpayloads(jid), ttl) end
+elseif rfield ~= '' then
+  redis.call('HDEL', k_rpayloads(jid), rfield)
 end
 local now = redis.call('TIME')[1]
 redis.call('INCRBY', k_stats(now), ARGV[5])
@@ -188,6 +194,18 @@ class Broker:
     def close(self):
         self.redis.close()
 
+    def _then_script(self, commands: list, script: resp.Script, *args):
+        """Send commands and a script call in one round trip; the script's reply."""
+        replies = self.redis.pipeline(commands + [("EVALSHA", script.sha, 0, *args)],
+                                      raise_errors=False)
+        last = replies[-1]
+        if isinstance(last, resp.ReplyError) and str(last).startswith("NOSCRIPT"):
+            last = self.redis.run(script, *args)
+        for reply in replies[:-1] + [last]:
+            if isinstance(reply, resp.ReplyError):
+                raise reply
+        return last
+
     # --- both sides ----------------------------------------------------------------------------
 
     @translate_errors
@@ -211,8 +229,10 @@ class Broker:
 
     @translate_errors
     def submit(self, jid: str, tasks: list[bytes], wake: int, meta: dict | None = None,
-               fn_blobs: dict[str, bytes] | None = None) -> int:
-        """Queue tasks; with meta, create the job (and upload functions) in the same round trip."""
+               fn_blobs: dict[str, bytes] | None = None,
+               payloads: dict[int, bytes] | None = None) -> int:
+        """Queue tasks (and the payloads too big to travel inline); with meta, create the job
+        and upload its functions in the same round trip."""
         commands = self._take_deferred()
         if meta is not None:
             fields = [x for kv in meta.items() for x in kv]
@@ -220,15 +240,17 @@ class Broker:
             commands.append(("PEXPIRE", self.keys.job(jid), self._ttl_ms))
         for sha, blob in (fn_blobs or {}).items():
             commands.append(("SET", self.keys.fn(sha), blob, "PX", self._ttl_ms))
-        commands.append(("EVALSHA", self._submit.sha, 0, jid, self._ttl_ms, wake, *tasks))
-        replies = self.redis.pipeline(commands, raise_errors=False)
-        last = replies[-1]
-        if isinstance(last, resp.ReplyError) and str(last).startswith("NOSCRIPT"):
-            last = self.redis.run(self._submit, jid, self._ttl_ms, wake, *tasks)
-        for reply in replies[:-1] + [last]:
-            if isinstance(reply, resp.ReplyError):
-                raise reply
-        return last
+        if payloads:
+            fields = [x for kv in payloads.items() for x in kv]
+            commands.append(("HSET", self.keys.payloads(jid), *fields))
+            commands.append(("PEXPIRE", self.keys.payloads(jid), self._ttl_ms))
+        return self._then_script(commands, self._submit, jid, self._ttl_ms, wake, *tasks)
+
+    @translate_errors
+    def take_result_payload(self, jid: str, field: str):
+        got, _ = self.redis.pipeline([("HGET", self.keys.result_payloads(jid), field),
+                                      ("HDEL", self.keys.result_payloads(jid), field)])
+        return got
 
     @translate_errors
     def upload_function(self, sha: str, blob: bytes) -> None:
@@ -298,18 +320,31 @@ class Broker:
         return self.redis.run(self._dequeue, name)
 
     @translate_errors
-    def wait_for_work(self, timeout_s: float) -> None:
-        self.redis.blocking("BLPOP", self.keys.wake, f"{timeout_s:.3f}", wait_s=timeout_s)
+    def wait_and_dequeue(self, name: str, timeout_s: float):
+        """Block until woken (or timeout_s), then take a task, in one round trip: Redis runs
+        the dequeue right after the BLPOP returns."""
+        return self._then_script([("BLPOP", self.keys.wake, f"{timeout_s:.3f}")], self._dequeue,
+                                 name)
 
     @translate_errors
-    def finish(self, name: str, jid: str, chunk: int, result: bytes, n_items: int, take_next: bool):
-        return self.redis.run(self._finish, name, f"{jid} {chunk}", jid, result, n_items,
-                              1 if take_next else 0)
+    def task_payload(self, jid: str, chunk: int):
+        return self.redis.call("HGET", self.keys.payloads(jid), chunk)
+
+    @translate_errors
+    def finish(self, name: str, jid: str, chunk: int, result: bytes, n_items: int,
+               take_next: bool, result_payload: bytes | None = None):
+        """Report a task's result; returns the next task, taken in the same step, or None."""
+        commands, rfield = [], ""
+        if result_payload is not None:
+            rfield = f"{chunk} {name}"
+            commands.append(("HSET", self.keys.result_payloads(jid), rfield, result_payload))
+        return self._then_script(commands, self._finish, name, f"{jid} {chunk}", jid, result,
+                                 n_items, 1 if take_next else 0, chunk, rfield)
 
     @translate_errors
     def drop_task(self, name: str, jid: str, chunk: int, result: bytes) -> None:
         """Give up a task this worker cannot run, telling its caller why (result has no pickle)."""
-        self.redis.run(self._finish, name, f"{jid} {chunk}", jid, result, 0, 0)
+        self.finish(name, jid, chunk, result, 0, False)
 
     @translate_errors
     def get_function(self, sha: str):

@@ -31,16 +31,20 @@ class Signer:
             mac.update(part)
         return mac.digest()
 
-    def seal(self, header: bytes, payload: bytes) -> bytes:
-        return b"".join((header, self.sign(header, payload), payload))
+    def seal(self, header: bytes, payload: bytes, inline: bool = True) -> bytes:
+        """header + signature (+ payload when it travels inline)."""
+        sig = self.sign(header, payload)
+        return b"".join((header, sig, payload)) if inline else header + sig
 
-    def open(self, data) -> tuple[bytes, memoryview]:
-        """Header and verified payload of a sealed message; SignatureError before any unpickling."""
-        header, rest = protocol.split_message(data)
+    def open(self, data, payload=None) -> tuple[bytes, memoryview]:
+        """Header and verified payload of a sealed message (payload given separately when it
+        did not travel inline); SignatureError before anything is unpickled."""
+        header = protocol.header_line(data)
         view = memoryview(data)[len(header):]
-        if len(rest) < protocol.SIG_BYTES:
+        if len(view) < protocol.SIG_BYTES:
             raise SignatureError("message too short to carry a signature")
-        sig, payload = view[: protocol.SIG_BYTES], view[protocol.SIG_BYTES:]
+        sig = view[: protocol.SIG_BYTES]
+        payload = view[protocol.SIG_BYTES:] if payload is None else memoryview(payload)
         if not hmac.compare_digest(bytes(sig), self.sign(header, payload)):
             raise SignatureError("signature does not match (wrong PYWORKER_SECRET?)")
         return header, payload

@@ -141,13 +141,13 @@ class Worker:
         return 0
 
     def _loop(self):
-        task = None
+        task = self.broker.dequeue(self.name)
         while not self.stopping.is_set():
             try:
                 if task is None:
-                    task = self.broker.dequeue(self.name)
+                    # Reached only when the queues were empty at the last look.
+                    task = self.broker.wait_and_dequeue(self.name, self.settings.idle_wait_s)
                     if task is None:
-                        self.broker.wait_for_work(self.settings.idle_wait_s)
                         continue
                 task = self._process(task)
             except PyworkerConnectionError as exc:
@@ -181,14 +181,19 @@ class Worker:
 
     def _process(self, task: bytes):
         """Run one task and report it; returns the next task (taken in the same step) or None."""
-        raw_header, _ = protocol.split_message(task)
         try:
-            header = protocol.parse_task_header(raw_header[:-1])
+            header = protocol.parse_task_header(protocol.header_line(task))
         except ValueError:
             log.error("worker %s: dropped a malformed task", self.name)
             return None
+        payload = None
+        if header.ref:
+            payload = self.broker.task_payload(header.jid, header.chunk)
+            if payload is None:  # the job ended (cancelled, expired) after this was queued
+                self.broker.finish(self.name, header.jid, header.chunk, b"", 0, False)
+                return None
         try:
-            _, payload = self.signer.open(task)
+            _, payload = self.signer.open(task, payload)
         except SignatureError as exc:
             log.error("worker %s: rejected task %d of job %s without unpickling it: %s",
                       self.name, header.chunk, header.jid, exc)
@@ -219,17 +224,20 @@ class Worker:
         else:
             values, errors, outputs = run_chunk(fn, mode, items, self.settings.forward_output)
         body = pack_results(values, errors, outputs)
+        inline = len(body) <= protocol.INLINE_MAX_BYTES
+        flag = protocol.INLINE if inline else protocol.BY_REF
         result = self.signer.seal(
-            protocol.result_header(header.chunk, protocol.STATUS_OK, self.name), body)
+            protocol.result_header(header.chunk, protocol.STATUS_OK, self.name, flag), body,
+            inline)
         self.done += len(items)
-        return self._finish(header, result, len(items))
+        return self._finish(header, result, len(items), None if inline else body)
 
-    def _finish(self, header, result, n_items):
+    def _finish(self, header, result, n_items, result_payload):
         deadline = time.monotonic() + self.settings.reconnect_s
         while True:
             try:
                 return self.broker.finish(self.name, header.jid, header.chunk, result, n_items,
-                                          take_next=not self.stopping.is_set())
+                                          not self.stopping.is_set(), result_payload)
             except PyworkerConnectionError as exc:
                 if time.monotonic() > deadline:
                     raise
