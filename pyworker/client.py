@@ -14,9 +14,6 @@ from .errors import ConnectionError as PyworkerConnectionError
 from .errors import SignatureError
 from .queue import Broker
 
-# Small functions are re-sent with every job (cheaper than asking); big ones only when the copy
-# in Redis may have expired.
-_RESEND_BELOW_BYTES = 64 * 1024
 MAX_WAKE_TOKENS = 256
 
 
@@ -117,9 +114,8 @@ class Client:
             )
         sha = serialize.function_sha(blob)
         sent = self._uploaded.get(sha)
-        if (len(blob) >= _RESEND_BELOW_BYTES and sent is not None
-                and time.monotonic() - sent < self.settings.job_ttl_s / 2):
-            return sha, None
+        if sent is not None and time.monotonic() - sent < self.settings.job_ttl_s / 2:
+            return sha, None  # still in Redis: the job's submit refreshes its TTL instead
         return sha, self.signer.seal_blob(blob)
 
 
@@ -170,7 +166,7 @@ class Job:
             try:
                 queued = client.broker.submit(self.jid, messages,
                                               min(len(messages), MAX_WAKE_TOKENS), meta, blobs,
-                                              big)
+                                              big, touch=self.fn_shas - set(blobs) if meta else ())
             except BaseException:
                 self._pending_blobs.update(blobs)
                 raise

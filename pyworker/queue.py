@@ -230,7 +230,7 @@ class Broker:
     @translate_errors
     def submit(self, jid: str, tasks: list[bytes], wake: int, meta: dict | None = None,
                fn_blobs: dict[str, bytes] | None = None,
-               payloads: dict[int, bytes] | None = None) -> int:
+               payloads: dict[int, bytes] | None = None, touch=()) -> int:
         """Queue tasks (and the payloads too big to travel inline); with meta, create the job
         and upload its functions in the same round trip."""
         commands = self._take_deferred()
@@ -240,6 +240,8 @@ class Broker:
             commands.append(("PEXPIRE", self.keys.job(jid), self._ttl_ms))
         for sha, blob in (fn_blobs or {}).items():
             commands.append(("SET", self.keys.fn(sha), blob, "PX", self._ttl_ms))
+        for sha in touch:
+            commands.append(("PEXPIRE", self.keys.fn(sha), self._ttl_ms))
         if payloads:
             fields = [x for kv in payloads.items() for x in kv]
             commands.append(("HSET", self.keys.payloads(jid), *fields))

@@ -26,20 +26,21 @@ def _encode(args) -> list:
     """RESP request for one command, as buffers: small parts joined, big values kept apart."""
     out, small = [], [b"*%d\r\n" % len(args)]
     for arg in args:
-        if isinstance(arg, str):
+        kind = type(arg)
+        if kind is str:
             arg = arg.encode()
-        elif isinstance(arg, (int, float)):
+        elif kind is int:
+            arg = b"%d" % arg
+        elif kind is float:
             arg = repr(arg).encode()
-        elif isinstance(arg, memoryview):
-            pass
-        small.append(b"$%d\r\n" % len(arg))
-        if len(arg) >= _BIG:
+        n = len(arg)
+        if n >= _BIG:
+            small.append(b"$%d\r\n" % n)
             out.append(b"".join(small))
             out.append(arg)
             small = [b"\r\n"]
         else:
-            small.append(arg)
-            small.append(b"\r\n")
+            small += (b"$%d\r\n" % n, arg, b"\r\n")
     out.append(b"".join(small))
     return out
 
