@@ -64,6 +64,7 @@ def _lab_answers(url: str) -> bool:
 
 def _local(args) -> int:
     from .local import LocalCluster, _wait, free_port
+    from .startup import write_startup_file
     if args.lab and shutil.which("jupyter") is None and not _has_module("jupyterlab"):
         print("pyworker local --lab needs JupyterLab: pip install 'pyworker[lab]'", file=sys.stderr)
         return 2
@@ -83,9 +84,7 @@ def _local(args) -> int:
         if args.lab:
             port = args.port or free_port()
             token = secrets.token_urlsafe(24)
-            startup = os.path.join(cluster.redis.dir, "pyworker_startup.py")
-            with open(startup, "w") as f:
-                f.write("import pyworker.startup as _pw\n_pw.install(globals())\ndel _pw\n")
+            startup = write_startup_file(cluster.redis.dir)
             env = {**os.environ, **cluster.env, "JUPYTER_TOKEN": token, "PYTHONSTARTUP": startup}
             log = open(os.path.join(cluster.redis.dir, "lab.log"), "w")
             lab = subprocess.Popen(

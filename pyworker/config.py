@@ -39,6 +39,15 @@ class Settings:
     heartbeat_file: str | None = None
 
     def __post_init__(self):
+        positive = ("lease_s", "heartbeat_s", "job_ttl_s", "max_message_mb", "connect_timeout_s",
+                    "reconnect_s", "idle_wait_s")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(f"{ENV_PREFIX}{name.upper()} must be greater than 0, "
+                                         f"not {getattr(self, name)!r}")
+        if self.max_retries < 0:
+            raise ConfigurationError(f"{ENV_PREFIX}MAX_RETRIES must be 0 or more, "
+                                     f"not {self.max_retries!r}")
         # Several heartbeats per lease, so one slow beat does not declare a live worker dead.
         self.heartbeat_s = min(self.heartbeat_s, self.lease_s / 3)
 

@@ -47,3 +47,13 @@ def install(namespace: dict | None = None, announce: bool = True) -> None:
 
 def load_ipython_extension(ipython) -> None:
     install(ipython.user_ns)
+
+
+def write_startup_file(folder: str) -> str:
+    """A PYTHONSTARTUP file that installs pyworker into every IPython kernel started with it
+    (kernels run PYTHONSTARTUP in the user's namespace); for `pyworker local --lab`."""
+    import os
+    path = os.path.join(folder, "pyworker_startup.py")
+    with open(path, "w") as f:
+        f.write("import pyworker.startup as _pw\n_pw.install(globals())\ndel _pw\n")
+    return path

@@ -68,3 +68,10 @@ def test_connect_makes_the_default_client(redis_server):
         assert pyworker.status().alive == []
     finally:
         api._set_default(before)
+
+
+def test_out_of_range_values_are_refused_with_the_variable_name():
+    with pytest.raises(ConfigurationError, match="PYWORKER_LEASE_S must be greater than 0"):
+        Settings.from_env({"PYWORKER_LEASE_S": "0"})
+    with pytest.raises(ConfigurationError, match="PYWORKER_MAX_RETRIES must be 0 or more"):
+        Settings.from_env({"PYWORKER_MAX_RETRIES": "-1"})

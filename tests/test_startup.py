@@ -43,3 +43,26 @@ def test_no_configuration_prints_what_to_do():
     out = _ipython("print('ok')", _clean_env())
     assert out.returncode == 0 and out.stdout.strip() == "ok"
     assert "pyworker.connect(" in out.stderr
+
+
+def test_a_real_jupyter_kernel_started_like_local_lab_has_pmap(cluster, tmp_path):
+    """`pyworker local --lab` starts kernels with PYTHONSTARTUP pointing at this file."""
+    import importlib.util
+    need(importlib.util.find_spec("jupyter_client") and importlib.util.find_spec("ipykernel"),
+         "jupyter_client and ipykernel are not installed (pip install '.[lab]')")
+    from jupyter_client.manager import start_new_kernel
+
+    from pyworker.startup import write_startup_file
+
+    env = {**_clean_env(), **cluster.env, "PYTHONSTARTUP": write_startup_file(str(tmp_path))}
+    km, kc = start_new_kernel(kernel_name="python3", env=env, startup_timeout=60)
+    try:
+        outputs = []
+        reply = kc.execute_interactive(
+            "print(pmap(lambda x: x * 2, range(4)))", timeout=60,
+            output_hook=lambda msg: outputs.append(msg["content"].get("text", "")))
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert "[0, 2, 4, 6]" in "".join(outputs)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
