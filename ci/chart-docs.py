@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Write docs/chart.md: a table of every value of the chart (key, type, default, description).
+
+Keys and types come from chart/values.schema.json, defaults from chart/values.yaml, descriptions
+from the comment above each key in values.yaml (which starts with the key's dotted name).
+Objects the chart passes to Kubernetes unchanged (resources, securityContexts, affinity, ...) are
+one row each; their inner keys are Kubernetes' own.
+
+  python3 ci/chart-docs.py            print the document
+  python3 ci/chart-docs.py --write    write docs/chart.md
+  python3 ci/chart-docs.py --check    exit 1 if docs/chart.md is out of date or a key has no comment
+"""
+import json
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "chart"
+DOC = REPO / "docs" / "chart.md"
+
+# How a $ref'd definition is named in the Type column.
+REF_TYPES = {
+    "quantity": "quantity",
+    "resources": "object (ResourceRequirements)",
+    "envList": "list (EnvVar)",
+    "nodeSelector": "map of string",
+    "tolerations": "list (Toleration)",
+    "affinity": "object (Affinity)",
+    "podSecurityContext": "object (PodSecurityContext)",
+    "containerSecurityContext": "object (SecurityContext)",
+    "pullPolicy": "string",
+    "annotations": "map of string",
+    "storageClass": "string",
+}
+NOTES = """
+## Good to know
+
+- **Secrets.** The Redis password, the message signing key and the Lab token live in the Secret
+  `<release>-pyworker` (keys `redis-password`, `pyworker-secret`, `lab-token`). Values you do not
+  give are generated on first install and kept on `helm upgrade` (the chart looks the Secret up).
+  `helm template` and `--dry-run=client` cannot look anything up, so they show new random values;
+  a GitOps tool that renders with `helm template` should be given the three values explicitly.
+  Pods read secrets at start: after changing one, restart them with
+  `kubectl rollout restart deployment -l app.kubernetes.io/instance=<release>`.
+- **Settings** (`PYWORKER_*`) are in the ConfigMap `<release>-pyworker-config`; a change rolls the
+  worker and Lab pods (checksum annotation).
+- **Volumes.** PersistentVolumeClaims (`lab.persistence`, `redis.persistence`) are kept by
+  `helm uninstall`; delete them by hand when the data can go.
+- **Helm versions.** Tested with Helm 4.3, 3.17 and 3.9 (the chart needs 3.8 or newer). Without a
+  cluster, `helm template` assumes the Kubernetes its helm was built with (Helm 3.9: 1.24, below
+  the chart's 1.25 floor); pass `--kube-version 1.25.0` or newer there. `helm install` uses the
+  cluster's real version.
+- **Test a release:** `helm test <release> --logs` runs a `pmap` over the workers and prints how
+  many distinct worker pods answered.
+"""
+KEY_LINE = re.compile(r"^(\s*)([A-Za-z0-9_-]+):(\s|$)")
+COMMENT_LINE = re.compile(r"^\s*#\s?(.*)$")
+
+
+def comments(values_text):
+    """{dotted key: comment text above it} for every key in values.yaml that has a comment."""
+    out, stack, pending = {}, [], []
+    for line in values_text.splitlines():
+        m = COMMENT_LINE.match(line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = KEY_LINE.match(line)
+        if not m:
+            pending = []
+            continue
+        indent, key = len(m.group(1)), m.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, key))
+        if pending:
+            out[".".join(k for _, k in stack)] = " ".join(pending)
+        pending = []
+    return out
+
+
+def rows(schema, values, notes):
+    """(key, type, default, description, problem) for every chart-defined key, in schema order."""
+    defs = schema.get("definitions", {})
+
+    def walk(node, path, value):
+        for key, sub in node.get("properties", {}).items():
+            dotted = ".".join(path + [key])
+            if key == "global":
+                continue
+            ref = sub.get("$ref", "").rsplit("/", 1)[-1]
+            resolved = defs[ref] if ref else sub
+            if ref:
+                typ = REF_TYPES.get(ref, ref)
+            else:
+                t = resolved.get("type", "any")
+                typ = " or ".join(t) if isinstance(t, list) else t
+                if t == "array":
+                    typ = "list of " + resolved.get("items", {}).get("type", "any")
+                if "enum" in resolved:
+                    typ += " (" + ", ".join(map(str, resolved["enum"])) + ")"
+            default = value.get(key) if isinstance(value, dict) else None
+            note = notes.get(dotted, "")
+            problem = None
+            if not note.startswith(dotted + ":"):
+                problem = f"{dotted}: the comment above it in values.yaml must start with '{dotted}:'"
+            desc = note[len(dotted) + 1:].strip() if note.startswith(dotted + ":") else note
+            desc = desc[:1].upper() + desc[1:]
+            chart_object = not ref and resolved.get("additionalProperties") is False and "properties" in resolved
+            if chart_object:
+                yield dotted, "object", "", desc, problem
+                yield from walk(resolved, path + [key], default)
+            else:
+                yield dotted, typ, json.dumps(default), desc, problem
+    yield from walk(schema, [], values)
+
+
+def render():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    text = (CHART / "values.yaml").read_text()
+    table = list(rows(schema, yaml.safe_load(text), comments(text)))
+    problems = [p for *_, p in table if p]
+    lines = [
+        "# Chart values",
+        "",
+        "<!-- Generated by `make chart-docs` (ci/chart-docs.py) from chart/values.yaml and",
+        "     chart/values.schema.json; edit those, not this file. -->",
+        "",
+        "Every value of the `chart/` Helm chart. Set them with `--set key=value` or `-f my-values.yaml`;",
+        "`chart/values.schema.json` rejects unknown keys and wrong types, so a typo fails the install.",
+        "Types in parentheses are Kubernetes objects passed through unchanged.",
+        "",
+        "| Key | Type | Default | Description |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, typ, default, desc, _ in table:
+        cell = (lambda s: s.replace("|", "\\|"))
+        lines.append(f"| `{key}` | {cell(typ)} | {('`' + cell(default) + '`') if default else ''} | {cell(desc)} |")
+    lines += ["", NOTES.strip(), ""]
+    return "\n".join(lines) + "\n", problems
+
+
+def main(argv):
+    doc, problems = render()
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+    if "--check" in argv:
+        stale = not DOC.exists() or DOC.read_text() != doc
+        if stale:
+            print(f"{DOC.relative_to(REPO)} is out of date: run `make chart-docs`", file=sys.stderr)
+        return 1 if (stale or problems) else 0
+    if problems:
+        return 1
+    if "--write" in argv:
+        DOC.write_text(doc)
+    else:
+        sys.stdout.write(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
