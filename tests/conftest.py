@@ -2,38 +2,16 @@
 here. Tests that need a tool (helm, docker, redis-server) skip when it is missing on a developer's
 machine, but fail under CI (PYWORKER_REQUIRE_ALL=1), so a missing install step in .ci/run can
 never turn into a silently green run."""
-import os
 import shutil
-import time
 
 import pytest
 
-REQUIRE_ALL = os.environ.get("PYWORKER_REQUIRE_ALL") == "1"
-
-
-def need(condition, reason):
-    """Skip (or, under PYWORKER_REQUIRE_ALL=1, fail) unless ``condition`` holds."""
-    if condition:
-        return
-    if REQUIRE_ALL:
-        pytest.fail(f"required for this run but missing: {reason}", pytrace=False)
-    pytest.skip(reason)
+from support import need
 
 
 @pytest.fixture(scope="session")
 def need_fn():
     return need
-
-
-def wait_until(predicate, timeout_s, what, interval_s=0.05):
-    """Poll predicate until true; fail with `what` after timeout_s. Every wait is bounded."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def _cluster(n, **kw):
@@ -72,7 +50,3 @@ def redis_server():
     server = RedisServer().start()
     yield server
     server.stop()
-
-
-def redis_keys(cluster, pattern):
-    return sorted(k.decode() for k in cluster.client.broker.redis.call("KEYS", pattern))

@@ -9,7 +9,7 @@ import pyworker
 from pyworker import Executor, RemoteError, SerializationError, imap, imap_unordered, pmap
 from pyworker.api import auto_chunksize
 
-from conftest import redis_keys, wait_until
+from support import redis_keys, wait_until
 
 
 def test_pmap_returns_results_in_input_order(cluster):

@@ -11,7 +11,7 @@ import pytest
 
 import pyworker
 
-from conftest import need, wait_until
+from support import need, wait_until
 
 PYWORKER = [sys.executable, "-m", "pyworker"]
 

@@ -9,7 +9,7 @@ import time
 
 import pyworker
 
-from conftest import redis_keys, wait_until
+from support import redis_keys, wait_until
 
 CALLER = r"""
 import json, os, sys, time

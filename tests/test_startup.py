@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from conftest import need
+from support import need
 
 
 def _ipython(code, env):

@@ -13,7 +13,7 @@ import pyworker
 from pyworker import WorkerLostError, protocol, serialize
 from pyworker.errors import SignatureError, VersionMismatchError
 
-from conftest import redis_keys, wait_until
+from support import redis_keys, wait_until
 
 
 def _run_in_thread(fn, *args, **kwargs):
