@@ -11,7 +11,13 @@ class ConfigurationError(PyworkerError):
 
 
 class ConnectionError(PyworkerError):  # noqa: A001 - deliberately shadows the builtin here
-    """Redis cannot be reached or refused the password; one line, no socket stack."""
+    """Redis cannot be reached or refused the password; one line, no socket stack.
+
+    ``retryable`` is true when waiting may help (Redis not up yet), false for a wrong password."""
+
+    def __init__(self, message, retryable=True):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class SerializationError(PyworkerError, TypeError):

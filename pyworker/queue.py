@@ -148,8 +148,8 @@ def translate_errors(method):
                         if text.startswith("NOAUTH") else
                         "check PYWORKER_REDIS_PASSWORD or the password given to pyworker.connect()")
                 raise PyworkerConnectionError(
-                    f"Redis at {self.where} refused the password ({_one_line(exc)}): {hint}"
-                ) from None
+                    f"Redis at {self.where} refused the password ({_one_line(exc)}): {hint}",
+                    retryable=False) from None
             raise
         except OSError as exc:
             raise PyworkerConnectionError(
@@ -178,8 +178,7 @@ class Broker:
         except ValueError as exc:
             raise PyworkerConnectionError(
                 f"PYWORKER_REDIS_URL={settings.redis_url!r} is not a Redis URL ({exc}); "
-                "expected redis://host:6379/0"
-            ) from None
+                "expected redis://host:6379/0", retryable=False) from None
         prelude = self.keys.lua_prelude()
         self._dequeue = resp.Script(prelude + _DEQUEUE)
         self._finish = resp.Script(prelude + _FINISH)

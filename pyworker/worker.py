@@ -113,9 +113,22 @@ class Worker:
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
 
+    def _wait_for_redis(self):
+        """Redis may start after the workers (pods start in any order): retry for reconnect_s,
+        one log line per attempt; a wrong password fails at once."""
+        deadline = time.monotonic() + self.settings.reconnect_s
+        while True:
+            try:
+                return self.broker.ping()
+            except PyworkerConnectionError as exc:
+                if not exc.retryable or time.monotonic() >= deadline or self.stopping.is_set():
+                    raise
+                log.warning("worker %s: %s; retrying", self.name, exc)
+                self.stopping.wait(1.0)
+
     def run(self) -> int:
         b = self.broker
-        b.ping()
+        self._wait_for_redis()
         # A worker restarted under the same name first puts back what its last life held.
         b.reap(force_name=self.name)
         b.register_worker(self.name, {

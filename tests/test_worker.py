@@ -200,3 +200,30 @@ def test_function_travels_once_per_job_not_per_item(cluster):
         len(big) + x for x in range(40)]
     sent = net_in() - before
     assert sent < 3 * len(big), f"{sent / 2**20:.0f} MiB sent for an 8 MiB closure"
+
+
+def test_worker_started_before_redis_waits_for_it(tmp_path):
+    """Pods start in any order: a worker whose Redis is not up yet retries instead of exiting."""
+    from pyworker.local import RedisServer, free_port
+
+    server = RedisServer(port=free_port())
+    env = {**os.environ, "PYWORKER_REDIS_URL": server.url, "PYWORKER_REDIS_PASSWORD": server.password,
+           "PYWORKER_SECRET": "s", "PYWORKER_RECONNECT_S": "60"}
+    log = open(tmp_path / "worker.log", "w+")
+    worker = subprocess.Popen([sys.executable, "-m", "pyworker", "worker"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "retrying" in (tmp_path / "worker.log").read_text(), 20,
+                   "the worker to report that Redis is not up yet")
+        assert worker.poll() is None, "the worker gave up instead of waiting for Redis"
+        server.start()
+        client = pyworker.Client(pyworker.Settings.from_env(
+            environ={}, redis_url=server.url, redis_password=server.password, secret="s"))
+        try:
+            assert pyworker.pmap(abs, [-5], client=client, timeout=30) == [5]
+        finally:
+            client.close()
+    finally:
+        worker.terminate()
+        worker.wait(10)
+        server.stop()
