@@ -13,7 +13,7 @@ help: ## List every target with what it does
 	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
 
 ##@ Python package
-.PHONY: install demo test test-core bench
+.PHONY: install demo test test-core bench bench-scale
 install: ## Install pyworker and its test dependencies into the current Python (pip)
 	$(PYTHON) -m pip install -q -e '.[test,lab]'
 
@@ -26,8 +26,11 @@ test: ## Run every test (core, chart, image); tools a part needs are installed b
 test-core: ## Run only the package's tests (needs redis-server on PATH)
 	$(PYTHON) -m pytest tests --ignore=tests/chart --ignore=tests/image
 
-bench: ## Benchmark pyworker against multiprocessing.Pool side by side (not part of `make test`)
+bench: ## Benchmark pyworker against its peers and Redis itself (pip install -r bench/requirements.txt; not in `make test`)
 	$(PYTHON) -m bench
+
+bench-scale: ## Scale benchmark: 1,000,000 items in one pmap, and 64 workers on one Redis (bench/README.md)
+	$(PYTHON) -m bench.scale
 
 ##@ Chart
 # The chart is in chart/, its tests in tests/chart/, its values documented in docs/chart.md.
@@ -77,3 +80,30 @@ image-lock: ## Regenerate image/requirements.lock from image/requirements.in wit
 
 image-test: ## Test the images (pytest tests/image; builds them first unless up to date)
 	$(IMAGE_ENV) $(PYTHON) -m pytest tests/image
+
+##@ Cluster
+# A real single-node Kubernetes built offline and run as host processes (root; docs/cluster.md).
+# Binaries and Go caches are cached under ~/.cache/pyworker/cluster and ~/.cache/pyworker/go.
+.PHONY: cluster-build cluster-up cluster-down cluster-smoke cluster-kubeconfig cluster-load e2e
+cluster-build: ## Build (once, cached by version) Kubernetes, etcd, CoreDNS and the cluster's images
+	bash ci/cluster-build.sh all
+
+cluster-up: ## Build what is missing, start the cluster, wait for node Ready + DNS; prints the kubeconfig path
+	bash ci/cluster-up.sh
+
+cluster-down: ## Stop the cluster and remove its processes, mounts, interfaces and iptables chains (PURGE=1: images too)
+	bash ci/cluster-down.sh
+
+cluster-smoke: ## Check the running cluster (Deployment, ClusterIP, DNS, NodePort on 127.0.0.1): PASS/FAIL
+	bash ci/cluster-smoke.sh
+
+cluster-kubeconfig: ## Print the admin kubeconfig path (export KUBECONFIG=`make -s cluster-kubeconfig`)
+	@. ci/cluster-lib.sh && echo "$$KUBECONFIG_OUT"
+
+cluster-load: ## Load docker images into the cluster: make cluster-load IMAGES="$(IMG) $(REDIS_IMG)"
+	bash ci/cluster-load-image.sh $(or $(IMAGES),$(IMG) $(REDIS_IMG))
+
+e2e: ## End-to-end: start the offline cluster, build + load the images, install the chart, helm test (tests/e2e)
+	bash ci/cluster-up.sh
+	$(IMAGE_ENV) bash ci/build-image.sh all
+	PYWORKER_E2E=1 $(PYTHON) -m pytest tests/e2e
