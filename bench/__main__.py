@@ -1,19 +1,27 @@
 """`python -m bench`: every backend on every workload, side by side, medians of repeats, as a
-markdown table with ratios to multiprocessing.Pool.
+markdown table with ratios to multiprocessing.Pool; a start-up row; then "the limit" (the Redis
+server itself, with redis-benchmark) against pyworker's W1 and W5.
 
     python -m bench [--repeats 3] [--backends pyworker,multiprocessing.Pool] [--workloads W1,W5]
+                    [--no-start] [--no-limit] [--timeout-s 900]
+
+Each backend runs in its own process group (`python -m bench.run_one`), killed at the end or
+when it overruns --timeout-s; each start-up repeat is a fresh process.
 """
 import argparse
+import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import time
 
+from bench import limit as limit_mod
 from bench.backends import BACKENDS
-from bench.workloads import WORKLOADS
+from bench.workloads import START_WORKERS, WORKLOADS
 
 # workload -> (figure, higher is better, target as a ratio to Pool, how the target reads)
 FIGURES = {
@@ -22,55 +30,109 @@ FIGURES = {
     "W3": ("efficiency", True, None, "≥ 0.95"),
     "W4": ("mb_per_s", True, 1.5, "≥ 1.5× Pool"),
     "W5": ("p50_ms", False, 2.0, "p50 ≤ 2× Pool"),
+    "START": ("start_s", False, None, "—"),
 }
 BASELINE = "multiprocessing.Pool"
 
 
-def run_backend(backend, workloads, repeats, timeout_s):
+def run_process(backend, workloads, repeats, timeout_s):
+    """Rows printed by one `bench.run_one` process; on overrun the rows so far plus a note."""
     cmd = [sys.executable, "-m", "bench.run_one", backend, ",".join(workloads), str(repeats)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    timed_out = False
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGTERM)  # run_one stops its backend on SIGTERM
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=30)
+    finally:
+        try:  # whatever the backend left in its process group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    if timed_out:
+        print(f"[bench] {backend}: timed out after {timeout_s} s", file=sys.stderr)
+        rows.append({"backend": backend, "timed_out": timeout_s})
+    elif proc.returncode != 0:
+        print(f"[bench] {backend} exited with {proc.returncode}:\n{err[-2000:]}", file=sys.stderr)
+    return rows
+
+
+def run_backend(backend, workloads, repeats, timeout_s, start):
     print(f"[bench] {backend}: {', '.join(workloads)} x{repeats} ...", file=sys.stderr, flush=True)
     t = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        print(f"[bench] {backend}: timed out after {timeout_s} s", file=sys.stderr)
-        return []
-    if proc.returncode != 0:
-        print(f"[bench] {backend} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    rows = run_process(backend, workloads, repeats, timeout_s) if workloads else []
+    if start and not (rows and all("unavailable" in r for r in rows)):
+        for _ in range(repeats):
+            rows += run_process(backend, ["START"], 1, min(timeout_s, 300))
     print(f"[bench] {backend}: {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return rows
 
 
 def medians(rows):
-    out = {}
+    """{(backend, workload): {figure: median}} and {(backend, workload) or backend: note}."""
+    out, notes = {}, {}
     for row in rows:
-        key = (row["backend"], row["workload"])
-        for k, v in row.items():
-            if isinstance(v, float):
-                out.setdefault(key, {}).setdefault(k, []).append(v)
-    return {key: {k: statistics.median(v) for k, v in figs.items()} for key, figs in out.items()}
+        if "unavailable" in row:
+            notes.setdefault(row["backend"], row["unavailable"])
+        elif "timed_out" in row:
+            notes.setdefault(row["backend"], f"timed out (> {row['timed_out']} s)")
+        elif "error" in row:
+            notes[(row["backend"], row["workload"])] = f"failed: {row['error']}"
+        else:
+            key = (row["backend"], row["workload"])
+            for k, v in row.items():
+                if isinstance(v, float):
+                    out.setdefault(key, {}).setdefault(k, []).append(v)
+    med = {key: {k: statistics.median(v) for k, v in figs.items()} for key, figs in out.items()}
+    return med, notes
 
 
-def fmt(v):
-    return f"{v:,.0f}" if v >= 100 else f"{v:.2f}" if v >= 1 else f"{v:.3f}"
+fmt = limit_mod.fmt
 
 
-def table(med, backends, workloads):
-    lines = ["| workload | " + " | ".join(backends) + " | pyworker ÷ Pool | target |",
-             "|---|" + "---|" * (len(backends) + 2)]
+def table(med, notes, backends, workloads):
+    lines = ["| workload | " + " | ".join(backends) + " | pyworker ÷ Pool | best | target |",
+             "|---|" + "---|" * (len(backends) + 3)]
     for w in workloads:
         figure, higher, _, target = FIGURES[w]
         cells = []
         for b in backends:
             m = med.get((b, w))
-            text = fmt(m[figure]) if m else "—"
-            if m and w == "W5":
-                text += f" (p99 {fmt(m['p99_ms'])})"
+            if m:
+                text = fmt(m[figure])
+                if w == "W5":
+                    text += f" (p99 {fmt(m['p99_ms'])})"
+            else:
+                text = notes.get((b, w)) or notes.get(b) or "—"
+                text = text if len(text) <= 90 else text[:89] + "…"
             cells.append(text)
         p, base = med.get(("pyworker", w)), med.get((BASELINE, w))
         ratio = f"{p[figure] / base[figure]:.2f}×" if p and base else "—"
-        lines.append(f"| {w} {figure} | " + " | ".join(cells) + f" | {ratio} | {target} |")
+        have = [b for b in backends if (b, w) in med]
+        pick = max if higher else min
+        best = pick(have, key=lambda b: med[(b, w)][figure]) if have else "—"
+        label = f"start-up s ({START_WORKERS} workers)" if w == "START" else f"{w} {figure}"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} | {best} | {target} |")
     return "\n".join(lines)
+
+
+def machine(repeats):
+    load = os.getloadavg()
+    return (f"Machine: {platform.platform()}, {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}; {datetime.date.today().isoformat()}; medians of "
+            f"{repeats} runs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end"
+            + (" (the machine was shared with other work)" if load[0] > 1 else "") + ".")
 
 
 def main():
@@ -79,17 +141,30 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
-    ap.add_argument("--timeout-s", type=int, default=600, help="per backend")
+    ap.add_argument("--no-start", action="store_true", help="skip the start-up row")
+    ap.add_argument("--no-limit", action="store_true", help="skip redis-benchmark")
+    ap.add_argument("--timeout-s", type=int, default=900, help="per backend")
     args = ap.parse_args()
     backends = args.backends.split(",")
-    workloads = args.workloads.split(",")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        ap.error(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
+    workloads = [w for w in args.workloads.split(",") if w]
+    print(f"[bench] load average at the start: {os.getloadavg()[0]:.2f}", file=sys.stderr)
     rows = []
     for b in backends:
-        rows += run_backend(b, workloads, args.repeats, args.timeout_s)
-    med = medians(rows)
-    print(f"\nMachine: {platform.platform()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; medians of {args.repeats} runs.\n")
-    print(table(med, backends, workloads))
+        rows += run_backend(b, workloads, args.repeats, args.timeout_s, not args.no_start)
+    limit = None
+    if not args.no_limit:
+        print("[bench] redis-benchmark ...", file=sys.stderr, flush=True)
+        limit = limit_mod.measure(args.repeats)
+    med, notes = medians(rows)
+    print("\n" + machine(args.repeats) + "\n")
+    print(table(med, notes, backends, workloads + ([] if args.no_start else ["START"])))
+    if not args.no_limit:
+        pyworker = {w: figs for (b, w), figs in med.items() if b == "pyworker"}
+        print("\nThe limit: the Redis server itself (redis-benchmark), and pyworker against it.\n")
+        print(limit_mod.table(limit, pyworker))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ def w5_latency(pmap, workers):
     return {"p50_ms": statistics.median(lat) * 1000, "p99_ms": lat[197] * 1000}
 
 
+# the start-up figure: a 1-item map on this many workers, from a fresh process
+START_WORKERS = 2
+
 # name -> (function, worker processes)
 WORKLOADS = {
     "W1": (w1_tiny_tasks, 2),
