@@ -63,12 +63,12 @@ def _length(iterables) -> int | None:
 
 
 def auto_chunksize(n: int | None, workers: int) -> int:
-    """Like multiprocessing.Pool: about four chunks per worker, so the overhead is paid per chunk
-    while the load still balances."""
+    """At least four chunks per worker, so the overhead is paid per chunk while the load still
+    balances. Rounded down, unlike multiprocessing.Pool: 640 items on 64 workers make 320 chunks
+    of 2 (5 per worker) rather than 214 chunks of 3, of which some workers would get one more."""
     if not n:
         return 1
-    size, extra = divmod(n, 4 * max(workers, 1))
-    return max(1, min(size + bool(extra), MAX_AUTO_CHUNKSIZE))
+    return max(1, min(n // (4 * max(workers, 1)), MAX_AUTO_CHUNKSIZE))
 
 
 def _interactive() -> bool:

@@ -46,11 +46,12 @@ def test_pmap_of_nothing_and_of_a_generator(cluster):
     assert pmap(abs, (-x for x in range(10))) == list(range(10))
 
 
-def test_auto_chunksize_follows_pool():
+def test_auto_chunksize_makes_at_least_four_chunks_per_worker():
     assert auto_chunksize(20_000, 2) == 2500
     assert auto_chunksize(13, 5) == 1
     assert auto_chunksize(None, 4) == 1
     assert auto_chunksize(10**9, 1) == 10_000
+    assert auto_chunksize(640, 64) == 2  # 320 chunks: 5 for every worker, none with a sixth
 
 
 def test_task_error_is_the_original_type_with_remote_traceback_and_item(cluster):
