@@ -38,6 +38,9 @@ REF_TYPES = {
 NOTES = """
 ## Good to know
 
+- **The `helm test` pod** is kept after it runs, so `helm test --logs` can show its output, and
+  Helm does not delete hook pods on `helm uninstall`: remove it with
+  `kubectl delete pod <release>-pyworker-test-pmap` (tests/e2e marks this as a known failure).
 - **Secrets.** The Redis password, the message signing key and the Lab token live in the Secret
   `<release>-pyworker` (keys `redis-password`, `pyworker-secret`, `lab-token`). Values you do not
   give are generated on first install and kept on `helm upgrade` (the chart looks the Secret up).

@@ -1,0 +1,129 @@
+"""Helpers for the end-to-end tests on the offline test cluster (docs/cluster.md).
+
+Opt-in, because they need root, a running cluster and the built images:
+    make e2e    (= cluster-up + images + PYWORKER_E2E=1 python3 -m pytest tests/e2e)
+The cluster is found through $KUBECONFIG or the fixed path ~/.cache/pyworker/cluster/admin.conf.
+Each test installs into its own namespace(s) and removes them afterwards (PYWORKER_E2E_KEEP=1 keeps them).
+Only 127.0.0.1 and the cluster are contacted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("PYWORKER_CACHE") or Path.home() / ".cache" / "pyworker")
+IMG = os.environ.get("IMG", "pyworker/pyworker:dev")
+REDIS_IMG = os.environ.get("REDIS_IMG", "pyworker/redis:dev")
+CHART = "./chart"
+RELEASE_LABEL = "app.kubernetes.io/instance"
+
+# The Jupyter kernel client of the image tests (REST with urllib, websocket channels).
+sys.path.insert(0, str(ROOT / "tests" / "image"))
+import imagelib  # noqa: E402
+
+
+def run(*cmd, timeout=300, check=True, env=None, input=None):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+                       input=input)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def wait_for(predicate, timeout_s, what, interval_s=1.0, on_fail=None):
+    return imagelib.wait_for(predicate, timeout_s, what, interval_s=interval_s, on_fail=on_fail)
+
+
+class K8s:
+    """kubectl/helm bound to the test cluster."""
+
+    def __init__(self, kubectl, kubeconfig, helm):
+        self.kubectl_bin, self.kubeconfig = kubectl, kubeconfig
+        self.kubectl_cmd = [kubectl, "--kubeconfig", kubeconfig]
+        self.helm_cmd = [helm, "--kubeconfig", kubeconfig]
+
+    # kept for the dict-style use of the original fixture
+    def __getitem__(self, key):
+        return {"kubectl": self.kubectl_cmd, "helm": self.helm_cmd}[key]
+
+    def kubectl(self, ns, *args, timeout=120, check=True, input=None):
+        return run(*self.kubectl_cmd, "--namespace", ns, *args, timeout=timeout, check=check, input=input)
+
+    def helm(self, ns, *args, timeout=400, check=True):
+        return run(*self.helm_cmd, "--namespace", ns, *args, timeout=timeout, check=check)
+
+    def json(self, ns, *args):
+        return json.loads(self.kubectl(ns, "get", *args, "-o", "json").stdout)
+
+    def pods(self, ns, selector):
+        return self.json(ns, "pods", "-l", selector)["items"]
+
+    def worker_pods(self, ns, release, running_only=True):
+        items = self.pods(ns, f"{RELEASE_LABEL}={release},app.kubernetes.io/component=worker")
+        if running_only:
+            items = [p for p in items if p["status"].get("phase") == "Running"
+                     and not p["metadata"].get("deletionTimestamp")]
+        return [p["metadata"]["name"] for p in items]
+
+    def lab_pod(self, ns, release):
+        items = [p for p in self.pods(ns, f"{RELEASE_LABEL}={release},app.kubernetes.io/component=lab")
+                 if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+        assert len(items) == 1, [p["metadata"]["name"] for p in items]
+        return items[0]["metadata"]["name"]
+
+    def describe(self, ns):
+        p = self.kubectl(ns, "get", "all,events", "-o", "wide", check=False, timeout=60)
+        return p.stdout[-6000:] + p.stderr[-2000:]
+
+    def install(self, ns, release, *sets, workers=3, timeout="5m"):
+        """helm install with the local images and small worker requests (2 cores); returns stdout."""
+        repo, tag = IMG.rsplit(":", 1)
+        rrepo, rtag = REDIS_IMG.rsplit(":", 1)
+        args = ["--set", f"workers={workers}",
+                "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
+                "--set", "image.pullPolicy=Never",
+                "--set", f"redis.image.repository={rrepo}", "--set", f"redis.image.tag={rtag}",
+                "--set", "redis.image.pullPolicy=Never",
+                # 2 shared cores: 10 workers at the default 250m would not all be scheduled.
+                "--set", "worker.resources.requests.cpu=10m",
+                "--set", "worker.resources.requests.memory=64Mi"]
+        for s in sets:
+            args += ["--set", s]
+        p = self.helm(ns, "install", release, CHART, *args, "--wait", "--timeout", timeout, check=False)
+        if p.returncode != 0:
+            raise AssertionError(f"helm install {release} -> {p.returncode}\n{p.stdout}\n{p.stderr}\n"
+                                 f"{self.describe(ns)}")
+        return p.stdout
+
+    def lab_python(self, ns, release, code, timeout=300):
+        """Start `python -c code` in the release's Lab pod (kubectl exec) in the background."""
+        pod = self.lab_pod(ns, release)
+        return subprocess.Popen([*self.kubectl_cmd, "--namespace", ns, "exec", pod, "-c", "lab", "--",
+                                 "python", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=ROOT)
+
+
+def finish(proc, timeout):
+    """Wait (bounded) for a background process; returns (rc, stdout, stderr)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate(timeout=30)
+        raise AssertionError(f"background job did not finish within {timeout}s\n{out[-3000:]}\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def last_json(stdout):
+    """The last line of stdout that starts with RESULT: parsed as JSON."""
+    lines = [l for l in stdout.splitlines() if l.startswith("RESULT:")]
+    assert lines, f"no RESULT: line in\n{stdout[-3000:]}"
+    return json.loads(lines[-1][len("RESULT:"):])
+
+
