@@ -39,7 +39,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
 SIG_BYTES = 32
 INLINE_MAX_BYTES = 128 * 1024
 INLINE, BY_REF = "i", "r"
@@ -125,6 +124,7 @@ class Keys:
         p = self.prefix.replace("\\", "\\\\").replace("'", "\\'")
         return f"""
 local P = '{p}'
+local WAKE_TOKENS_MAX = {WAKE_TOKENS_MAX}
 local K_JOBS = P .. ':jobs'
 local K_WAKE = P .. ':wake'
 local K_WORKERS = P .. ':workers'

@@ -78,7 +78,7 @@ if wake > 0 then
   local tokens = {}
   for i = 1, wake do tokens[i] = '1' end
   redis.call('RPUSH', K_WAKE, unpack(tokens))
-  redis.call('LTRIM', K_WAKE, -1024, -1)
+  redis.call('LTRIM', K_WAKE, -WAKE_TOKENS_MAX, -1)
 end
 return redis.call('LLEN', k_queue(jid))
 """
@@ -252,10 +252,6 @@ class Broker:
         got, _ = self.redis.pipeline([("HGET", self.keys.result_payloads(jid), field),
                                       ("HDEL", self.keys.result_payloads(jid), field)])
         return got
-
-    @translate_errors
-    def upload_function(self, sha: str, blob: bytes) -> None:
-        self.redis.call("SET", self.keys.fn(sha), blob, "PX", self._ttl_ms)
 
     @translate_errors
     def pop_result(self, jid: str, timeout_s: float):
