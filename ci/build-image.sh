@@ -147,7 +147,7 @@ build_pyworker() {
   mapfile -t sources < <(project_files)
   inputs=$(
     {
-      sha256_files "$IMAGE_DIR/Dockerfile" "$LOCK" "$IMAGE_DIR/ipython_kernel_config.py" \
+      sha256_files "$IMAGE_DIR/Dockerfile" "$LOCK" "$IMAGE_DIR/ipython_kernel_config.py" "$IMAGE_DIR/overrides.json" \
         "${BASH_SOURCE[0]}" "${sources[@]}"
       image_id "$BASE_IMG"
     } | sha256sum | cut -c1-64
@@ -159,7 +159,7 @@ build_pyworker() {
   local t=$SECONDS
   new_stage
   mkdir -p "$STAGE/ctx/dist"
-  cp "$IMAGE_DIR/Dockerfile" "$LOCK" "$IMAGE_DIR/ipython_kernel_config.py" "$STAGE/ctx/"
+  cp "$IMAGE_DIR/Dockerfile" "$LOCK" "$IMAGE_DIR/ipython_kernel_config.py" "$IMAGE_DIR/overrides.json" "$STAGE/ctx/"
   cp -al "$WHEELHOUSE" "$STAGE/ctx/wheelhouse" 2>/dev/null || cp -a "$WHEELHOUSE" "$STAGE/ctx/wheelhouse"
   rm -f "$STAGE/ctx/wheelhouse/.complete"
   log "building pyworker's wheel"

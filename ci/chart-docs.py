@@ -38,9 +38,10 @@ REF_TYPES = {
 NOTES = """
 ## Good to know
 
-- **The `helm test` pod** is kept after it runs, so `helm test --logs` can show its output, and
-  Helm does not delete hook pods on `helm uninstall`: remove it with
-  `kubectl delete pod <release>-pyworker-test-pmap` (tests/e2e marks this as a known failure).
+- **The `helm test` pod** is deleted when it passes, so `helm uninstall` leaves nothing behind
+  (Helm never deletes hook resources itself). A failed test pod stays, for
+  `kubectl logs <release>-pyworker-test-pmap`, until the next `helm test` replaces it or you delete
+  it. For the same reason `helm test --logs` cannot show a passing test's output (helm/helm#9098).
 - **Secrets.** The Redis password, the message signing key and the Lab token live in the Secret
   `<release>-pyworker` (keys `redis-password`, `pyworker-secret`, `lab-token`). Values you do not
   give are generated on first install and kept on `helm upgrade` (the chart looks the Secret up).
@@ -50,14 +51,16 @@ NOTES = """
   `kubectl rollout restart deployment -l app.kubernetes.io/instance=<release>`.
 - **Settings** (`PYWORKER_*`) are in the ConfigMap `<release>-pyworker-config`; a change rolls the
   worker and Lab pods (checksum annotation).
-- **Volumes.** PersistentVolumeClaims (`lab.persistence`, `redis.persistence`) are kept by
-  `helm uninstall`; delete them by hand when the data can go.
+- **Volumes.** The Lab's PersistentVolumeClaim (`lab.persistence`: your notebooks) is kept by
+  `helm uninstall`; delete it by hand when the notebooks can go. Redis' claim
+  (`redis.persistence`) holds only queued work, which no caller can collect once the release is
+  gone, so it is deleted with the release.
 - **Helm versions.** Tested with Helm 4.3, 3.17 and 3.9 (the chart needs 3.8 or newer). Without a
   cluster, `helm template` assumes the Kubernetes its helm was built with (Helm 3.9: 1.24, below
   the chart's 1.25 floor); pass `--kube-version 1.25.0` or newer there. `helm install` uses the
   cluster's real version.
-- **Test a release:** `helm test <release> --logs` runs a `pmap` over the workers and prints how
-  many distinct worker pods answered.
+- **Test a release:** `helm test <release>` runs a `pmap` over the workers and passes when at
+  least min(workers, 5) distinct worker pods answered.
 """
 KEY_LINE = re.compile(r"^(\s*)([A-Za-z0-9_-]+):(\s|$)")
 COMMENT_LINE = re.compile(r"^\s*#\s?(.*)$")

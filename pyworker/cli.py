@@ -89,7 +89,10 @@ def _local(args) -> int:
             log = open(os.path.join(cluster.redis.dir, "lab.log"), "w")
             lab = subprocess.Popen(
                 [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-                 f"--ServerApp.port={port}", f"--ServerApp.root_dir={args.notebook_dir}"]
+                 f"--ServerApp.port={port}", f"--ServerApp.root_dir={args.notebook_dir}",
+                 # No outside calls: no news feed, no PyPI update check.
+                 "--LabApp.news_url=None",
+                 "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
                 # root (containers, CI): Jupyter refuses without this; it stays on loopback
                 # behind a token either way.
                 + (["--allow-root"] if os.geteuid() == 0 else []),

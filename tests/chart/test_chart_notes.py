@@ -11,7 +11,7 @@ def common(notes, workers="2 workers"):
     assert TOKEN_CMD in notes
     assert PMAP in notes
     assert f"{workers} (Deployment par-pyworker-worker)" in notes
-    assert "helm test par --namespace ns --logs" in notes
+    assert "helm test par --namespace ns\n" in notes
 
 
 def test_clusterip_port_forward(helm):

@@ -147,6 +147,9 @@ def test_test_pod_runs_pmap(helm):
     docs = render(helm, None, "--set", "workers=10", "--set", "image.tag=dev", "--set", "image.pullPolicy=Never")
     pod = one(docs, "Pod", "-test-pmap")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    # A passing test pod is deleted (uninstall never deletes hooks); a failing one stays for its logs.
+    policy = set(pod["metadata"]["annotations"]["helm.sh/hook-delete-policy"].split(","))
+    assert policy == {"before-hook-creation", "hook-succeeded"}
     assert pod["spec"]["restartPolicy"] == "Never"
     assert pod["spec"]["activeDeadlineSeconds"] > 0
     c = pod["spec"]["containers"][0]

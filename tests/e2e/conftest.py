@@ -32,10 +32,8 @@ def k8s():
     return K8s(kubectl, kubeconfig, helm)
 
 
-@pytest.fixture
-def make_namespace(k8s):
-    """Factory of fresh namespaces; each is uninstalled (every release) and deleted afterwards,
-    and the deletion is waited for (bounded) so later tests get the node's resources back."""
+def _namespace_factory(k8s):
+    """(make, made): make(prefix) creates a fresh namespace and records it in made."""
     made = []
 
     def make(prefix="e2e"):
@@ -44,7 +42,12 @@ def make_namespace(k8s):
         made.append(ns)
         return ns
 
-    yield make
+    return make, made
+
+
+def _remove_namespaces(k8s, made):
+    """Uninstall every release of the namespaces, delete them and wait (bounded), so later tests
+    get the node's resources back."""
     if os.environ.get("PYWORKER_E2E_KEEP") == "1":
         return
     for ns in made:
@@ -61,6 +64,22 @@ def make_namespace(k8s):
     for ns in made:
         run(*k8s.kubectl_cmd, "wait", "--for=delete", f"namespace/{ns}", "--timeout=120s",
             check=False, timeout=180)
+
+
+@pytest.fixture
+def make_namespace(k8s):
+    """Factory of fresh namespaces, removed after the test."""
+    make, made = _namespace_factory(k8s)
+    yield make
+    _remove_namespaces(k8s, made)
+
+
+@pytest.fixture(scope="module")
+def module_namespace(k8s):
+    """One fresh namespace shared by the tests of a module, removed after them."""
+    make, made = _namespace_factory(k8s)
+    yield make()
+    _remove_namespaces(k8s, made)
 
 
 @pytest.fixture

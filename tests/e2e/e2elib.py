@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -109,10 +110,36 @@ class K8s:
                                 text=True, cwd=ROOT)
 
 
+def wait_for_line(proc, pattern, timeout_s):
+    """Read a background process' stdout until a line matches pattern (bounded); what was read is
+    kept for finish(). Reads the raw pipe, so no line can hide in a Python buffer."""
+    import select
+
+    proc.seen = getattr(proc, "seen", "")
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, min(1.0, deadline - time.monotonic())))
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:  # the process ended
+            break
+        proc.seen += chunk.decode(errors="replace")
+        for line in proc.seen.splitlines():
+            m = re.search(pattern, line)
+            if m:
+                return m
+    rc, out, err = finish(proc, 30) if proc.poll() is not None else (None, proc.seen, "")
+    raise AssertionError(f"no line matching {pattern!r} within {timeout_s} s (rc {rc})\n"
+                         f"{out[-3000:]}\n{err[-3000:]}")
+
+
 def finish(proc, timeout):
     """Wait (bounded) for a background process; returns (rc, stdout, stderr)."""
     try:
         out, err = proc.communicate(timeout=timeout)
+        out = getattr(proc, "seen", "") + out
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate(timeout=30)
@@ -127,3 +154,15 @@ def last_json(stdout):
     return json.loads(lines[-1][len("RESULT:"):])
 
 
+def notes_command(notes, pattern):
+    """The shell line of the printed NOTES that matches pattern (stripped)."""
+    for line in notes.splitlines():
+        if re.search(pattern, line.strip()):
+            return line.strip()
+    raise AssertionError(f"no line matching {pattern!r} in the NOTES:\n{notes}")
+
+
+def run_as_user(k8s, shell):
+    """Run a command copied from the NOTES with `kubectl` bound to the test cluster."""
+    script = f'kubectl() {{ "{k8s.kubectl_bin}" --kubeconfig "{k8s.kubeconfig}" "$@"; }}\n{shell}\n'
+    return run("bash", "-c", script, timeout=60).stdout

@@ -20,6 +20,19 @@ def test_lab_api_needs_the_token(lab):
     assert http("GET", f"{base}/lab?token={token}")[0] == 200
 
 
+def test_lab_neither_fetches_news_nor_checks_for_updates(lab):
+    """No outside calls from the Lab: the settings say so (no opt-in toast either) and the server
+    runs with the news feed and the PyPI update check switched off."""
+    base, token = lab["base_url"], lab["token"]
+    status, body = http("GET", f"{base}/lab/api/settings/@jupyterlab/apputils-extension:notification", token)
+    assert status == 200, body
+    # overrides.json becomes the schema's defaults
+    defaults = {k: v.get("default") for k, v in body["schema"]["properties"].items()}
+    assert defaults["fetchNews"] == "false" and defaults["checkForUpdates"] is False, defaults
+    cmdline = docker("exec", lab["name"], "bash", "-c", "tr '\\0' ' ' </proc/1/cmdline").stdout
+    assert "--LabApp.news_url=None" in cmdline and "NeverCheckForUpdate" in cmdline, cmdline
+
+
 def test_lab_token_not_on_the_command_line(lab):
     r = docker("exec", lab["name"], "bash", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
     assert lab["token"] not in r.stdout
