@@ -13,7 +13,7 @@ help: ## List every target with what it does
 	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
 
 ##@ Python package
-.PHONY: install demo test test-core bench bench-scale
+.PHONY: install demo test test-core bench bench-scale bench-cluster
 install: ## Install pyworker and its test dependencies into the current Python (pip)
 	$(PYTHON) -m pip install -q -e '.[test,lab]'
 
@@ -31,6 +31,9 @@ bench: ## Benchmark pyworker against its peers and Redis itself (pip install -r 
 
 bench-scale: ## Scale benchmark: 1,000,000 items in one pmap, and 64 workers on one Redis (bench/README.md)
 	$(PYTHON) -m bench.scale
+
+bench-cluster: ## pyworker on the offline Kubernetes cluster: seed demo, W1 and W5 with 10 worker pods (root; bench/README.md)
+	$(PYTHON) -m bench.cluster
 
 ##@ Chart
 # The chart is in chart/, its tests in tests/chart/, its values documented in docs/chart.md.

@@ -30,7 +30,7 @@ def missing():
         if not shutil.which(tool):
             return f"`{tool}` is not on PATH: apt-get install {pkg}"
     try:
-        import selenium  # noqa: F401
+        import selenium  # noqa: F401  (only whether it is installed)
     except ImportError:
         return "selenium is not installed: pip install -e '.[test]'"
     return None

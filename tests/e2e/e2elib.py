@@ -135,6 +135,40 @@ def wait_for_line(proc, pattern, timeout_s):
                          f"{out[-3000:]}\n{err[-3000:]}")
 
 
+def namespace_factory(k8s):
+    """(make, made): make(prefix) creates a fresh namespace and records it in made."""
+    made = []
+
+    def make(prefix="e2e"):
+        ns = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        run(*k8s.kubectl_cmd, "create", "namespace", ns)
+        made.append(ns)
+        return ns
+
+    return make, made
+
+
+def remove_namespaces(k8s, made):
+    """Uninstall every release of the namespaces, delete them and wait (bounded), so later tests
+    get the node's resources back."""
+    if os.environ.get("PYWORKER_E2E_KEEP") == "1":
+        return
+    for ns in made:
+        releases = run(*k8s.helm_cmd, "--namespace", ns, "list", "-q", check=False).stdout.split()
+        for rel in releases:
+            run(*k8s.helm_cmd, "--namespace", ns, "uninstall", rel, "--wait", "--timeout", "2m",
+                check=False, timeout=200)
+    for ns in made:
+        run(*k8s.kubectl_cmd, "delete", "namespace", ns, "--wait=false", check=False)
+    for ns in made:
+        # --grace-period for any worker still stopping (their grace period is 300 s by default).
+        run(*k8s.kubectl_cmd, "--namespace", ns, "delete", "pods", "--all", "--grace-period=0",
+            "--force", "--wait=false", check=False)
+    for ns in made:
+        run(*k8s.kubectl_cmd, "wait", "--for=delete", f"namespace/{ns}", "--timeout=120s",
+            check=False, timeout=180)
+
+
 def finish(proc, timeout):
     """Wait (bounded) for a background process; returns (rc, stdout, stderr)."""
     try:
