@@ -122,6 +122,10 @@ def test_redis_restart_with_persistence_keeps_the_job(k8s, namespace, host_path_
     assert [i for i, _ in res] == list(range(60)), "every item's result exactly once, in order"
     # The append-only file on the volume is what carried the queue across the restart.
     assert any(host_path_volume["path"].rglob("*.aof")), list(host_path_volume["path"].rglob("*"))
+    # Redis' claim holds only queued work: it goes with the release.
+    k8s.helm(namespace, "uninstall", rel, "--wait", "--timeout", "3m")
+    wait_for(lambda: not k8s.json(namespace, "pvc")["items"], 90, "the Redis claim to go",
+             on_fail=lambda: k8s.describe(namespace))
 
 
 # --- 3. two releases side by side ----------------------------------------------------------------
