@@ -12,6 +12,7 @@ def common(notes, workers="2 workers"):
     assert PMAP in notes
     assert f"{workers} (Deployment par-pyworker-worker)" in notes
     assert "helm test par --namespace ns\n" in notes
+    assert "kubectl --namespace ns logs par-pyworker-test-pmap" in notes
 
 
 def test_clusterip_port_forward(helm):
