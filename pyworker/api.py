@@ -18,6 +18,9 @@ MAX_AUTO_CHUNKSIZE = 10_000
 # Automatic chunks stay below about this many pickled bytes, and a batch of chunks sent in one
 # round trip too, so workers start on big items while the caller is still sending the rest.
 CHUNK_TARGET_BYTES = 4 * 2**20
+# The last batch's submit waits this long for the first result in the same round trip (short
+# calls save a round trip; longer ones carry on waiting as usual).
+FIRST_RESULT_WAIT_S = 0.05
 
 
 def connect(url: str | None = None, password: str | None = None, secret: str | None = None,
@@ -81,19 +84,29 @@ def _interactive() -> bool:
 
 
 class _Progress:
-    """A notebook-aware tqdm bar that shows up only for jobs longer than about a second."""
+    """A notebook-aware tqdm bar that shows up only for jobs longer than about a second. It is
+    made only then: short calls (the common case in a loop) pay nothing for it."""
+
+    DELAY_S = 1.0
 
     def __init__(self, total, enabled):
         self.bar = None
-        if enabled is None:
-            enabled = _interactive()
-        if enabled:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, delay=1.0, unit="item", desc="pmap", dynamic_ncols=True)
+        self.total = total
+        self.done = 0
+        self.enabled = _interactive() if enabled is None else enabled
+        self.start = time.monotonic()
 
     def update(self, n):
+        self.done += n
         if self.bar is not None:
             self.bar.update(n)
+            return
+        elapsed = time.monotonic() - self.start
+        if self.enabled and elapsed >= self.DELAY_S:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.total, initial=self.done, unit="item", desc="pmap",
+                            dynamic_ncols=True)
+            self.bar.start_t -= elapsed  # rates count from the job's start
 
     def close(self):
         if self.bar is not None:
@@ -125,6 +138,9 @@ def _raise_for_status(result: ChunkResult, items, first_index, return_exceptions
         return errors
     if result.status == protocol.STATUS_MISMATCH:
         raise VersionMismatchError(result.detail)
+    if result.status == protocol.STATUS_RESEND:  # its payload left Redis while it was queued
+        raise RuntimeError(f"item #{first_index} ({serialize._describe(items[0])}) could not be "
+                           f"run: worker {result.worker} found no payload ({result.detail})")
     if result.status == protocol.STATUS_REJECTED:
         raise SignatureError(f"worker {result.worker} rejected the job: {result.detail}")
     raise RuntimeError(f"unknown result status {result.status!r} from worker {result.worker}")
@@ -148,13 +164,18 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
     size = chunksize or auto_chunksize(n, workers)
     head = list(islice(source, 1))
     try:
-        item_bytes = len(serialize.dumps_data(head[0])) if head else 0
+        oob: list = []  # big buffers out of band: sizing an array copies nothing
+        item_bytes = serialize.payload_size(serialize.dumps_data(head[0], oob), oob) if head else 0
     except Exception:  # reported, naming the item, when its chunk is pickled
         item_bytes = 0
     if chunksize is None and item_bytes * size > CHUNK_TARGET_BYTES:
         size = max(1, CHUNK_TARGET_BYTES // item_bytes)
     source = chain(head, source)
     window = max(4 * max(workers, 1), 8) + 1
+    # Big items: enough in flight to keep every worker busy (one each, and half as many again
+    # waiting), not the whole window (which would park up to 4 chunks per worker in Redis).
+    budget = CHUNK_TARGET_BYTES * (max(workers, 1) * 3 // 2 + 2)
+    in_flight = 0  # items queued or running
     job = client.job()
     sha = job.add_function(fn)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -163,7 +184,8 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
     bar = _Progress(n, progress)
     try:
         while True:
-            if not exhausted and len(pending) < window:
+            # Fill the window, in round trips of at most CHUNK_TARGET_BYTES, before waiting.
+            while not exhausted and len(pending) < window and item_bytes * in_flight < budget:
                 batch = []
                 while len(pending) + len(batch) < window:
                     items = list(islice(source, size))
@@ -175,8 +197,15 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
                     if item_bytes * (next_index - batch[0][0]) >= CHUNK_TARGET_BYTES:
                         break
                 if batch:
-                    for chunk, entry in zip(job.submit(mode, sha, batch), batch):
+                    # The last batch: its round trip may as well wait for the first result.
+                    wait = None
+                    if exhausted:
+                        wait = FIRST_RESULT_WAIT_S if deadline is None else min(
+                            FIRST_RESULT_WAIT_S, deadline - time.monotonic())
+                        wait = wait if wait > 0.001 else None
+                    for chunk, entry in zip(job.submit(mode, sha, batch, wait), batch):
                         pending[chunk] = entry
+                        in_flight += len(entry[1])
             if not pending:
                 return
             result = job.next_result(deadline)
@@ -188,6 +217,7 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
             if entry is None:
                 continue  # a task that ran twice: its first result already counted
             first, items = entry
+            in_flight -= len(items)
             if result.status != protocol.STATUS_OK:
                 values = _raise_for_status(result, items, first, return_exceptions)
             else:

@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 import time
-import uuid
 import weakref
 
-from . import protocol, serialize
+from . import protocol, serialize, shm
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
 from .errors import SignatureError
 from .queue import Broker
 
 MAX_WAKE_TOKENS = 256
+SHM_SWEEP_EVERY_S = 10.0  # orphaned segments are looked for at most this often, at a job start
 
 
 class ChunkResult:
@@ -28,6 +29,10 @@ class ChunkResult:
         self.values = values
         self.errors = errors or {}
         self.outputs = outputs or {}
+
+
+def _weakrefable(obj) -> bool:
+    return type(obj).__weakrefoffset__ != 0
 
 
 class Client:
@@ -44,7 +49,10 @@ class Client:
         self._keeper: threading.Thread | None = None
         self._last_reap = 0.0
         self._warned_no_workers = False
-        self._workers_seen: tuple[int, float] | None = None
+        self._workers_seen: tuple[int, bool, float] | None = None
+        self.shm = shm.Store.open(self.settings)
+        self._last_sweep: float | None = None
+        self._by_reference: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __repr__(self):
         return f"<pyworker.Client redis={self.broker.where}>"
@@ -56,15 +64,37 @@ class Client:
     def close(self):
         self.broker.close()
 
-    def live_workers(self, max_age_s: float = 2.0) -> int:
-        """Workers with a live lease (cached for max_age_s: it only sizes chunks)."""
+    def _workers(self, max_age_s: float = 2.0) -> tuple[int, bool]:
         now = time.monotonic()
         cached = self._workers_seen
-        if cached is None or now - cached[1] > max_age_s or cached[0] == 0:
-            self._workers_seen = cached = (self.broker.live_workers(), now)
-        return cached[0]
+        if cached is None or now - cached[2] > max_age_s or cached[0] == 0:
+            if self.shm is None:
+                n, same = self.broker.live_workers(), False
+            else:
+                idents = self.broker.live_worker_shm()
+                n = len(idents)
+                same = n > 0 and all(i == self.shm.ident for i in idents)
+            self._workers_seen = cached = (n, same, now)
+        return cached[0], cached[1]
+
+    def live_workers(self, max_age_s: float = 2.0) -> int:
+        """Workers with a live lease (cached for max_age_s: it only sizes chunks)."""
+        return self._workers(max_age_s)[0]
+
+    def workers_share_memory(self) -> bool:
+        """Whether every live worker advertises this caller's shared-memory directory (same
+        host, same /dev/shm, same user); cached like live_workers."""
+        return self.shm is not None and self._workers()[1]
+
+    def forget_workers(self):
+        self._workers_seen = None
 
     def job(self) -> "Job":
+        if self.shm is not None:
+            now = time.monotonic()
+            if self._last_sweep is None or now - self._last_sweep > SHM_SWEEP_EVERY_S:
+                self._last_sweep = now
+                self.shm.sweep()
         job = Job(self)
         with self._lock:
             self._jobs.add(job)
@@ -104,7 +134,7 @@ class Client:
 
     def function_blob(self, fn) -> tuple[str, bytes | None]:
         """sha of the pickled function, and its signed blob if it must be (re)sent."""
-        blob = serialize.dumps_function(fn)
+        blob = self._pickled_function(fn)
         if len(blob) > self.limit_bytes:
             name = getattr(fn, "__qualname__", repr(fn))
             raise serialize.SerializationError(
@@ -119,18 +149,48 @@ class Client:
         return sha, self.signer.seal_blob(blob)
 
 
+    def _pickled_function(self, fn) -> bytes:
+        """cloudpickle(fn). An importable function is pickled as a reference (its module and
+        name, never what it captures), so its bytes cannot go stale: it is pickled once per
+        process instead of once per call. Everything else is pickled every time."""
+        name = (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None))
+        try:
+            hit = self._by_reference.get(fn) if _weakrefable(fn) else None
+        except TypeError:  # unhashable
+            hit = None
+        if hit is not None and hit[0] == name:
+            return hit[1]
+        data = serialize.dumps_function(fn)
+        if _weakrefable(fn) and serialize.pickled_by_reference(fn):
+            try:
+                self._by_reference[fn] = (name, data)
+            except TypeError:
+                pass
+        return data
+
+
 class Job:
     """A job id in Redis with its chunks; results come back through next_result()."""
 
     def __init__(self, client: Client):
         self.client = client
-        self.jid = uuid.uuid4().hex[:20]
+        self.jid = secrets.token_hex(10)
         self.live = True
         self.created = False
         self.fn_shas: set[str] = set()
         self._pending_blobs: dict[str, bytes] = {}
         self._next_chunk = 0
         self._submit_lock = threading.Lock()
+        self.shm = client.shm
+        # chunk -> (mode, fn_sha, first index, items, segment name) for chunks sent through
+        # shared memory: the segment is removed when the chunk's result is in, and the items
+        # are sent again through Redis if a worker cannot read the segment.
+        self._segments: dict[int, tuple] = {}
+        self._shm_off = False
+        self._used_shm = False  # a segment of this job was written or read
+        self._early: list[bytes] = []  # results that came back with a submit
+        if self.shm is not None:
+            shm.job_started(self.jid)
 
     def add_function(self, fn) -> str:
         sha, blob = self.client.function_blob(fn)
@@ -140,44 +200,106 @@ class Job:
                 self._pending_blobs[sha] = blob
         return sha
 
-    def submit(self, mode: int, fn_sha: str, chunks: list[tuple[int, list]]) -> list[int]:
+    def _message(self, mode, fn_sha, first, items, chunk, use_shm):
+        """The signed task message of a chunk, and its payload if that travels by reference."""
+        client = self.client
+        oob = [] if use_shm else None
+        payload = serialize.dumps_chunk(mode, items, first, client.limit_bytes, oob)
+        tag = self.shm.tag() if self.shm is not None else protocol.NO_SHM
+        if use_shm and serialize.payload_size(payload, oob) > protocol.INLINE_MAX_BYTES:
+            try:
+                desc = self.shm.write(self.jid, chunk, shm.TASK, tag.split(".", 1)[1], payload,
+                                      oob)
+            except OSError:
+                self._shm_off = True  # e.g. /dev/shm full: Redis from now on
+            else:
+                self._used_shm = True
+                self._segments[chunk] = (mode, fn_sha, first, items, desc.name)
+                header = protocol.task_header(self.jid, chunk, fn_sha, serialize.PYTHON_VERSION,
+                                              serialize.CLOUDPICKLE_VERSION,
+                                              where=protocol.SHARED, shm=tag)
+                return client.signer.seal(header, desc.encode()), None
+        if oob:  # big buffers were out of band, but this payload goes through Redis
+            payload = serialize.dumps_chunk(mode, items, first, client.limit_bytes)
+        inline = len(payload) <= protocol.INLINE_MAX_BYTES
+        header = protocol.task_header(self.jid, chunk, fn_sha, serialize.PYTHON_VERSION,
+                                      serialize.CLOUDPICKLE_VERSION, ref=not inline, shm=tag)
+        return client.signer.seal(header, payload, inline), None if inline else payload
+
+    def submit(self, mode: int, fn_sha: str, chunks: list[tuple[int, list]],
+               wait_s: float | None = None) -> list[int]:
         """Queue chunks (first item index, items); returns their chunk ids. Pickling happens
         before anything is queued, so a bad item queues nothing of this batch. The first
-        submit also creates the job and uploads its function, in the same round trip."""
+        submit also creates the job and uploads its function, in the same round trip. With
+        wait_s (the caller waits for results next anyway), that round trip also waits up to
+        wait_s for the first result, which next_result() then returns."""
         client = self.client
         with self._submit_lock:
+            use_shm = (self.shm is not None and not self._shm_off
+                       and client.workers_share_memory())
             messages, ids, big = [], [], {}
-            for first, items in chunks:
-                payload = serialize.dumps_chunk(mode, items, first, client.limit_bytes)
-                chunk = self._next_chunk + len(ids)
-                inline = len(payload) <= protocol.INLINE_MAX_BYTES
-                header = protocol.task_header(self.jid, chunk, fn_sha, serialize.PYTHON_VERSION,
-                                              serialize.CLOUDPICKLE_VERSION, ref=not inline)
-                messages.append(client.signer.seal(header, payload, inline))
-                if not inline:
-                    big[chunk] = payload
-                ids.append(chunk)
-            meta = None
-            if not self.created:
-                meta = {"created": f"{time.time():.3f}",
-                        "caller": f"{socket.gethostname()}:{os.getpid()}",
-                        "python": serialize.PYTHON_VERSION}
-            blobs, self._pending_blobs = self._pending_blobs, {}
             try:
-                queued = client.broker.submit(self.jid, messages,
-                                              min(len(messages), MAX_WAKE_TOKENS), meta, blobs,
-                                              big, touch=self.fn_shas - set(blobs) if meta else ())
-            except BaseException:
-                self._pending_blobs.update(blobs)
+                for first, items in chunks:
+                    chunk = self._next_chunk + len(ids)
+                    message, payload = self._message(mode, fn_sha, first, items, chunk, use_shm)
+                    messages.append(message)
+                    if payload is not None:
+                        big[chunk] = payload
+                    ids.append(chunk)
+                meta = None
+                if not self.created:
+                    meta = {"created": f"{time.time():.3f}",
+                            "caller": f"{socket.gethostname()}:{os.getpid()}",
+                            "python": serialize.PYTHON_VERSION}
+                blobs, self._pending_blobs = self._pending_blobs, {}
+                try:
+                    queued = client.broker.submit(self.jid, messages,
+                                                  min(len(messages), MAX_WAKE_TOKENS), meta,
+                                                  blobs, big,
+                                                  touch=self.fn_shas - set(blobs) if meta else (),
+                                                  pop_s=wait_s)
+                    if wait_s is not None:
+                        queued, first_result = queued
+                        if first_result is not None:
+                            self._early.append(first_result)
+                except BaseException:
+                    self._pending_blobs.update(blobs)
+                    raise
+            except BaseException:  # nothing of this batch was queued
+                self._drop_segments([c for c in self._segments if c >= self._next_chunk])
                 raise
             self.created = True
             now = time.monotonic()
             for sha in blobs:
                 client._uploaded[sha] = now
             if queued < 0:
+                self._drop_segments(ids)
                 raise RuntimeError(f"job {self.jid} was cancelled or expired")
             self._next_chunk += len(ids)
             return ids
+
+    def _drop_segments(self, chunks):
+        for chunk in chunks:
+            entry = self._segments.pop(chunk, None)
+            if entry is not None:
+                self.shm.remove(entry[4])
+
+    def _resend(self, chunk: int) -> None:
+        """A worker could not read this chunk's segment (not on this host after all, or the file
+        is gone): send the same chunk again through Redis, and keep Redis for this job."""
+        with self._submit_lock:
+            entry = self._segments.get(chunk)
+            if entry is None:
+                return  # done already: its result is in
+            self._shm_off = True
+            self.client.forget_workers()
+            mode, fn_sha, first, items, name = entry
+            message, payload = self._message(mode, fn_sha, first, items, chunk, False)
+            queued = self.client.broker.submit(
+                self.jid, [message], 1, payloads={chunk: payload} if payload is not None else None)
+            if queued < 0:
+                raise RuntimeError(f"job {self.jid} was cancelled or expired")
+            self._drop_segments((chunk,))
 
     def next_result(self, deadline: float | None) -> ChunkResult | None:
         """The next result; None once the deadline passed. Survives a short Redis outage."""
@@ -188,11 +310,18 @@ class Job:
             if wait <= 0:
                 return None
             try:
-                data = client.broker.pop_result(self.jid, wait)
+                data = self._early.pop(0) if self._early else client.broker.pop_result(self.jid,
+                                                                                       wait)
                 if data is None:
                     client.maybe_reap()
                     continue
-                return self._parse(data)
+                result = self._parse(data)
+                if result.status == protocol.STATUS_RESEND and result.chunk in self._segments:
+                    self._resend(result.chunk)
+                    continue
+                if self._segments:
+                    self._drop_segments((result.chunk,))
+                return result
             except PyworkerConnectionError:
                 now = time.monotonic()
                 lost_since = lost_since or now
@@ -217,16 +346,45 @@ class Job:
                 f"a result for job {self.jid} from worker {h.worker} failed its signature check "
                 f"and was not unpickled: {exc}"
             ) from None
-        values, errors, outputs = serialize.loads(payload)
+        buffers = None
+        if h.shared:
+            payload, buffers = self._read_result_segment(h, payload)
+        values, errors, outputs = serialize.loads(payload, buffers)
         return ChunkResult(h.chunk, h.status, h.worker, "", values, errors, outputs)
+
+    def _read_result_segment(self, h, descriptor):
+        self._used_shm = True
+        desc = shm.Descriptor.parse(descriptor)
+        if self.shm is None or desc.jid != self.jid or desc.kind != shm.RESULT:
+            raise SignatureError(f"worker {h.worker} sent a result segment that is not this "
+                                 f"job's ({desc.name})")
+        try:
+            return self.shm.read(desc, self.client.limit_bytes)
+        except shm.SegmentTampered as exc:
+            raise SignatureError(f"a result for job {self.jid} from worker {h.worker} was not "
+                                 f"unpickled: {exc}") from None
+        except OSError as exc:
+            raise RuntimeError(f"the result of chunk {h.chunk} from worker {h.worker} could not "
+                               f"be read from shared memory: {exc}") from None
+        finally:
+            self.shm.remove(desc.name)
 
     def drop_queued(self):
         self.client.broker.drop_queued(self.jid)
 
     def close(self, now: bool = True):
         """Delete the job's keys: what is still queued leaves Redis, running tasks are dropped.
-        A job that finished normally (now=False) is cleaned up with the next round trip."""
+        A job that finished normally (now=False) is cleaned up with the next round trip.
+        Its shared-memory segments go at once either way (a result segment that a worker wrote
+        but could not report, because it died, is found by the next sweep: shm.Store.sweep)."""
         if self.live:
             self.live = False
-            if self.created:
-                self.client.broker.end_job(self.jid, now=now)
+            try:
+                if self.created:
+                    self.client.broker.end_job(self.jid, now=now)
+            finally:
+                if self.shm is not None:
+                    shm.job_ended(self.jid)
+                    self._segments.clear()
+                    if now or self._used_shm:  # else there is nothing to look for
+                        self.shm.remove_job(self.jid)

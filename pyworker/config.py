@@ -37,6 +37,10 @@ class Settings:
     idle_wait_s: float = 1.0
     worker_name: str = field(default_factory=_default_worker_name)
     heartbeat_file: str | None = None
+    # Payloads over protocol.INLINE_MAX_BYTES travel through files in shm_dir/pyworker-<uid>
+    # instead of Redis when caller and worker share the host (proven, never assumed; shm.py).
+    shared_memory: bool = True
+    shm_dir: str = "/dev/shm"
 
     def __post_init__(self):
         positive = ("lease_s", "heartbeat_s", "job_ttl_s", "max_message_mb", "connect_timeout_s",

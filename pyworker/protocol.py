@@ -16,20 +16,28 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
     P:job:<jid>:rp        hash   "<chunk> <worker>" -> result payload too big to travel inline
     P:fn:<sha>            string a signed, pickled function (shared by every task that uses it)
     P:worker:<name>:hb    string the worker's lease; expires when the worker stops heart-beating
-    P:worker:<name>:info  hash   host, pid, started, done, current, seen (for status())
+    P:worker:<name>:info  hash   host, pid, started, done, current, seen (for status()), shm
+                                 (its shared-memory folder identity, shm.py; empty: none)
     P:worker:<name>:active hash  "<jid> <chunk>" -> the task message it is running
     P:stats:<unix second> string items finished in that second (expires)
 
 Messages are bytes: one ASCII header line, then (for messages that carry a pickle) a 32-byte
 HMAC-SHA256 over header line + payload, then the payload. A payload over INLINE_MAX_BYTES is not
 inline but in the job's payload hash (flag ``r`` instead of ``i``), so Lua scripts only ever move
-small strings; the signature still covers it::
+small strings; the signature still covers it. When caller and worker share a host (shm.py), such
+a payload goes into a file in shared memory instead (flag ``s``): the signed payload is then the
+segment's descriptor, ``<file name> <sha256 of the file> <stream length> [<buffer length> ...]``,
+and the file holds a protocol-5 pickle stream followed by its out-of-band buffers, each on a
+64-byte boundary. SHM is ``-`` or the caller's ``<directory identity>.<pid namespace>.<pid>``::
 
-    task:   "<jid> <chunk> <fn_sha> <python major.minor> <cloudpickle version> <i|r>\\n" SIG [PAYLOAD]
-    result: "<chunk> ok <worker> <i|r>\\n" SIG [PAYLOAD]
+    task:   "<jid> <chunk> <fn_sha> <python major.minor> <cloudpickle version> <i|r|s> <SHM>\\n" SIG [PAYLOAD]
+    result: "<chunk> ok <worker> <i|r|s>\\n" SIG [PAYLOAD]
             "<chunk> lost <worker> <attempts>\\n"            (written by Redis, no payload)
             "<chunk> rejected <worker> <reason...>\\n"       (bad signature, no payload)
             "<chunk> mismatch <worker> <reason...>\\n"       (version mismatch, no payload)
+            "<chunk> resend <worker> <reason...>\\n"         (cannot read the task's payload: a
+                                                             segment from another host is sent
+                                                             again through Redis; no payload)
     fn:     SIG PAYLOAD                                      (SIG over PAYLOAD alone)
 
 A message whose status carries no payload is never unpickled, so it needs no signature.
@@ -41,13 +49,15 @@ from dataclasses import dataclass
 
 SIG_BYTES = 32
 INLINE_MAX_BYTES = 128 * 1024
-INLINE, BY_REF = "i", "r"
+INLINE, BY_REF, SHARED = "i", "r", "s"
+NO_SHM = "-"
 WAKE_TOKENS_MAX = 1024
 
 STATUS_OK = "ok"
 STATUS_LOST = "lost"
 STATUS_REJECTED = "rejected"
 STATUS_MISMATCH = "mismatch"
+STATUS_RESEND = "resend"
 
 # Payload modes: how a worker applies the function to each item of a chunk.
 MODE_ONE = 0  # fn(item)
@@ -144,8 +154,11 @@ local function k_stats(s) return P .. ':stats:' .. s end
 # --- headers -----------------------------------------------------------------------------------
 
 
-def task_header(jid: str, chunk: int, fn_sha: str, py: str, cp: str, ref: bool = False) -> bytes:
-    return f"{jid} {chunk} {fn_sha} {py} {cp} {BY_REF if ref else INLINE}\n".encode()
+def task_header(jid: str, chunk: int, fn_sha: str, py: str, cp: str, ref: bool = False,
+                where: str | None = None, shm: str = NO_SHM) -> bytes:
+    """``where`` (INLINE, BY_REF, SHARED) overrides ``ref``; ``shm`` is the caller's tag."""
+    where = where or (BY_REF if ref else INLINE)
+    return f"{jid} {chunk} {fn_sha} {py} {cp} {where} {shm}\n".encode()
 
 
 @dataclass(frozen=True)
@@ -156,13 +169,18 @@ class TaskHeader:
     python: str
     cloudpickle: str
     ref: bool
+    shared: bool = False
+    shm: str = NO_SHM
 
 
 def parse_task_header(line: bytes) -> TaskHeader:
-    jid, chunk, fn_sha, py, cp, where = line.decode().rstrip("\n").split(" ")
-    if where not in (INLINE, BY_REF):
+    fields = line.decode().rstrip("\n").split(" ")
+    if len(fields) == 6:  # a caller from before shared memory
+        fields.append(NO_SHM)
+    jid, chunk, fn_sha, py, cp, where, shm = fields
+    if where not in (INLINE, BY_REF, SHARED):
         raise ValueError(f"bad payload flag {where!r}")
-    return TaskHeader(jid, int(chunk), fn_sha, py, cp, where == BY_REF)
+    return TaskHeader(jid, int(chunk), fn_sha, py, cp, where == BY_REF, where == SHARED, shm)
 
 
 def result_header(chunk: int, status: str, worker: str, detail: str = "") -> bytes:
@@ -181,6 +199,10 @@ class ResultHeader:
     @property
     def ref(self) -> bool:
         return self.status == STATUS_OK and self.detail == BY_REF
+
+    @property
+    def shared(self) -> bool:
+        return self.status == STATUS_OK and self.detail == SHARED
 
     @property
     def payload_field(self) -> str:

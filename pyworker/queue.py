@@ -43,10 +43,13 @@ _DEQUEUE = _DEQUEUE_FN + "return dequeue(ARGV[1])"
 #       result payload field ('' when the result is inline)
 # The result is kept only if this worker still held the task: a worker that was declared dead
 # (and whose task was re-queued) and then came back cannot add a second result.
+# Returns {1 if the result was kept else 0, the next task or ''}.
 _FINISH = _DEQUEUE_FN + r"""
 local worker, field, jid, rfield = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
 local held = redis.call('HDEL', k_active(worker), field)
+local kept = 0
 if held == 1 and redis.call('EXISTS', k_job(jid)) == 1 then
+  kept = 1
   local ttl = math.max(redis.call('PTTL', k_job(jid)), 1000)
   redis.call('RPUSH', k_results(jid), ARGV[4])
   redis.call('PEXPIRE', k_results(jid), ttl)
@@ -60,8 +63,9 @@ redis.call('INCRBY', k_stats(now), ARGV[5])
 redis.call('EXPIRE', k_stats(now), 120)
 redis.call('HINCRBY', k_info(worker), 'done', ARGV[5])
 redis.call('HSET', k_info(worker), 'current', '')
-if ARGV[6] == '1' then return dequeue(worker) end
-return false
+local nxt = false
+if ARGV[6] == '1' then nxt = dequeue(worker) end
+return {kept, nxt or ''}
 """
 
 # ARGV: jid, ttl ms, wake tokens, task...  Returns -1 when the job is gone (cancelled/expired).
@@ -184,6 +188,7 @@ class Broker:
         self._finish = resp.Script(prelude + _FINISH)
         self._submit = resp.Script(prelude + _SUBMIT)
         self._reap = resp.Script(prelude + _REAP)
+        self._submit_loaded = False  # whether Redis is known to have the submit script
         self._ttl_ms = int(settings.job_ttl_s * 1000)
         self._lease_ms = int(settings.lease_s * 1000)
         # Clean-ups of finished jobs ride along with the next pipeline instead of costing a
@@ -220,18 +225,29 @@ class Broker:
 
     @translate_errors
     def live_workers(self) -> int:
+        return len(self.live_worker_shm())
+
+    @translate_errors
+    def live_worker_shm(self) -> list[str]:
+        """The shared-memory identity ('' for none) of every worker with a live lease."""
         names = self.redis.call("SMEMBERS", self.keys.workers)
         if not names:
-            return 0
-        replies = self.redis.pipeline([("EXISTS", self.keys.heartbeat(_s(n))) for n in names])
-        return sum(replies)
+            return []
+        commands = []
+        for n in names:
+            commands += [("EXISTS", self.keys.heartbeat(_s(n))), ("HGET", self.keys.info(_s(n)),
+                                                                  "shm")]
+        replies = self.redis.pipeline(commands)
+        return [_s(replies[i + 1] or b"") for i in range(0, len(replies), 2) if replies[i]]
 
     @translate_errors
     def submit(self, jid: str, tasks: list[bytes], wake: int, meta: dict | None = None,
                fn_blobs: dict[str, bytes] | None = None,
-               payloads: dict[int, bytes] | None = None, touch=()) -> int:
+               payloads: dict[int, bytes] | None = None, touch=(), pop_s: float | None = None):
         """Queue tasks (and the payloads too big to travel inline); with meta, create the job
-        and upload its functions in the same round trip."""
+        and upload its functions in the same round trip. Returns the queue's length (-1: the
+        job is gone); with pop_s, (that, the first result message or None): the same round trip
+        then waits up to pop_s for a result, which saves a round trip for short jobs."""
         commands = self._take_deferred()
         if meta is not None:
             fields = [x for kv in meta.items() for x in kv]
@@ -245,7 +261,25 @@ class Broker:
             fields = [x for kv in payloads.items() for x in kv]
             commands.append(("HSET", self.keys.payloads(jid), *fields))
             commands.append(("PEXPIRE", self.keys.payloads(jid), self._ttl_ms))
-        return self._then_script(commands, self._submit, jid, self._ttl_ms, wake, *tasks)
+        args = (jid, self._ttl_ms, wake, *tasks)
+        if pop_s is None:
+            return self._then_script(commands, self._submit, *args)
+        # The BLPOP must never wait behind a submit that did not happen (NOSCRIPT: a new or
+        # restarted Redis), so the script is loaded in the same round trip until it is known.
+        load = [] if self._submit_loaded else [("SCRIPT", "LOAD", self._submit.source)]
+        replies = self.redis.pipeline(
+            commands + load + [("EVALSHA", self._submit.sha, 0, *args),
+                               ("BLPOP", self.keys.results(jid), f"{pop_s:.3f}")],
+            raise_errors=False)
+        queued, popped = replies[-2], replies[-1]
+        self._submit_loaded = True
+        if isinstance(queued, resp.ReplyError) and str(queued).startswith("NOSCRIPT"):
+            self._submit_loaded = False
+            queued, popped = self.redis.run(self._submit, *args), None
+        for reply in replies[:-2] + [queued, popped]:
+            if isinstance(reply, resp.ReplyError):
+                raise reply
+        return queued, (popped[1] if popped else None)
 
     @translate_errors
     def take_result_payload(self, jid: str, field: str):
@@ -330,13 +364,15 @@ class Broker:
     @translate_errors
     def finish(self, name: str, jid: str, chunk: int, result: bytes, n_items: int,
                take_next: bool, result_payload: bytes | None = None):
-        """Report a task's result; returns the next task, taken in the same step, or None."""
+        """Report a task's result: (whether it was kept, the next task taken in the same step or
+        None). A result is not kept when the worker no longer held the task or the job ended."""
         commands, rfield = [], ""
         if result_payload is not None:
             rfield = f"{chunk} {name}"
             commands.append(("HSET", self.keys.result_payloads(jid), rfield, result_payload))
-        return self._then_script(commands, self._finish, name, f"{jid} {chunk}", jid, result,
-                                 n_items, 1 if take_next else 0, chunk, rfield)
+        kept, task = self._then_script(commands, self._finish, name, f"{jid} {chunk}", jid,
+                                       result, n_items, 1 if take_next else 0, chunk, rfield)
+        return bool(kept), task or None
 
     @translate_errors
     def drop_task(self, name: str, jid: str, chunk: int, result: bytes) -> None:

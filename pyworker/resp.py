@@ -40,7 +40,7 @@ def _encode(args) -> list:
             out.append(arg)
             small = [b"\r\n"]
         else:
-            small += (b"$%d\r\n" % n, arg, b"\r\n")
+            small.append(b"$%d\r\n%b\r\n" % (n, arg))  # one part per argument
     out.append(b"".join(small))
     return out
 

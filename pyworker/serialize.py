@@ -80,29 +80,76 @@ def dumps_function(fn) -> bytes:
         ) from exc
 
 
+def pickled_by_reference(fn) -> bool:
+    """Whether cloudpickle pickles fn as a reference (module and name: an importable function)
+    rather than by value (lambdas, closures, __main__ and notebook functions)."""
+    check = getattr(getattr(cloudpickle, "cloudpickle", None), "_should_pickle_by_reference",
+                    None)
+    if check is None or not callable(fn):
+        return False
+    try:
+        return bool(check(fn)) and getattr(fn, "__closure__", None) is None
+    except Exception:
+        return False
+
+
 def function_sha(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def dumps_data(obj) -> bytes:
+OOB_MIN_BYTES = 64 * 1024  # smaller buffers stay in the pickle stream
+OOB_MAX_BUFFERS = 1024  # beyond this, buffers stay in-band (keeps a segment's descriptor small)
+
+
+def _collector(buffers: list):
+    """A pickle buffer_callback that keeps big contiguous buffers (numpy arrays: what pickles
+    as a PickleBuffer) out of band, in ``buffers``, as raw memoryviews; small ones stay in the
+    stream."""
+
+    def callback(buf: pickle.PickleBuffer):
+        try:
+            raw = buf.raw()
+        except BufferError:  # not contiguous: in-band
+            return True
+        if raw.nbytes < OOB_MIN_BYTES or len(buffers) >= OOB_MAX_BUFFERS:
+            return True
+        buffers.append(raw)
+        return False
+
+    return callback
+
+
+def dumps_data(obj, buffers: list | None = None) -> bytes:
+    """Pickle protocol 5; with a ``buffers`` list, big buffers go there (out of band) and the
+    stream must be loaded with loads(stream, buffers)."""
+    callback = None if buffers is None else _collector(buffers)
     try:
-        return pickle.dumps(obj, protocol=PROTOCOL)
+        return pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
     except Exception:
-        return cloudpickle.dumps(obj, protocol=PROTOCOL)
+        if buffers:
+            del buffers[:]
+        return cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
 
 
-def dumps_chunk(mode: int, items: list, first_index: int, limit_bytes: int) -> bytes:
-    """Pickle a chunk of items; name the item that cannot be pickled or is too large."""
+def payload_size(stream, buffers) -> int:
+    return len(stream) + sum(b.nbytes for b in buffers or ())
+
+
+def dumps_chunk(mode: int, items: list, first_index: int, limit_bytes: int,
+                buffers: list | None = None) -> bytes:
+    """Pickle a chunk of items; name the item that cannot be pickled or is too large. With a
+    ``buffers`` list, big buffers are out of band (see dumps_data)."""
     try:
-        data = dumps_data((mode, items))
+        data = dumps_data((mode, items), buffers)
     except Exception:
         data = None
-    if data is not None and len(data) <= limit_bytes:
+    if data is not None and payload_size(data, buffers) <= limit_bytes:
         return data
     for offset, item in enumerate(items):
         index = first_index + offset
         try:
-            size = len(dumps_data(item))
+            oob: list = []
+            size = payload_size(dumps_data(item, oob), oob)
         except Exception as exc:
             raise SerializationError(
                 f"item #{index} ({_describe(item)}) cannot be sent to the workers: "
@@ -115,13 +162,14 @@ def dumps_chunk(mode: int, items: list, first_index: int, limit_bytes: int) -> b
                 "smaller items (e.g. file paths instead of the data)"
             )
     raise SerializationError(
-        f"the chunk starting at item #{first_index} is {len(data) / 2**20:.1f} MiB pickled, over "
+        f"the chunk starting at item #{first_index} is "
+        f"{payload_size(data, buffers) / 2**20:.1f} MiB pickled, over "
         f"the limit of {limit_bytes / 2**20:.0f} MiB; pass a smaller chunksize"
     )
 
 
-def loads(data):
-    return pickle.loads(data)
+def loads(data, buffers=None):
+    return pickle.loads(data, buffers=buffers)
 
 
 # --- exceptions across the wire -----------------------------------------------------------------

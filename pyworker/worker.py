@@ -10,7 +10,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from . import protocol, serialize
+from . import protocol, serialize, shm
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
 from .errors import SignatureError
@@ -69,11 +69,13 @@ def run_chunk(fn, mode: int, items: list, capture: bool):
     return values, errors, (out.texts() if out is not None else {})
 
 
-def pack_results(values, errors, outputs) -> bytes:
+def pack_results(values, errors, outputs, buffers: list | None = None) -> bytes:
+    """The pickled (values, errors, outputs); with a ``buffers`` list, big buffers out of band."""
     try:
-        return serialize.dumps_data((values, errors, outputs))
+        return serialize.dumps_data((values, errors, outputs), buffers)
     except Exception:
-        pass
+        if buffers:
+            del buffers[:]
     for offset, value in enumerate(values):
         if offset in errors:
             continue
@@ -86,7 +88,7 @@ def pack_results(values, errors, outputs) -> bytes:
             )
             errors[offset] = serialize.pack_exception(wrapped)
             values[offset] = None
-    return serialize.dumps_data((values, errors, outputs))
+    return serialize.dumps_data((values, errors, outputs), buffers)
 
 
 class Worker:
@@ -95,6 +97,8 @@ class Worker:
         self.name = protocol.check_name("worker name", settings.worker_name)
         self.broker = broker or Broker(settings)
         self.signer = serialize.Signer(settings.secret)
+        self.limit_bytes = int(settings.max_message_mb * 2**20)
+        self.shm = shm.Store.open(settings)
         self.functions: OrderedDict[str, object] = OrderedDict()
         self.stopping = threading.Event()
         self.done = 0
@@ -131,10 +135,16 @@ class Worker:
         self._wait_for_redis()
         # A worker restarted under the same name first puts back what its last life held.
         b.reap(force_name=self.name)
+        if self.shm is not None:
+            swept = self.shm.sweep()
+            if swept:
+                log.info("worker %s: removed %d shared-memory segment(s) of callers that are gone",
+                         self.name, swept)
         b.register_worker(self.name, {
             "host": socket.gethostname(), "pid": os.getpid(), "started": f"{time.time():.3f}",
             "done": 0, "current": "", "seen": f"{time.time():.3f}",
             "python": serialize.PYTHON_VERSION, "cloudpickle": serialize.CLOUDPICKLE_VERSION,
+            "shm": self.shm.ident if self.shm is not None else "",
         })
         self._touch_heartbeat_file()
         log.info("worker %s started: redis %s, pid %d, python %s, cloudpickle %s", self.name,
@@ -202,8 +212,8 @@ class Worker:
         payload = None
         if header.ref:
             payload = self.broker.task_payload(header.jid, header.chunk)
-            if payload is None:  # the job ended (cancelled, expired) after this was queued
-                self.broker.finish(self.name, header.jid, header.chunk, b"", 0, False)
+            if payload is None:  # the job ended, or the chunk is done, after this was queued
+                self._drop(header, protocol.STATUS_RESEND, "the task's payload left Redis")
                 return None
         try:
             _, payload = self.signer.open(task, payload)
@@ -222,9 +232,23 @@ class Worker:
             log.error("worker %s: refused job %s: %s", self.name, header.jid, reason)
             self._drop(header, protocol.STATUS_MISMATCH, reason)
             return None
+        buffers = None
+        if header.shared:
+            try:
+                payload, buffers = self._read_segment(header, payload)
+            except shm.SegmentTampered as exc:
+                log.error("worker %s: rejected task %d of job %s without unpickling it: %s",
+                          self.name, header.chunk, header.jid, exc)
+                self._drop(header, protocol.STATUS_REJECTED, f"shared memory: {exc}")
+                return None
+            except (OSError, ValueError) as exc:
+                # Not on the caller's host after all, or the file is gone: the caller resends
+                # the chunk through Redis (or ignores this, if the chunk is already done).
+                self._drop(header, protocol.STATUS_RESEND, f"{type(exc).__name__}: {exc}")
+                return None
         try:
             fn = self._function(header.fn_sha)
-            mode, items = serialize.loads(payload)
+            mode, items = serialize.loads(payload, buffers)
         except SignatureError as exc:
             log.error("worker %s: rejected function of job %s without unpickling it: %s",
                       self.name, header.jid, exc)
@@ -236,14 +260,53 @@ class Worker:
             items = ()
         else:
             values, errors, outputs = run_chunk(fn, mode, items, self.settings.forward_output)
-        body = pack_results(values, errors, outputs)
-        inline = len(body) <= protocol.INLINE_MAX_BYTES
-        flag = protocol.INLINE if inline else protocol.BY_REF
+        del payload, buffers  # the task's memory can go before the result is written
+        # Big buffers out of band only if the result may go back through shared memory.
+        oob = [] if self.shm is not None and header.shm != protocol.NO_SHM else None
+        body = pack_results(values, errors, outputs, oob)
+        size = serialize.payload_size(body, oob)
+        segment = None
+        owner = self._shm_owner(header) if size > protocol.INLINE_MAX_BYTES else None
+        if oob is not None and owner is not None:
+            try:
+                segment = self.shm.write(header.jid, header.chunk, shm.RESULT, owner, body, oob)
+            except OSError as exc:
+                log.warning("worker %s: shared memory failed (%s); the result goes through Redis",
+                            self.name, exc)
+        if segment is None and oob:
+            body = pack_results(values, errors, outputs)  # in-band, for Redis
+            size = len(body)
+        if segment is not None:
+            flag, body, inline = protocol.SHARED, segment.encode(), True
+        else:
+            inline = size <= protocol.INLINE_MAX_BYTES
+            flag = protocol.INLINE if inline else protocol.BY_REF
         result = self.signer.seal(
             protocol.result_header(header.chunk, protocol.STATUS_OK, self.name, flag), body,
             inline)
         self.done += len(items)
-        return self._finish(header, result, len(items), None if inline else body)
+        kept, task = self._finish(header, result, len(items), None if inline else body)
+        if segment is not None and not kept:
+            self.shm.remove(segment.name)  # nobody will read it
+        return task
+
+    def _shm_owner(self, header) -> str | None:
+        """The caller's owner tag if a big result may go back through shared memory: the
+        caller said which directory it uses, and it is this worker's."""
+        if self.shm is None or header.shm == protocol.NO_SHM:
+            return None
+        tag = shm.Store.parse_tag(header.shm)
+        if tag is None or tag[0] != self.shm.ident:
+            return None
+        return tag[1]
+
+    def _read_segment(self, header, descriptor):
+        if self._shm_owner(header) is None:
+            raise OSError("this worker does not share the caller's shared-memory directory")
+        desc = shm.Descriptor.parse(descriptor)
+        if desc.jid != header.jid or desc.kind != shm.TASK:
+            raise shm.SegmentTampered("the segment belongs to another task")
+        return self.shm.read(desc, self.limit_bytes)
 
     def _finish(self, header, result, n_items, result_payload):
         deadline = time.monotonic() + self.settings.reconnect_s

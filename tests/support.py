@@ -30,3 +30,38 @@ def wait_until(predicate, timeout_s, what, interval_s=0.05):
 
 def redis_keys(cluster, pattern):
     return sorted(k.decode() for k in cluster.client.broker.redis.call("KEYS", pattern))
+
+
+def shm_files(folder):
+    """Names of the shared-memory segments in a PYWORKER_SHM_DIR (its pyworker-<uid> folder)."""
+    path = os.path.join(str(folder), f"pyworker-{os.geteuid()}")
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def shm_cluster(make_cluster, folder, n=2, client_dir=None, **kw):
+    """A private cluster whose workers keep segments in ``folder`` (PYWORKER_SHM_DIR), and a
+    client of it that uses ``client_dir`` (default: the same folder). Returns (cluster, client);
+    the client is closed with the cluster."""
+    import dataclasses
+
+    import pyworker
+    from pyworker import api
+    for path in (folder, client_dir or folder):
+        os.makedirs(str(path), exist_ok=True)
+    env = {"PYWORKER_SHM_DIR": str(folder), **kw.pop("worker_env", {})}
+    cluster = make_cluster(n, worker_env=env, **kw)
+    client = pyworker.Client(dataclasses.replace(cluster.settings(),
+                                                 shm_dir=str(client_dir or folder)))
+    cluster.client.close()  # the cluster's own client goes; ours takes its place (and is the
+    cluster.client = client  # default until the cluster stops, like the one it replaces)
+    api._set_default(client)
+    return cluster, client
+
+
+def redis_bytes_in(cluster) -> int:
+    """Bytes Redis has received so far (INFO stats total_net_input_bytes)."""
+    info = cluster.client.broker.redis.call("INFO", "stats").decode()
+    for line in info.splitlines():
+        if line.startswith("total_net_input_bytes:"):
+            return int(line.split(":")[1])
+    raise AssertionError("no total_net_input_bytes in INFO stats")

@@ -46,6 +46,24 @@ def test_pmap_of_nothing_and_of_a_generator(cluster):
     assert pmap(abs, (-x for x in range(10))) == list(range(10))
 
 
+def test_an_importable_function_is_pickled_once_per_process_others_per_call(cluster,
+                                                                             monkeypatch):
+    import os.path
+    from pyworker import serialize
+    calls = []
+    real = serialize.dumps_function
+    monkeypatch.setattr(serialize, "dumps_function", lambda fn: calls.append(fn) or real(fn))
+    for _ in range(3):
+        assert pmap(os.path.basename, ["a/b"]) == ["b"]
+    assert calls == [os.path.basename]
+    offset = [1]
+    add = lambda x: x + offset[0]  # noqa: E731 - by value: what it captures may change
+    assert pmap(add, [1]) == [2]
+    offset[0] = 10
+    assert pmap(add, [1]) == [11]
+    assert calls.count(add) == 2
+
+
 def test_auto_chunksize_makes_at_least_four_chunks_per_worker():
     assert auto_chunksize(20_000, 2) == 2500
     assert auto_chunksize(13, 5) == 1

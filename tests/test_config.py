@@ -75,3 +75,10 @@ def test_out_of_range_values_are_refused_with_the_variable_name():
         Settings.from_env({"PYWORKER_LEASE_S": "0"})
     with pytest.raises(ConfigurationError, match="PYWORKER_MAX_RETRIES must be 0 or more"):
         Settings.from_env({"PYWORKER_MAX_RETRIES": "-1"})
+
+
+def test_shared_memory_can_be_turned_off_and_moved():
+    s = Settings.from_env({"PYWORKER_SHARED_MEMORY": "false", "PYWORKER_SHM_DIR": "/run/x"})
+    assert (s.shared_memory, s.shm_dir) == (False, "/run/x")
+    assert Settings.from_env({}).shared_memory is True
+    assert Settings.from_env({}).shm_dir == "/dev/shm"

@@ -9,7 +9,7 @@ import time
 
 import pyworker
 
-from support import redis_keys, wait_until
+from support import redis_keys, shm_files, wait_until
 
 CALLER = r"""
 import json, os, sys, time
@@ -88,6 +88,37 @@ def test_ctrl_c_cancels_the_whole_job_at_once(make_cluster):
     assert int(info["done"]) <= 2
 
 
+BIG_CALLER = r"""
+import sys, time
+import numpy as np
+from pyworker import pmap
+print("started", flush=True)
+pmap(lambda a: (time.sleep(0.5), a + 1)[1], [np.ones(2**17) for _ in range(12)], chunksize=1,
+     progress=False)
+"""
+
+
+def test_ctrl_c_leaves_no_shared_memory_segment(make_cluster, tmp_path):
+    folder = tmp_path / "shm"
+    folder.mkdir()
+    cluster = make_cluster(2, worker_env={"PYWORKER_SHM_DIR": str(folder)})
+    caller = subprocess.Popen([sys.executable, "-c", BIG_CALLER],
+                              env={**os.environ, **cluster.env, "PYWORKER_SHM_DIR": str(folder)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert caller.stdout.readline().strip() == "started"
+    wait_until(lambda: len([w for w in pyworker.status(cluster.client).alive
+                            if w.get("current")]) == 2, 20, "both workers to start a task")
+    assert len(shm_files(folder)) >= 3, "queued and running chunks are in shared memory"
+    caller.send_signal(signal.SIGINT)
+    caller.wait(5)
+    assert "KeyboardInterrupt" in caller.stderr.read()
+    assert not [n for n in shm_files(folder) if ".t." in n], "the caller removed its segments"
+    # the two running tasks finish afterwards: their results are dropped, and so are the files
+    wait_until(lambda: not [w for w in pyworker.status(cluster.client).alive if w.get("current")],
+               10, "the workers to finish their tasks")
+    assert shm_files(folder) == []
+
+
 def test_a_vanished_callers_job_expires(make_cluster):
     cluster = make_cluster(1)
     caller = _caller(cluster, "V", 30, 0.5, PYWORKER_JOB_TTL_S="2")
@@ -100,3 +131,21 @@ def test_a_vanished_callers_job_expires(make_cluster):
                10, "the abandoned job's keys to expire")
     r = cluster.client.broker.redis
     wait_until(lambda: r.call("LLEN", "pyw:jobs") == 0, 5, "the job to leave the rotation")
+
+
+def test_a_submit_that_waits_for_its_result_never_waits_on_a_fresh_redis(make_cluster,
+                                                                          monkeypatch):
+    # The last batch's submit waits for the first result in the same round trip; on a Redis
+    # that does not have the submit script yet, that wait must not sit behind a failed submit.
+    from pyworker import api
+    monkeypatch.setattr(api, "FIRST_RESULT_WAIT_S", 3.0)
+    cluster = make_cluster(1)
+    cluster.client.broker.redis.call("SCRIPT", "FLUSH")
+    started = time.monotonic()
+    assert pyworker.pmap(abs, [-1], client=cluster.client, timeout=60) == [1]
+    assert pyworker.pmap(abs, [-2], client=cluster.client, timeout=60) == [2]
+    assert time.monotonic() - started < 2.5, "a submit waited for a result it had not queued"
+    # Scripts gone behind the client's back (a Redis restart): at worst one wait, then right.
+    cluster.client.broker.redis.call("SCRIPT", "FLUSH")
+    assert pyworker.pmap(abs, [-3], client=cluster.client, timeout=60) == [3]
+    assert pyworker.pmap(abs, [-4], client=cluster.client, timeout=60) == [4]

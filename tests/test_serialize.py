@@ -57,3 +57,25 @@ def test_names_with_spaces_or_colons_are_refused():
     with pytest.raises(ValueError, match="invalid worker name"):
         protocol.check_name("worker name", "a b")
     assert protocol.check_name("worker name", "par-pyworker-worker-5d8f9-abcde") 
+
+
+def test_big_buffers_go_out_of_band_small_ones_stay_in_the_stream():
+    import numpy as np
+    big, small = np.arange(2**14, dtype=np.float64), np.arange(10)
+    buffers = []
+    stream = serialize.dumps_data((big, small, big[::2]), buffers)  # a view: not contiguous
+    assert [b.nbytes for b in buffers] == [big.nbytes]
+    assert len(stream) < big.nbytes // 2 + 2000
+    got = serialize.loads(stream, buffers)
+    assert np.array_equal(got[0], big) and np.array_equal(got[1], small)
+    assert np.array_equal(got[2], big[::2])
+    assert serialize.payload_size(stream, buffers) == len(stream) + big.nbytes
+    assert serialize.loads(serialize.dumps_data((big, small)))[0][-1] == big[-1]  # in-band
+
+
+def test_only_importable_functions_count_as_pickled_by_reference():
+    import os.path
+    assert serialize.pickled_by_reference(os.path.basename)
+    assert not serialize.pickled_by_reference(lambda x: x)
+    offset = 3
+    assert not serialize.pickled_by_reference(lambda x: x + offset)

@@ -13,7 +13,7 @@ import pyworker
 from pyworker import WorkerLostError, protocol, serialize
 from pyworker.errors import SignatureError, VersionMismatchError
 
-from support import redis_keys, wait_until
+from support import redis_keys, shm_cluster, shm_files, wait_until
 
 
 def _run_in_thread(fn, *args, **kwargs):
@@ -52,8 +52,9 @@ def test_killed_worker_task_runs_again_elsewhere_nothing_lost_or_duplicated(make
     cluster = make_cluster(3)
     task = _marking(tmp_path)
     t, box = _run_in_thread(pyworker.pmap, task, range(12), chunksize=1, client=cluster.client)
-    busy = wait_until(lambda: _busy_workers(cluster), 20, "a worker to start a task")
-    victim = int(busy[0]["pid"])
+    # A worker is "current" from the moment it takes a task; kill one that is inside the task.
+    first = wait_until(lambda: os.listdir(tmp_path), 20, "a worker to start running a task")[0]
+    victim = int(first.split("-")[1])
     os.kill(victim, signal.SIGKILL)
     t.join(60)
     assert not t.is_alive(), "pmap did not finish after a worker was killed"
@@ -64,6 +65,33 @@ def test_killed_worker_task_runs_again_elsewhere_nothing_lost_or_duplicated(make
     rerun = [x for x, pid, _ in runs if int(pid) == victim]
     assert rerun, "the killed worker had started a task"
     assert sum(1 for x, _, _ in runs if x == rerun[-1]) >= 2, "the lost task ran again"
+
+
+def test_killed_worker_shared_memory_task_runs_again_and_no_segment_is_left(make_cluster,
+                                                                            tmp_path):
+    import numpy as np
+    folder = tmp_path / "shm"
+    cluster, client = shm_cluster(make_cluster, folder, n=3)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    mark = _marking(marks)
+    arrays = [np.full(2**17, i, dtype=np.float64) for i in range(6)]  # 1 MiB each
+
+    def task(a):
+        return mark(int(a[0])) + a  # 10 * i + a
+
+    t, box = _run_in_thread(pyworker.pmap, task, arrays, chunksize=1, client=client)
+    first = wait_until(lambda: os.listdir(marks), 20, "a worker to start running a task")[0]
+    assert [n for n in shm_files(folder) if ".t." in n], "the arrays went through shared memory"
+    item, victim, _ = first.split("-")
+    os.kill(int(victim), signal.SIGKILL)  # in the middle of item's task
+    t.join(60)
+    assert not t.is_alive(), "pmap did not finish after a worker was killed"
+    assert "error" not in box, box.get("error")
+    assert [float(o[0]) for o in box["result"]] == [11.0 * i for i in range(6)]
+    runs = [name.split("-")[0] for name in os.listdir(marks)]
+    assert runs.count(item) >= 2, "the killed worker's task ran again, from its segment"
+    assert shm_files(folder) == []
 
 
 def test_task_whose_workers_keep_dying_fails_naming_the_item(make_cluster):
