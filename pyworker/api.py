@@ -10,13 +10,15 @@ from itertools import chain, islice
 from . import protocol, serialize
 from .client import ChunkResult, Client, Job
 from .config import Settings
-from .errors import SignatureError, VersionMismatchError, WorkerLostError
+from .errors import JobLostError, SignatureError, VersionMismatchError, WorkerLostError
 
 _default: Client | None = None
 _default_lock = threading.Lock()
 MAX_AUTO_CHUNKSIZE = 10_000
 # Automatic chunks stay below about this many pickled bytes, and a batch of chunks sent in one
 # round trip too, so workers start on big items while the caller is still sending the rest.
+# A job that Redis loses (restart without persistence, flush) is sent again this many times.
+MAX_RELAUNCHES = 3
 CHUNK_TARGET_BYTES = 4 * 2**20
 # The last batch's submit waits this long for the first result in the same round trip (short
 # calls save a round trip; longer ones carry on waiting as usual).
@@ -181,7 +183,25 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
     deadline = None if timeout is None else time.monotonic() + timeout
     pending: dict[int, tuple[int, list]] = {}
     next_index, exhausted, done = 0, False, 0
+    relaunches = 0
     bar = _Progress(n, progress)
+
+    def relaunch(exc, unsent=()):
+        """Redis lost the job: send what has not come back again, as a new job."""
+        nonlocal job, sha, pending, relaunches
+        relaunches += 1
+        entries = sorted(pending.values()) + list(unsent)
+        items = sum(len(e[1]) for e in entries)
+        if relaunches > MAX_RELAUNCHES:
+            raise JobLostError(f"{exc}; {done} items had come back, {items} were lost "
+                               f"{relaunches} times, so pyworker gave up") from None
+        print(f"pyworker: {exc}. {done} items had come back; resubmitting the other {items} "
+              f"as a new job (lost job {relaunches} of at most {MAX_RELAUNCHES})",
+              file=sys.stderr, flush=True)
+        job = client.job()
+        sha = job.add_function(fn)
+        pending = dict(zip(job.submit(mode, sha, entries), entries)) if entries else {}
+
     try:
         while True:
             # Fill the window, in round trips of at most CHUNK_TARGET_BYTES, before waiting.
@@ -203,12 +223,18 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
                         wait = FIRST_RESULT_WAIT_S if deadline is None else min(
                             FIRST_RESULT_WAIT_S, deadline - time.monotonic())
                         wait = wait if wait > 0.001 else None
-                    for chunk, entry in zip(job.submit(mode, sha, batch, wait), batch):
-                        pending[chunk] = entry
-                        in_flight += len(entry[1])
+                    in_flight += sum(len(e[1]) for e in batch)
+                    try:
+                        pending.update(zip(job.submit(mode, sha, batch, wait), batch))
+                    except JobLostError as exc:
+                        relaunch(exc, batch)
             if not pending:
                 return
-            result = job.next_result(deadline)
+            try:
+                result = job.next_result(deadline)
+            except JobLostError as exc:
+                relaunch(exc)
+                continue
             if result is None:
                 raise TimeoutError(
                     f"pmap timed out after {timeout:g} s with {done} of "
@@ -334,9 +360,11 @@ class Executor(cf.Executor):
                 with self._lock:
                     futures, self._futures = self._futures, {}
                     self._reader = None
-                for future, _ in futures.values():
+                for future, what in futures.values():
                     if future.set_running_or_notify_cancel():
-                        future.set_exception(exc)
+                        future.set_exception(
+                            JobLostError(f"{exc}; the call {what} was lost with it: submit it "
+                                         "again") if isinstance(exc, JobLostError) else exc)
                 return
             if result is None:
                 continue

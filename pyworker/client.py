@@ -11,10 +11,12 @@ import weakref
 from . import protocol, serialize, shm
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
-from .errors import SignatureError
+from .errors import JobLostError, SignatureError
 from .queue import Broker
 
 MAX_WAKE_TOKENS = 256
+# Without results for this long, a job checks that Redis still has it (one EXISTS).
+LOST_CHECK_S = 2.0
 SHM_SWEEP_EVERY_S = 10.0  # orphaned segments are looked for at most this often, at a job start
 
 
@@ -132,6 +134,10 @@ class Client:
             self._last_reap = now
             self.broker.reap()
 
+    def forget_uploads(self):
+        """Send every function again with its next job (Redis lost what it had)."""
+        self._uploaded.clear()
+
     def function_blob(self, fn) -> tuple[str, bytes | None]:
         """sha of the pickled function, and its signed blob if it must be (re)sent."""
         blob = self._pickled_function(fn)
@@ -189,6 +195,7 @@ class Job:
         self._shm_off = False
         self._used_shm = False  # a segment of this job was written or read
         self._early: list[bytes] = []  # results that came back with a submit
+        self._last_result = self._last_check = time.monotonic()
         if self.shm is not None:
             shm.job_started(self.jid)
 
@@ -274,7 +281,7 @@ class Job:
                 client._uploaded[sha] = now
             if queued < 0:
                 self._drop_segments(ids)
-                raise RuntimeError(f"job {self.jid} was cancelled or expired")
+                raise self._lost()
             self._next_chunk += len(ids)
             return ids
 
@@ -298,11 +305,13 @@ class Job:
             queued = self.client.broker.submit(
                 self.jid, [message], 1, payloads={chunk: payload} if payload is not None else None)
             if queued < 0:
-                raise RuntimeError(f"job {self.jid} was cancelled or expired")
+                raise self._lost()
             self._drop_segments((chunk,))
 
     def next_result(self, deadline: float | None) -> ChunkResult | None:
-        """The next result; None once the deadline passed. Survives a short Redis outage."""
+        """The next result; None once the deadline passed. Survives a short Redis outage, and
+        raises JobLostError when Redis no longer has the job (checked after an outage and every
+        LOST_CHECK_S without results)."""
         client = self.client
         lost_since = None
         while True:
@@ -310,11 +319,19 @@ class Job:
             if wait <= 0:
                 return None
             try:
+                if lost_since is not None or (
+                        self.created and time.monotonic() - self._last_result > LOST_CHECK_S
+                        and time.monotonic() - self._last_check > LOST_CHECK_S):
+                    self._last_check = time.monotonic()
+                    if self.created and not client.broker.job_exists(self.jid):
+                        raise self._lost()
+                    lost_since = None
                 data = self._early.pop(0) if self._early else client.broker.pop_result(self.jid,
                                                                                        wait)
                 if data is None:
                     client.maybe_reap()
                     continue
+                self._last_result = time.monotonic()
                 result = self._parse(data)
                 if result.status == protocol.STATUS_RESEND and result.chunk in self._segments:
                     self._resend(result.chunk)
@@ -328,6 +345,14 @@ class Job:
                 if now - lost_since > client.settings.reconnect_s:
                     raise
                 time.sleep(0.2)
+
+    def _lost(self) -> JobLostError:
+        """The job is gone from Redis; this Job object is finished."""
+        self.close(now=True)
+        self.client.forget_uploads()  # the functions' blobs went with it
+        return JobLostError(
+            f"Redis at {self.client.broker.where} no longer has job {self.jid}: it restarted "
+            "without persistence, was flushed, or evicted the job's keys (maxmemory)")
 
     def _parse(self, data: bytes) -> ChunkResult:
         h = protocol.parse_result_header(protocol.header_line(data))

@@ -36,6 +36,11 @@ class WorkerLostError(PyworkerError):
     """The workers running an item died more times than the retry limit allows."""
 
 
+class JobLostError(PyworkerError):
+    """Redis no longer has the job (restarted without persistence, flushed, or evicted its keys).
+    pmap and imap resubmit what had not come back; an Executor's pending futures get this."""
+
+
 class RemoteTraceback(Exception):
     """Carries the worker's traceback text; set as ``__cause__`` of a re-raised exception."""
 

@@ -295,6 +295,10 @@ class Broker:
         return None if item is None else item[1]
 
     @translate_errors
+    def job_exists(self, jid: str) -> bool:
+        return self.redis.call("EXISTS", self.keys.job(jid)) == 1
+
+    @translate_errors
     def keep_alive(self, jids, fn_shas) -> None:
         commands = [("PEXPIRE", key, self._ttl_ms) for jid in jids
                     for key in self.keys.job_keys(jid)]

@@ -82,3 +82,13 @@ def test_shared_memory_can_be_turned_off_and_moved():
     assert (s.shared_memory, s.shm_dir) == (False, "/run/x")
     assert Settings.from_env({}).shared_memory is True
     assert Settings.from_env({}).shm_dir == "/dev/shm"
+
+
+def test_every_setting_is_documented_in_the_readme():
+    import dataclasses
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    undocumented = [f"PYWORKER_{f.name.upper()}" for f in dataclasses.fields(Settings)
+                    if f"`PYWORKER_{f.name.upper()}`" not in readme]
+    assert not undocumented, f"add to README's settings table: {undocumented}"

@@ -1,0 +1,63 @@
+"""The caller's side of a job when Redis loses it: restarted without persistence, flushed, or its
+keys evicted. pmap/imap resubmit what had not come back; an Executor fails its pending futures
+with a clear error. Real redis-server, real workers."""
+import concurrent.futures as cf
+import time
+
+import pytest
+
+import pyworker
+from pyworker import JobLostError
+
+
+def restart_empty(cluster):
+    """Stop redis-server and start a new, empty one on the same port with the same password."""
+    server = cluster.redis
+    server.proc.terminate()
+    server.proc.wait(10)
+    server.start()
+
+
+# A lambda, not a def: the workers cannot import this test module, so the function must travel
+# by value.
+slow_square = lambda x: (time.sleep(0.2), x * x)[1]  # noqa: E731
+
+
+def test_imap_resubmits_what_redis_lost(make_cluster, capsys):
+    cluster = make_cluster(2)
+    got = []
+    for value in pyworker.imap(slow_square, range(30), chunksize=1, timeout=90, progress=False,
+                               client=cluster.client):
+        got.append(value)
+        if len(got) == 5:
+            restart_empty(cluster)  # the job's queue, leases and results vanish with it
+    assert got == [x * x for x in range(30)], "every item exactly once, in order"
+    err = capsys.readouterr().err
+    assert "lost job" in err and "resubmitting" in err, err
+
+
+def test_pmap_after_flushall_completes(make_cluster, capsys):
+    cluster = make_cluster(2)
+    r = cluster.client.broker.redis
+    got = []
+    for value in pyworker.imap(slow_square, range(20), chunksize=2, timeout=90, progress=False,
+                               client=cluster.client):
+        got.append(value)
+        if len(got) == 4:
+            r.call("FLUSHALL")
+    assert got == [x * x for x in range(20)]
+    assert "lost job" in capsys.readouterr().err
+
+
+def test_executor_fails_pending_futures_when_redis_loses_the_job(make_cluster):
+    cluster = make_cluster(1)
+    with pyworker.Executor(client=cluster.client) as ex:
+        first = ex.submit(slow_square, 3)
+        assert first.result(timeout=30) == 9
+        pending = [ex.submit(time.sleep, 5) for _ in range(3)]
+        cluster.client.broker.redis.call("FLUSHALL")
+        for f in pending:
+            with pytest.raises(JobLostError, match="lost"):
+                f.result(timeout=30)
+        # The executor is still usable: the next submit starts a new job.
+        assert ex.submit(slow_square, 4).result(timeout=30) == 16
