@@ -105,7 +105,10 @@ def test_lab_contract(helm):
     c = container(docs, "Deployment", "-lab", "lab")
     assert "command" not in c
     assert c["args"] == ["jupyter", "lab", "--ServerApp.ip=0.0.0.0", "--ServerApp.port=8888", "--no-browser",
-                         "--ServerApp.root_dir=/home/jovyan/work"]
+                         "--ServerApp.root_dir=/home/jovyan/work",
+                         # no outside calls from the Lab: no news feed, no PyPI update check
+                         "--LabApp.news_url=None",
+                         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
     env = env_of(c)
     assert env["JUPYTER_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "par-pyworker", "key": "lab-token"}
     assert {"PYWORKER_SECRET", "PYWORKER_REDIS_PASSWORD"} <= set(env)
