@@ -3,10 +3,10 @@
 A payload over protocol.INLINE_MAX_BYTES is pickled with protocol 5, its big buffers (numpy
 arrays) out of band, and written to one file in a private per-user directory
 (``<shm_dir>/pyworker-<uid>``, mode 0700; files 0600). Only a descriptor travels through Redis:
-the file's name, the hash of its bytes and the layout; the descriptor is signed like any
-payload (HMAC-SHA256), so the reader checks the signature, maps the file copy-on-write, copies
-the pickle stream (the only part that is interpreted) into its own memory, checks the hash of
-the whole file and only then unpickles; arrays are built on the mapping, with no copy.
+the file's name, the SHA-256 of its pickle stream and the layout; the descriptor is signed like
+any payload (HMAC-SHA256), so the reader checks the signature, maps the file copy-on-write,
+copies the pickle stream (the only part that is interpreted) into its own memory, checks its
+hash and only then unpickles; arrays are built on the mapping, with no copy.
 
 Same host is proven, never assumed: the directory's identity is a hash of the kernel boot id and
 the directory's device and inode numbers. A worker advertises its identity in its info hash, the
@@ -36,55 +36,12 @@ TASK, RESULT = "t", "r"
 _NAME = re.compile(r"^([A-Za-z0-9_-]{1,64})\.(\d{1,12})\.([tr])\.(\d{1,20})\.(\d{1,10})\.([0-9a-f]{8})$")
 _TAG = re.compile(r"^([0-9a-f]{16})\.(\d{1,20})\.(\d{1,10})$")
 _ZEROS = bytes(ALIGN)
-# The segment hash is a two-level SHA-256 (the hash of the hashes of 1 MiB blocks of the file),
-# so big segments are hashed by two threads at once (hashlib lets go of the GIL), and a writer
-# hashes while it writes. SHA-256, not BLAKE2: with the SHA extensions most x86 CPUs have, it
-# is about twice as fast here (docs/protocol.md, "Shared memory").
-HASH_BLOCK = 1 << 20
-_pool = None
-_pool_lock = threading.Lock()
+# What the hash covers: the pickle stream, the only part that is interpreted. The out-of-band
+# buffers are raw array bytes, guarded like the process' own memory: a file of this user, mode
+# 600, in a folder of mode 700 (a process that could change them could as well read the secret
+# from /proc/<pid>/environ). Hashing them too cost a third of this path's CPU and proved little:
+# a mapped page can still change after any check.
 
-
-def _executor():
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            _pool = ThreadPoolExecutor(2, thread_name_prefix="pyworker-shm-hash")
-        return _pool
-
-
-def _forget_pool_after_fork():
-    global _pool
-    _pool = None
-
-
-os.register_at_fork(after_in_child=_forget_pool_after_fork)
-
-
-def _block_hash(pieces, start, end) -> bytes:
-    """SHA-256 of bytes [start, end) of the concatenation of pieces."""
-    h = hashlib.sha256()
-    pos = 0
-    for piece in pieces:
-        n = len(piece)
-        if pos + n > start and pos < end:
-            h.update(piece[max(start - pos, 0): min(end - pos, n)])
-        pos += n
-        if pos >= end:
-            break
-    return h.digest()
-
-
-def start_digest(pieces, size: int):
-    """Begin hashing the concatenation of pieces (memoryviews of bytes); returns a function
-    that waits for the hex digest. Two threads share the blocks of a big segment."""
-    bounds = [(i, min(i + HASH_BLOCK, size)) for i in range(0, size, HASH_BLOCK)] or [(0, 0)]
-    if len(bounds) < 2:
-        digest = hashlib.sha256(_block_hash(pieces, *bounds[0])).hexdigest()
-        return lambda: digest
-    futures = [_executor().submit(_block_hash, pieces, a, b) for a, b in bounds]
-    return lambda: hashlib.sha256(b"".join(f.result() for f in futures)).hexdigest()
 
 # Jobs alive in this process (any client): a segment owned by this process whose job is not
 # here any more is an orphan (a worker died after writing a result nobody will read).
@@ -249,20 +206,19 @@ class Store:
                 pieces.append(memoryview(_ZEROS[: start - end]))
             pieces.append(memoryview(buf).cast("B"))
             end = start + n
-        digest = start_digest(pieces, size)  # hashed by other threads while this one writes
+        digest = hashlib.sha256(stream).hexdigest()
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=self.dirfd)
         try:
             for view in pieces:
                 while view:
                     view = view[os.write(fd, view):]
-            hexdigest = digest()
         except BaseException:
             os.close(fd)
             self.remove(name)
             raise
         os.close(fd)
-        return Descriptor(name, hexdigest, len(stream), lengths)
+        return Descriptor(name, digest, len(stream), lengths)
 
     def read(self, desc: Descriptor, max_bytes: int):
         """The verified pickle stream and out-of-band buffers of a segment.
@@ -297,7 +253,7 @@ class Store:
         finally:
             os.close(fd)
         stream = bytes(view[: desc.stream_len])
-        if start_digest([memoryview(stream), view[desc.stream_len:]], size)() != desc.digest:
+        if hashlib.sha256(stream).hexdigest() != desc.digest:
             raise SegmentTampered(f"segment {desc.name} does not match the hash in its signed "
                                   "message")
         return stream, [view[start: start + n] for start, n in spans]
