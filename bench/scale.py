@@ -91,25 +91,24 @@ def report(a, b):
           f"{platform.python_version()}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
           " at the end.\n")
     print("| scale | figure |\n|---|---|")
-    if a is not None:
-        if "error" in a:
-            print(f"| (a) 1M items | {a['error']} |")
-        else:
-            print(f"| (a) pmap(noop, {a['items']:,} items), 2 workers: wall | {a['wall_s']:.1f} s "
-                  f"({a['tasks_per_s']:,.0f} tasks/s) |")
-            print(f"| (a) caller peak RSS beyond baseline | {a['peak_beyond_baseline_mb']:.0f} MB "
-                  f"(baseline {a['baseline_rss_mb']:.0f} MB with the input list, peak "
-                  f"{a['peak_rss_mb']:.0f} MB) |")
-            print(f"| (a) output list | {a['output_list_mb']:.0f} MB the list, "
-                  f"{a['output_with_ints_mb']:.0f} MB with its ints |")
-    if b is not None:
-        if "error" in b:
-            print(f"| (b) 64 workers | {b['error']} |")
-        else:
-            print(f"| (b) {b['workers']} workers on one Redis: start (to all registered) | "
-                  f"{b['start_s']:.1f} s |")
-            print(f"| (b) {b['tasks']} x {b['task_s']} s sleep: wall vs ideal {b['ideal_s']:.1f} s"
-                  f" | {b['wall_s']:.2f} s ({b['wall_over_ideal']:.2f}× ideal) |")
+    def rows(part, label, lines):
+        """The part's table rows, or one row with its error; nothing if it did not run."""
+        if part is not None:
+            print("\n".join([f"| {label} | {part['error']} |"] if "error" in part else lines(part)))
+
+    rows(a, "(a) 1M items", lambda a: [
+        f"| (a) pmap(noop, {a['items']:,} items), 2 workers: wall | {a['wall_s']:.1f} s "
+        f"({a['tasks_per_s']:,.0f} tasks/s) |",
+        f"| (a) caller peak RSS beyond baseline | {a['peak_beyond_baseline_mb']:.0f} MB "
+        f"(baseline {a['baseline_rss_mb']:.0f} MB with the input list, peak "
+        f"{a['peak_rss_mb']:.0f} MB) |",
+        f"| (a) output list | {a['output_list_mb']:.0f} MB the list, "
+        f"{a['output_with_ints_mb']:.0f} MB with its ints |"])
+    rows(b, "(b) 64 workers", lambda b: [
+        f"| (b) {b['workers']} workers on one Redis: start (to all registered) | "
+        f"{b['start_s']:.1f} s |",
+        f"| (b) {b['tasks']} x {b['task_s']} s sleep: wall vs ideal {b['ideal_s']:.1f} s"
+        f" | {b['wall_s']:.2f} s ({b['wall_over_ideal']:.2f}× ideal) |"])
 
 
 def main():

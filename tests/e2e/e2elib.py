@@ -8,6 +8,7 @@ Only 127.0.0.1 and the cluster are contacted.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -102,12 +103,45 @@ class K8s:
                                  f"{self.describe(ns)}")
         return p.stdout
 
-    def lab_python(self, ns, release, code, timeout=300):
+    def lab_python(self, ns, release, code):
         """Start `python -c code` in the release's Lab pod (kubectl exec) in the background."""
         pod = self.lab_pod(ns, release)
         return subprocess.Popen([*self.kubectl_cmd, "--namespace", ns, "exec", pod, "-c", "lab", "--",
                                  "python", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=ROOT)
+
+    @contextlib.contextmanager
+    def lab_job(self, ns, release, code):
+        """lab_python as a with-block: the job is killed if the block leaves it running."""
+        job = self.lab_python(ns, release, code)
+        try:
+            yield job
+        finally:
+            if job.poll() is None:
+                job.kill()
+                job.wait(30)
+
+
+def job_result(job, timeout, what="job"):
+    """Wait (bounded) for a background job; assert it succeeded; its RESULT: JSON."""
+    rc, out, err = finish(job, timeout)
+    assert rc == 0, f"{what} -> {rc}\n{out[-3000:]}\n{err[-3000:]}"
+    return last_json(out)
+
+
+def progress_job(n, **imap_kw):
+    """A notebook's job of n x 1 s tasks returning (i, worker pod): a PROGRESS line per result
+    (tests wait for those, not for time), then the RESULT: line."""
+    kw = "".join(f", {k}={v!r}" for k, v in imap_kw.items())
+    return f"""
+import json, socket, time
+from pyworker import imap
+res = []
+for r in imap(lambda i: (time.sleep(1), (i, socket.gethostname()))[1], range({n}){kw}):
+    res.append(r)
+    print('PROGRESS', len(res), flush=True)
+print('RESULT:' + json.dumps(res), flush=True)
+"""
 
 
 def wait_for_line(proc, pattern, timeout_s):

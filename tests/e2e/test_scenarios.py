@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import imagelib
-from e2elib import RELEASE_LABEL, finish, last_json, run, wait_for, wait_for_line
+from e2elib import RELEASE_LABEL, job_result, progress_job, run, wait_for, wait_for_line
 
 # Installs of up to 10 workers on 2 shared cores, jobs of up to ~80 s: above the project's 120 s.
 pytestmark = pytest.mark.timeout(480)
@@ -21,35 +21,12 @@ pytestmark = pytest.mark.timeout(480)
 
 # --- 1. scale down and lose workers in the middle of a job ---------------------------------------
 
-JOB_60 = """
-import json, socket, time
-from pyworker import pmap
-from pyworker import imap
-res = []
-for r in imap(lambda i: (time.sleep(1), (i, socket.gethostname()))[1], range(60), chunksize=1):
-    res.append(r)
-    print('PROGRESS', len(res), flush=True)
-print('RESULT:' + json.dumps(res), flush=True)
-"""
-
-JOB_200 = """
-import json, socket, time
-from pyworker import imap
-res = []
-for r in imap(lambda i: (time.sleep(1), (i, socket.gethostname()))[1], range(200)):
-    res.append(r)
-    print('PROGRESS', len(res), flush=True)
-print('RESULT:' + json.dumps(res), flush=True)
-"""
-
-
 def test_scale_down_and_kill_workers_during_job(k8s, namespace):
     rel = "churn"
     k8s.install(namespace, rel, workers=6)
     before = set(k8s.worker_pods(namespace, rel))
     assert len(before) == 6, before
-    job = k8s.lab_python(namespace, rel, JOB_200)
-    try:
+    with k8s.lab_job(namespace, rel, progress_job(200)) as job:
         wait_for_line(job, r"^PROGRESS 12$", 120)  # results are coming back from all workers
         k8s.helm(namespace, "upgrade", rel, "./chart", "--reuse-values", "--set", "workers=3",
                  "--wait", "--timeout", "3m")
@@ -58,12 +35,7 @@ def test_scale_down_and_kill_workers_during_job(k8s, namespace):
         victims = sorted(k8s.worker_pods(namespace, rel))[:2]
         k8s.kubectl(namespace, "delete", "pod", *victims, "--grace-period=0", "--force", "--wait=false")
         assert job.poll() is None, "the job ended before the workers were killed: make it longer"
-        rc, out, err = finish(job, 300)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert rc == 0, f"{out[-3000:]}\n{err[-3000:]}"
-    res = last_json(out)
+        res = job_result(job, 300)
     assert [i for i, _ in res] == list(range(200)), "every item's result exactly once, in order"
     # The replacement workers (Deployment back at 3) are up.
     wait_for(lambda: len(k8s.worker_pods(namespace, rel)) == 3, 120, "3 running workers after the job",
@@ -103,8 +75,7 @@ def test_redis_restart_with_persistence_keeps_the_job(k8s, namespace, host_path_
                 f"redis.persistence.storageClass={host_path_volume['storage_class']}", workers=3)
     before = redis_pod(k8s, namespace, rel)
     assert before, k8s.describe(namespace)
-    job = k8s.lab_python(namespace, rel, JOB_60)
-    try:
+    with k8s.lab_job(namespace, rel, progress_job(60, chunksize=1)) as job:
         # The job is under way: some results are in, most tasks still queued in Redis.
         wait_for_line(job, r"^PROGRESS 6$", 120)
         t0 = time.monotonic()
@@ -113,12 +84,7 @@ def test_redis_restart_with_persistence_keeps_the_job(k8s, namespace, host_path_
                  120, "a new Redis pod", on_fail=lambda: k8s.describe(namespace))
         print(f"Redis pod replaced in {time.monotonic() - t0:.1f} s")
         assert job.poll() is None, "the job ended while Redis was down: make it longer"
-        rc, out, err = finish(job, 300)
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert rc == 0, f"{out[-3000:]}\n{err[-3000:]}"
-    res = last_json(out)
+        res = job_result(job, 300)
     assert [i for i, _ in res] == list(range(60)), "every item's result exactly once, in order"
     # The append-only file on the volume is what carried the queue across the restart.
     assert any(host_path_volume["path"].rglob("*.aof")), list(host_path_volume["path"].rglob("*"))
@@ -143,17 +109,10 @@ def test_two_releases_do_not_mix(k8s, make_namespace):
     a, b = make_namespace("e2e-a"), make_namespace("e2e-b")
     k8s.install(a, "alpha", workers=2)
     k8s.install(b, "beta", workers=2)
-    ja = k8s.lab_python(a, "alpha", job_tagged("alpha"))
-    jb = k8s.lab_python(b, "beta", job_tagged("beta"))
-    try:
-        ra, rb = finish(ja, 240), finish(jb, 240)
-    finally:
-        for j in (ja, jb):
-            if j.poll() is None:
-                j.kill()
-    for (rc, out, err), ns, rel in ((ra, a, "alpha"), (rb, b, "beta")):
-        assert rc == 0, f"{rel}: {out[-3000:]}\n{err[-3000:]}"
-        res = last_json(out)
+    with k8s.lab_job(a, "alpha", job_tagged("alpha")) as ja, \
+            k8s.lab_job(b, "beta", job_tagged("beta")) as jb:
+        ra, rb = job_result(ja, 240, "alpha"), job_result(jb, 240, "beta")
+    for res, ns, rel in ((ra, a, "alpha"), (rb, b, "beta")):
         assert [(t, i) for t, i, _ in res] == [(rel, i) for i in range(300)]
         hosts = {h for _, _, h in res}
         workers = set(k8s.worker_pods(ns, rel))
