@@ -76,7 +76,7 @@ def _local(args) -> int:
     print(f"pyworker {__version__}: starting Redis and {args.workers} worker(s)...", flush=True)
     try:
         cluster.start()
-        print(f"  redis   {cluster.redis.url} (password protected, loopback only)")
+        print(f"  redis   {cluster.redis.local_url} (password protected, this machine only)")
         print(f"  workers {args.workers} ready; logs in {cluster.redis.dir}")
         print("  to use it from another shell on this machine:")
         for key, value in cluster.env.items():

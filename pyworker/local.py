@@ -40,7 +40,9 @@ def _wait(predicate, timeout_s: float, what: str, proc=None, log_path=None):
 
 
 class RedisServer:
-    """A private redis-server: loopback only, a generated password, no persistence."""
+    """A private redis-server: loopback only, a generated password, no persistence. It also
+    listens on a Unix socket in its own mode-700 directory, which local processes use: a round
+    trip through it takes about half as long as through TCP loopback."""
 
     def __init__(self, port: int | None = None, password: str | None = None, workdir=None,
                  appendonly: bool = False):
@@ -61,12 +63,28 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.dir, "redis.sock")
+
+    @property
+    def has_socket(self) -> bool:
+        # sun_path holds 104-108 bytes; a long TMPDIR means TCP only
+        return hasattr(socket, "AF_UNIX") and len(os.fsencode(self.socket_path)) < 100
+
+    @property
+    def local_url(self) -> str:
+        """What processes on this machine use: the Unix socket when there is one."""
+        return f"unix://{self.socket_path}?db=0" if self.has_socket else self.url
+
     def start(self):
         conf = os.path.join(self.dir, "redis.conf")
         with open(conf, "w") as f:
             f.write(f"bind 127.0.0.1\nport {self.port}\nrequirepass \"{self.password}\"\n"
-                    f"dir {self.dir}\nsave \"\"\nappendonly {'yes' if self.appendonly else 'no'}\n"
-                    "protected-mode yes\ndaemonize no\nlogfile redis.log\n")
+                    f"dir \"{self.dir}\"\nsave \"\"\nappendonly {'yes' if self.appendonly else 'no'}\n"
+                    + (f"unixsocket \"{self.socket_path}\"\nunixsocketperm 700\n"
+                       if self.has_socket else "")
+                    + "protected-mode yes\ndaemonize no\nlogfile redis.log\n")
         os.chmod(conf, 0o600)
         self.proc = subprocess.Popen([self.exe, conf], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
@@ -75,6 +93,8 @@ class RedisServer:
         return self
 
     def _answers(self) -> bool:
+        if self.has_socket and not os.path.exists(self.socket_path):
+            return False
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
@@ -118,7 +138,8 @@ class LocalCluster:
     @property
     def env(self) -> dict:
         """The PYWORKER_* variables that point a process at this cluster."""
-        env = {"PYWORKER_REDIS_URL": self.redis.url, "PYWORKER_REDIS_PASSWORD": self.redis.password,
+        env = {"PYWORKER_REDIS_URL": self.redis.local_url,
+               "PYWORKER_REDIS_PASSWORD": self.redis.password,
                "PYWORKER_SECRET": self.secret}
         for key, value in self.extra.items():
             if value is not None:
@@ -127,7 +148,7 @@ class LocalCluster:
 
     def settings(self) -> Settings:
         return Settings.from_env(environ={}, **{
-            "redis_url": self.redis.url, "redis_password": self.redis.password,
+            "redis_url": self.redis.local_url, "redis_password": self.redis.password,
             "secret": self.secret, **self.extra})
 
     def start(self):

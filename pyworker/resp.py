@@ -9,7 +9,7 @@ import hashlib
 import socket
 import ssl
 import threading
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 _BIG = 64 * 1024
 
@@ -47,15 +47,25 @@ def _encode(args) -> list:
 
 class Connection:
     def __init__(self, host, port, password=None, username=None, db=0, tls=False,
-                 connect_timeout=5.0, timeout=30.0):
+                 connect_timeout=5.0, timeout=30.0, path=None):
         self.host, self.port = host, port
         self.timeout = timeout
         try:
-            sock = socket.create_connection((host, port), timeout=connect_timeout)
+            if path:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(connect_timeout)
+                try:
+                    sock.connect(path)
+                except OSError:
+                    sock.close()
+                    raise
+            else:
+                sock = socket.create_connection((host, port), timeout=connect_timeout)
         except OSError as exc:
             raise RespConnectionError(exc.strerror or str(exc)) from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if not path:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if tls:
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
         sock.settimeout(timeout)
@@ -159,21 +169,31 @@ class Script:
 
 
 class Redis:
-    """A thread-safe pool of connections to one server, made from a redis:// or rediss:// URL."""
+    """A thread-safe pool of connections to one server, made from a redis:// or rediss:// URL,
+    or unix:///path/to/redis.sock?db=0 (a local server: about half the round trip of TCP
+    loopback)."""
 
     def __init__(self, url: str, password=None, connect_timeout=5.0, timeout=30.0):
         parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss"):
-            raise ValueError(f"scheme must be redis:// or rediss://, not {parts.scheme!r}")
-        if not parts.hostname:
-            raise ValueError("no host in the URL")
-        self.host = parts.hostname
-        self.port = parts.port or 6379
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"scheme must be redis://, rediss:// or unix://, not "
+                             f"{parts.scheme!r}")
+        self.path = None
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError("no socket path in the URL")
+            self.host, self.port, self.path = "localhost", 0, unquote(parts.path)
+            db = parse_qs(parts.query).get("db", ["0"])[0]
+        else:
+            if not parts.hostname:
+                raise ValueError("no host in the URL")
+            self.host = parts.hostname
+            self.port = parts.port or 6379
+            db = parts.path.strip("/")
         self.tls = parts.scheme == "rediss"
         self.username = unquote(parts.username) if parts.username else None
         self.password = password or (unquote(parts.password) if parts.password else None)
-        path = parts.path.strip("/")
-        self.db = int(path) if path else 0
+        self.db = int(db) if db else 0
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self._idle: list[Connection] = []
@@ -185,7 +205,7 @@ class Redis:
                 if self._idle:
                     return self._idle.pop()
         return Connection(self.host, self.port, self.password, self.username, self.db, self.tls,
-                          self.connect_timeout, self.timeout)
+                          self.connect_timeout, self.timeout, self.path)
 
     def _put(self, conn: Connection):
         if conn.broken:

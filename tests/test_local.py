@@ -33,3 +33,27 @@ def test_missing_redis_server_says_how_to_install(monkeypatch):
 def test_negative_worker_count_is_refused():
     with pytest.raises(ValueError, match="non-negative integer"):
         LocalCluster(-1)
+
+
+def test_local_processes_talk_through_the_unix_socket():
+    with LocalCluster(1) as cluster:
+        assert cluster.env["PYWORKER_REDIS_URL"] == cluster.redis.local_url
+        assert cluster.client.broker.redis.path == cluster.redis.socket_path
+        assert pyworker.pmap(abs, [-3]) == [3]
+        # the worker came through the socket too: Redis counts unix-socket clients by path
+        clients = cluster.client.broker.redis.call("CLIENT", "LIST").decode()
+        assert sum(" laddr=" + cluster.redis.socket_path + ":0 " in line
+                   for line in clients.splitlines()) >= 2, clients
+    assert not os.path.exists(cluster.redis.socket_path)
+
+
+def test_a_socket_path_too_long_for_unix_falls_back_to_tcp(tmp_path):
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    server = RedisServer(workdir=str(deep)).start()
+    try:
+        assert not server.has_socket and server.local_url == server.url
+        from pyworker import resp
+        assert resp.Redis(server.local_url, password=server.password).call("PING") == b"PONG"
+    finally:
+        server.stop()

@@ -49,3 +49,29 @@ def test_scripts_load_themselves(r):
 
 def test_blocking_pop_times_out_with_none(r):
     assert r.blocking("BLPOP", "empty", "0.2", wait_s=0.2) is None
+
+
+def test_unix_socket_urls_connect_with_the_password(redis_server):
+    assert redis_server.local_url.startswith("unix://")
+    client = resp.Redis(redis_server.local_url, password=redis_server.password)
+    try:
+        assert client.call("PING") == b"PONG"
+        assert client.pipeline([("SET", "u", "1"), ("GET", "u")]) == [b"OK", b"1"]
+    finally:
+        client.close()
+    # the socket is as private as the password: only its owner may connect
+    assert os.stat(redis_server.socket_path).st_mode & 0o777 == 0o700
+    wrong = resp.Redis(redis_server.local_url, password="not-it")
+    with pytest.raises(resp.ReplyError, match="WRONGPASS"):
+        wrong.call("PING")
+
+
+def test_unix_urls_name_a_path_and_a_db(tmp_path):
+    r = resp.Redis(f"unix://{tmp_path}/r.sock?db=3")
+    assert (r.path, r.db) == (f"{tmp_path}/r.sock", 3)
+    with pytest.raises(ValueError, match="no socket path"):
+        resp.Redis("unix://")
+    with pytest.raises(ValueError, match="unix://"):
+        resp.Redis("http://localhost:6379")
+    with pytest.raises(resp.RespConnectionError):
+        r.call("PING")  # nothing listens there
