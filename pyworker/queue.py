@@ -11,80 +11,95 @@ from .errors import ConnectionError as PyworkerConnectionError
 
 # Take the next task, round-robin over the jobs that have queued tasks, so one huge job cannot
 # starve a small one started later. The task moves into the worker's active hash in the same
-# step, so a worker that dies holding it cannot lose it (see REAP).
+# step, so a worker that dies holding it cannot lose it (see REAP). Every loop turn that finds
+# no task removes that job from the rotation, so the loop ends. (A job whose hash is gone has
+# no queue either: end_job deletes both, and they expire together.)
+# Each redis.call costs a few µs; these scripts run on every task, so they make few of them.
 _DEQUEUE_FN = r"""
 local function dequeue(worker)
-  local n = redis.call('LLEN', K_JOBS)
-  for i = 1, n do
+  while true do
     local jid = redis.call('LMOVE', K_JOBS, K_JOBS, 'LEFT', 'RIGHT')
     if not jid then return false end
-    if redis.call('EXISTS', k_job(jid)) == 0 then
-      redis.call('LREM', K_JOBS, 0, jid)
-      redis.call('DEL', k_queue(jid))
-    else
-      local t = redis.call('LPOP', k_queue(jid))
-      if t then
-        local chunk = string.match(string.sub(t, 1, 200), '^%S+ (%S+)')
-        redis.call('HSET', k_active(worker), jid .. ' ' .. chunk, t)
-        redis.call('HSET', k_info(worker), 'current', jid .. ' ' .. chunk)
-        if redis.call('LLEN', k_queue(jid)) == 0 then redis.call('LREM', K_JOBS, 0, jid) end
-        return t
-      end
-      redis.call('LREM', K_JOBS, 0, jid)
+    local t = redis.call('LPOP', k_queue(jid))
+    if t then
+      local chunk = string.match(string.sub(t, 1, 200), '^%S+ (%S+)')
+      redis.call('HSET', k_active(worker), jid .. ' ' .. chunk, t)
+      if redis.call('LLEN', k_queue(jid)) == 0 then redis.call('LREM', K_JOBS, 0, jid) end
+      return t
     end
+    redis.call('LREM', K_JOBS, 0, jid)
   end
-  return false
 end
 """
 
 _DEQUEUE = _DEQUEUE_FN + "return dequeue(ARGV[1])"
 
-# ARGV: worker, "<jid> <chunk>", jid, result message, items done, take next (0/1), chunk,
-#       result payload field ('' when the result is inline)
+# Throughput for status(): items finished in this second, and the worker's total.
+_COUNT_FN = r"""
+local function count(worker, n, total)
+  local now = redis.call('TIME')[1]
+  redis.call('INCRBY', k_stats(now), n)
+  redis.call('EXPIRE', k_stats(now), 120)
+  redis.call('HSET', k_info(worker), 'done', total)
+end
+"""
+
+_COUNT = _COUNT_FN + "count(ARGV[1], ARGV[2], ARGV[3])"
+
+# ARGV: worker, "<jid> <chunk>", jid, result message, items to count now (0: counted later),
+#       take next (0/1), the task's payload field ('' when the task was inline), result payload
+#       field ('' when the result is inline), the worker's total of items done
 # The result is kept only if this worker still held the task: a worker that was declared dead
 # (and whose task was re-queued) and then came back cannot add a second result.
 # Returns {1 if the result was kept else 0, the next task or ''}.
-_FINISH = _DEQUEUE_FN + r"""
+_FINISH = _DEQUEUE_FN + _COUNT_FN + r"""
 local worker, field, jid, rfield = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
-local held = redis.call('HDEL', k_active(worker), field)
-local kept = 0
-if held == 1 and redis.call('EXISTS', k_job(jid)) == 1 then
+local kept, ttl = 0, -2
+if redis.call('HDEL', k_active(worker), field) == 1 then ttl = redis.call('PTTL', k_job(jid)) end
+if ttl ~= -2 then
   kept = 1
-  local ttl = math.max(redis.call('PTTL', k_job(jid)), 1000)
-  redis.call('RPUSH', k_results(jid), ARGV[4])
-  redis.call('PEXPIRE', k_results(jid), ttl)
-  redis.call('HDEL', k_payloads(jid), ARGV[7])
+  ttl = math.max(ttl, 1000)
+  -- A list that already existed has its TTL (set here or by the reaper, kept by the caller).
+  if redis.call('RPUSH', k_results(jid), ARGV[4]) == 1 then
+    redis.call('PEXPIRE', k_results(jid), ttl)
+  end
+  if ARGV[7] ~= '' then redis.call('HDEL', k_payloads(jid), ARGV[7]) end
   if rfield ~= '' then redis.call('PEXPIRE', k_rpayloads(jid), ttl) end
 elseif rfield ~= '' then
   redis.call('HDEL', k_rpayloads(jid), rfield)
 end
-local now = redis.call('TIME')[1]
-redis.call('INCRBY', k_stats(now), ARGV[5])
-redis.call('EXPIRE', k_stats(now), 120)
-redis.call('HINCRBY', k_info(worker), 'done', ARGV[5])
-redis.call('HSET', k_info(worker), 'current', '')
+if ARGV[5] ~= '0' then count(worker, ARGV[5], ARGV[9]) end
 local nxt = false
 if ARGV[6] == '1' then nxt = dequeue(worker) end
 return {kept, nxt or ''}
 """
 
-# ARGV: jid, ttl ms, wake tokens, task...  Returns -1 when the job is gone (cancelled/expired).
+# ARGV: jid, ttl ms, wake tokens, number of job fields (0: the job exists already), job fields,
+#       tasks...  Returns the queue's length, or -1 when the job is gone (cancelled/expired).
+# A new job is created here, in the same step as its first tasks.
 _SUBMIT = r"""
-local jid = ARGV[1]
-if redis.call('EXISTS', k_job(jid)) == 0 then return -1 end
-for i = 4, #ARGV, 500 do
-  redis.call('RPUSH', k_queue(jid), unpack(ARGV, i, math.min(i + 499, #ARGV)))
+local jid, ttl, nfields = ARGV[1], ARGV[2], tonumber(ARGV[4])
+if nfields > 0 then
+  redis.call('HSET', k_job(jid), unpack(ARGV, 5, 4 + nfields))
+  redis.call('PEXPIRE', k_job(jid), ttl)
+elseif redis.call('EXISTS', k_job(jid)) == 0 then
+  return -1
 end
-redis.call('PEXPIRE', k_queue(jid), ARGV[2])
-if not redis.call('LPOS', K_JOBS, jid) then redis.call('RPUSH', K_JOBS, jid) end
+local len = 0
+for i = 5 + nfields, #ARGV, 500 do
+  len = redis.call('RPUSH', k_queue(jid), unpack(ARGV, i, math.min(i + 499, #ARGV)))
+end
+redis.call('PEXPIRE', k_queue(jid), ttl)
+if nfields > 0 or not redis.call('LPOS', K_JOBS, jid) then redis.call('RPUSH', K_JOBS, jid) end
 local wake = tonumber(ARGV[3])
 if wake > 0 then
   local tokens = {}
   for i = 1, wake do tokens[i] = '1' end
-  redis.call('RPUSH', K_WAKE, unpack(tokens))
-  redis.call('LTRIM', K_WAKE, -WAKE_TOKENS_MAX, -1)
+  if redis.call('RPUSH', K_WAKE, unpack(tokens)) > WAKE_TOKENS_MAX then
+    redis.call('LTRIM', K_WAKE, -WAKE_TOKENS_MAX, -1)
+  end
 end
-return redis.call('LLEN', k_queue(jid))
+return len
 """
 
 # Re-queue the tasks of workers whose lease expired (ARGV[2], if given, names a worker to treat
@@ -132,6 +147,8 @@ def _one_line(exc: Exception) -> str:
 def describe_url(url: str) -> str:
     try:
         parts = urlsplit(url)
+        if parts.scheme == "unix":
+            return parts.path
         return f"{parts.hostname}:{parts.port or 6379}"
     except ValueError:
         return url
@@ -182,11 +199,13 @@ class Broker:
         except ValueError as exc:
             raise PyworkerConnectionError(
                 f"PYWORKER_REDIS_URL={settings.redis_url!r} is not a Redis URL ({exc}); "
-                "expected redis://host:6379/0", retryable=False) from None
+                "expected redis://host:6379/0 (or unix:///path/to/redis.sock)",
+                retryable=False) from None
         prelude = self.keys.lua_prelude()
         self._dequeue = resp.Script(prelude + _DEQUEUE)
         self._finish = resp.Script(prelude + _FINISH)
         self._submit = resp.Script(prelude + _SUBMIT)
+        self._count = resp.Script(prelude + _COUNT)
         self._reap = resp.Script(prelude + _REAP)
         self._submit_loaded = False  # whether Redis is known to have the submit script
         self._ttl_ms = int(settings.job_ttl_s * 1000)
@@ -249,10 +268,7 @@ class Broker:
         job is gone); with pop_s, (that, the first result message or None): the same round trip
         then waits up to pop_s for a result, which saves a round trip for short jobs."""
         commands = self._take_deferred()
-        if meta is not None:
-            fields = [x for kv in meta.items() for x in kv]
-            commands.append(("HSET", self.keys.job(jid), *fields))
-            commands.append(("PEXPIRE", self.keys.job(jid), self._ttl_ms))
+        fields = [x for kv in meta.items() for x in kv] if meta else []
         for sha, blob in (fn_blobs or {}).items():
             commands.append(("SET", self.keys.fn(sha), blob, "PX", self._ttl_ms))
         for sha in touch:
@@ -261,7 +277,7 @@ class Broker:
             fields = [x for kv in payloads.items() for x in kv]
             commands.append(("HSET", self.keys.payloads(jid), *fields))
             commands.append(("PEXPIRE", self.keys.payloads(jid), self._ttl_ms))
-        args = (jid, self._ttl_ms, wake, *tasks)
+        args = (jid, self._ttl_ms, wake, len(fields), *fields, *tasks)
         if pop_s is None:
             return self._then_script(commands, self._submit, *args)
         # The BLPOP must never wait behind a submit that did not happen (NOSCRIPT: a new or
@@ -309,12 +325,14 @@ class Broker:
 
     @translate_errors
     def end_job(self, jid: str, now: bool = True) -> None:
-        """Delete the job: queued tasks leave Redis, running ones are neither kept nor retried."""
-        commands = [("DEL", *self.keys.job_keys(jid)), ("LREM", self.keys.jobs, 0, jid)]
+        """Delete the job: queued tasks leave Redis, running ones are neither kept nor retried.
+        A finished job (not now) is no longer in the rotation: the dequeue that took its last
+        task took it out (and one that finds its queue gone does)."""
         if now:
-            self.redis.pipeline(self._take_deferred() + commands)
+            self.redis.pipeline(self._take_deferred() + [("DEL", *self.keys.job_keys(jid)),
+                                                         ("LREM", self.keys.jobs, 0, jid)])
         else:
-            self._deferred.extend(commands)
+            self._deferred.append(("DEL", *self.keys.job_keys(jid)))
 
     def _take_deferred(self) -> list[tuple]:
         taken, self._deferred = self._deferred, []
@@ -366,22 +384,32 @@ class Broker:
         return self.redis.call("HGET", self.keys.payloads(jid), chunk)
 
     @translate_errors
-    def finish(self, name: str, jid: str, chunk: int, result: bytes, n_items: int,
-               take_next: bool, result_payload: bytes | None = None):
+    def finish(self, name: str, jid: str, chunk: int, result: bytes, take_next: bool,
+               result_payload: bytes | None = None, had_payload: bool = False,
+               count: int = 0, total: int = 0):
         """Report a task's result: (whether it was kept, the next task taken in the same step or
-        None). A result is not kept when the worker no longer held the task or the job ended."""
+        None). A result is not kept when the worker no longer held the task or the job ended.
+        count items are added to the throughput figures (0: the worker counts them later), and
+        total is the worker's total for status()."""
         commands, rfield = [], ""
         if result_payload is not None:
             rfield = f"{chunk} {name}"
             commands.append(("HSET", self.keys.result_payloads(jid), rfield, result_payload))
         kept, task = self._then_script(commands, self._finish, name, f"{jid} {chunk}", jid,
-                                       result, n_items, 1 if take_next else 0, chunk, rfield)
+                                       result, count, 1 if take_next else 0,
+                                       chunk if had_payload else "", rfield, total)
         return bool(kept), task or None
 
     @translate_errors
-    def drop_task(self, name: str, jid: str, chunk: int, result: bytes) -> None:
+    def count(self, name: str, n: int, total: int) -> None:
+        """Add n finished items to the throughput figures; total is the worker's own."""
+        self.redis.run(self._count, name, n, total)
+
+    @translate_errors
+    def drop_task(self, name: str, jid: str, chunk: int, result: bytes,
+                  had_payload: bool = False) -> None:
         """Give up a task this worker cannot run, telling its caller why (result has no pickle)."""
-        self.finish(name, jid, chunk, result, 0, False)
+        self.finish(name, jid, chunk, result, False, had_payload=had_payload)
 
     @translate_errors
     def get_function(self, sha: str):
@@ -397,7 +425,8 @@ class Broker:
         now = int(r.call("TIME")[0])
         commands = []
         for name in names:
-            commands += [("HGETALL", self.keys.info(name)), ("EXISTS", self.keys.heartbeat(name))]
+            commands += [("HGETALL", self.keys.info(name)), ("EXISTS", self.keys.heartbeat(name)),
+                         ("HKEYS", self.keys.active(name))]
         for jid in jids:
             commands += [("LLEN", self.keys.queue(jid)), ("HGETALL", self.keys.job(jid))]
         commands += [("GET", self.keys.stats(sec)) for sec in range(now - 59, now + 1)]
@@ -408,10 +437,12 @@ class Broker:
 
         workers = []
         for i, name in enumerate(names):
-            info = as_dict(out[2 * i])
-            info.update(name=name, alive=bool(out[2 * i + 1]))
+            info = as_dict(out[3 * i])
+            # what the worker holds is what it runs (a worker holds at most one task)
+            info.update(name=name, alive=bool(out[3 * i + 1]),
+                        current=" ".join(sorted(_s(k) for k in out[3 * i + 2])))
             workers.append(info)
-        base = 2 * len(names)
+        base = 3 * len(names)
         jobs = [{"id": jid, "queued_chunks": out[base + 2 * i], **as_dict(out[base + 2 * i + 1])}
                 for i, jid in enumerate(jids)]
         done = sum(int(v) for v in out[base + 2 * len(jids):] if v)

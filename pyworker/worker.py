@@ -18,6 +18,9 @@ from .queue import Broker
 
 log = logging.getLogger("pyworker.worker")
 FUNCTION_CACHE_SIZE = 16
+# Finished items reach the throughput figures at most this often (and with each heartbeat):
+# counting them with every result would cost every task a few Redis calls.
+COUNT_EVERY_S = 1.0
 
 
 class _OutputCapture:
@@ -102,6 +105,9 @@ class Worker:
         self.functions: OrderedDict[str, object] = OrderedDict()
         self.stopping = threading.Event()
         self.done = 0
+        self._uncounted = 0
+        self._counted_at = 0.0
+        self._count_lock = threading.Lock()
         self._hb_thread = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -142,7 +148,7 @@ class Worker:
                          self.name, swept)
         b.register_worker(self.name, {
             "host": socket.gethostname(), "pid": os.getpid(), "started": f"{time.time():.3f}",
-            "done": 0, "current": "", "seen": f"{time.time():.3f}",
+            "done": 0, "seen": f"{time.time():.3f}",
             "python": serialize.PYTHON_VERSION, "cloudpickle": serialize.CLOUDPICKLE_VERSION,
             "shm": self.shm.ident if self.shm is not None else "",
         })
@@ -157,6 +163,9 @@ class Worker:
         finally:
             self.stopping.set()
             try:
+                n = self._take_uncounted(0, force=True)
+                if n:
+                    b.count(self.name, n, self.done)
                 b.deregister_worker(self.name)
             except PyworkerConnectionError as exc:
                 log.error("worker %s: could not deregister: %s", self.name, exc)
@@ -183,6 +192,9 @@ class Worker:
             try:
                 self.broker.heartbeat(self.name)
                 self._touch_heartbeat_file()
+                n = self._take_uncounted(0, force=True)
+                if n:
+                    self.broker.count(self.name, n, self.done)
                 now = time.monotonic()
                 if now - last_reap >= self.settings.lease_s / 2:
                     last_reap = now
@@ -284,7 +296,6 @@ class Worker:
         result = self.signer.seal(
             protocol.result_header(header.chunk, protocol.STATUS_OK, self.name, flag), body,
             inline)
-        self.done += len(items)
         kept, task = self._finish(header, result, len(items), None if inline else body)
         if segment is not None and not kept:
             self.shm.remove(segment.name)  # nobody will read it
@@ -308,21 +319,37 @@ class Worker:
             raise shm.SegmentTampered("the segment belongs to another task")
         return self.shm.read(desc, self.limit_bytes)
 
+    def _take_uncounted(self, n_items: int, force: bool = False) -> int:
+        """Add n_items to the finished items not yet counted in Redis; all of them, to count
+        now, when COUNT_EVERY_S has passed since the last count (or force), else 0."""
+        with self._count_lock:
+            self.done += n_items
+            self._uncounted += n_items
+            now = time.monotonic()
+            if not self._uncounted or (not force and now - self._counted_at < COUNT_EVERY_S):
+                return 0
+            n, self._uncounted, self._counted_at = self._uncounted, 0, now
+            return n
+
     def _finish(self, header, result, n_items, result_payload):
+        count = self._take_uncounted(n_items)
         deadline = time.monotonic() + self.settings.reconnect_s
         while True:
             try:
-                return self.broker.finish(self.name, header.jid, header.chunk, result, n_items,
-                                          not self.stopping.is_set(), result_payload)
+                return self.broker.finish(self.name, header.jid, header.chunk, result,
+                                          not self.stopping.is_set(), result_payload,
+                                          had_payload=header.ref, count=count, total=self.done)
             except PyworkerConnectionError as exc:
                 if time.monotonic() > deadline:
+                    with self._count_lock:
+                        self._uncounted += count  # counted with a later result or heartbeat
                     raise
                 log.error("worker %s: could not send a result: %s; retrying", self.name, exc)
                 time.sleep(0.5)
 
     def _drop(self, header, status, reason):
         msg = protocol.result_header(header.chunk, status, self.name, reason)
-        self.broker.drop_task(self.name, header.jid, header.chunk, msg)
+        self.broker.drop_task(self.name, header.jid, header.chunk, msg, had_payload=header.ref)
 
     def _function(self, sha: str):
         fn = self.functions.get(sha)

@@ -255,3 +255,17 @@ def test_worker_started_before_redis_waits_for_it(tmp_path):
         worker.terminate()
         worker.wait(10)
         server.stop()
+
+
+def test_status_counts_every_finished_item_within_a_heartbeat(make_cluster):
+    # Workers count finished items with a result at most once a second, and the rest with their
+    # next heartbeat: 60 one-item tasks in well under a second must all be counted anyway.
+    cluster = make_cluster(1)
+    assert pyworker.pmap(abs, range(60), chunksize=1, client=cluster.client) == list(range(60))
+
+    def counted():
+        st = pyworker.status(cluster.client)
+        return int(st.alive[0]["done"]) == 60 and round(st.items_per_s * 60) == 60
+
+    wait_until(counted, 5, "status() to count the 60 items")
+    assert not _busy_workers(cluster), "an idle worker shows no current task"
