@@ -26,6 +26,19 @@ def test_any_tampered_byte_breaks_the_signature(where):
         serialize.Signer("k").open(bytes(sealed))
 
 
+@pytest.mark.parametrize("secret", ["k", "x" * 64, "y" * 65, "é" * 200])
+def test_signatures_are_standard_hmac_sha256(secret):
+    # other implementations (a worker in another language, an audit script) must agree
+    import hashlib
+    import hmac
+    signer = serialize.Signer(secret)
+    for parts in [(b"",), (b"head\n", b"payload"), (b"a" * 1000, memoryview(b"b" * 70000))]:
+        expected = hmac.new(secret.encode(), b"".join(bytes(p) for p in parts),
+                            hashlib.sha256).digest()
+        assert signer.sign(*parts) == expected
+        assert signer.sign(*parts) == expected  # the key's precomputed state is not consumed
+
+
 def test_empty_secret_is_refused():
     with pytest.raises(ValueError):
         serialize.Signer("")
