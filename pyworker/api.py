@@ -167,7 +167,9 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
     head = list(islice(source, 1))
     try:
         oob: list = []  # big buffers out of band: sizing an array copies nothing
-        item_bytes = serialize.payload_size(serialize.dumps_data(head[0], oob), oob) if head else 0
+        # (one item: one chunk, nothing to size)
+        item_bytes = serialize.payload_size(serialize.dumps_data(head[0], oob), oob) \
+            if head and n != 1 else 0
     except Exception:  # reported, naming the item, when its chunk is pickled
         item_bytes = 0
     if chunksize is None and item_bytes * size > CHUNK_TARGET_BYTES:

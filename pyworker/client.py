@@ -46,7 +46,8 @@ class Client:
         self.signer = serialize.Signer(self.settings.secret)
         self.limit_bytes = int(self.settings.max_message_mb * 2**20)
         self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()
-        self._uploaded: dict[str, float] = {}
+        self._uploaded: dict[str, float] = {}  # sha -> when its blob's TTL was last set in full
+        self.caller_host = socket.gethostname()
         self._lock = threading.Lock()
         self._keeper: threading.Thread | None = None
         self._last_reap = 0.0
@@ -140,7 +141,7 @@ class Client:
 
     def function_blob(self, fn) -> tuple[str, bytes | None]:
         """sha of the pickled function, and its signed blob if it must be (re)sent."""
-        blob = self._pickled_function(fn)
+        blob, sha = self._pickled_function(fn)
         if len(blob) > self.limit_bytes:
             name = getattr(fn, "__qualname__", repr(fn))
             raise serialize.SerializationError(
@@ -148,15 +149,14 @@ class Client:
                 f"captures), over the limit of {self.settings.max_message_mb:g} MiB; raise "
                 "PYWORKER_MAX_MESSAGE_MB, or load big objects inside the function instead"
             )
-        sha = serialize.function_sha(blob)
         sent = self._uploaded.get(sha)
         if sent is not None and time.monotonic() - sent < self.settings.job_ttl_s / 2:
             return sha, None  # still in Redis: the job's submit refreshes its TTL instead
         return sha, self.signer.seal_blob(blob)
 
 
-    def _pickled_function(self, fn) -> bytes:
-        """cloudpickle(fn). An importable function is pickled as a reference (its module and
+    def _pickled_function(self, fn) -> tuple[bytes, str]:
+        """cloudpickle(fn) and its sha. An importable function is pickled as a reference (its module and
         name, never what it captures), so its bytes cannot go stale: it is pickled once per
         process instead of once per call. Everything else is pickled every time."""
         name = (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None))
@@ -165,14 +165,15 @@ class Client:
         except TypeError:  # unhashable
             hit = None
         if hit is not None and hit[0] == name:
-            return hit[1]
+            return hit[1], hit[2]
         data = serialize.dumps_function(fn)
+        sha = serialize.function_sha(data)
         if _weakrefable(fn) and serialize.pickled_by_reference(fn):
             try:
-                self._by_reference[fn] = (name, data)
+                self._by_reference[fn] = (name, data, sha)
             except TypeError:
                 pass
-        return data
+        return data, sha
 
 
 class Job:
@@ -253,17 +254,23 @@ class Job:
                     if payload is not None:
                         big[chunk] = payload
                     ids.append(chunk)
-                meta = None
+                meta, touch = None, ()
+                now = time.monotonic()
                 if not self.created:
                     meta = {"created": f"{time.time():.3f}",
-                            "caller": f"{socket.gethostname()}:{os.getpid()}",
+                            "caller": f"{client.caller_host}:{os.getpid()}",
                             "python": serialize.PYTHON_VERSION}
+                    # A function uploaded (or refreshed) lately has most of its TTL left, and
+                    # the keep-alive refreshes it while jobs run: no need to refresh it here.
+                    fresh = client.settings.job_ttl_s / 4
+                    touch = [sha for sha in self.fn_shas - set(self._pending_blobs)
+                             if now - client._uploaded.get(sha, float("-inf")) > fresh]
                 blobs, self._pending_blobs = self._pending_blobs, {}
                 try:
                     queued = client.broker.submit(self.jid, messages,
                                                   min(len(messages), MAX_WAKE_TOKENS), meta,
                                                   blobs, big,
-                                                  touch=self.fn_shas - set(blobs) if meta else (),
+                                                  touch=touch,
                                                   pop_s=wait_s)
                     if wait_s is not None:
                         queued, first_result = queued
@@ -276,8 +283,7 @@ class Job:
                 self._drop_segments([c for c in self._segments if c >= self._next_chunk])
                 raise
             self.created = True
-            now = time.monotonic()
-            for sha in blobs:
+            for sha in (*blobs, *touch):
                 client._uploaded[sha] = now
             if queued < 0:
                 self._drop_segments(ids)
