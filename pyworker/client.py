@@ -361,7 +361,8 @@ class Job:
             "without persistence, was flushed, or evicted the job's keys (maxmemory)")
 
     def _parse(self, data: bytes) -> ChunkResult:
-        h = protocol.parse_result_header(protocol.header_line(data))
+        line = protocol.header_line(data)
+        h = protocol.parse_result_header(line)
         if h.status != protocol.STATUS_OK:
             return ChunkResult(h.chunk, h.status, h.worker, h.detail)
         payload = None
@@ -371,7 +372,7 @@ class Job:
                 raise RuntimeError(f"the result of chunk {h.chunk} from worker {h.worker} "
                                    "vanished from Redis before it could be read")
         try:
-            _, payload = self.client.signer.open(data, payload)
+            _, payload = self.client.signer.open(data, payload, line)
         except SignatureError as exc:
             raise SignatureError(
                 f"a result for job {self.jid} from worker {h.worker} failed its signature check "

@@ -47,10 +47,12 @@ class Signer:
         sig = self.sign(header, payload)
         return b"".join((header, sig, payload)) if inline else header + sig
 
-    def open(self, data, payload=None) -> tuple[bytes, memoryview]:
+    def open(self, data, payload=None, header=None) -> tuple[bytes, memoryview]:
         """Header and verified payload of a sealed message (payload given separately when it
-        did not travel inline); SignatureError before anything is unpickled."""
-        header = protocol.header_line(data)
+        did not travel inline; header when the caller has read it already); SignatureError
+        before anything is unpickled."""
+        if header is None:
+            header = protocol.header_line(data)
         view = memoryview(data)[len(header):]
         if len(view) < protocol.SIG_BYTES:
             raise SignatureError("message too short to carry a signature")

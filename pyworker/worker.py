@@ -217,7 +217,8 @@ class Worker:
     def _process(self, task: bytes):
         """Run one task and report it; returns the next task (taken in the same step) or None."""
         try:
-            header = protocol.parse_task_header(protocol.header_line(task))
+            line = protocol.header_line(task)
+            header = protocol.parse_task_header(line)
         except ValueError:
             log.error("worker %s: dropped a malformed task", self.name)
             return None
@@ -228,7 +229,7 @@ class Worker:
                 self._drop(header, protocol.STATUS_RESEND, "the task's payload left Redis")
                 return None
         try:
-            _, payload = self.signer.open(task, payload)
+            _, payload = self.signer.open(task, payload, line)
         except SignatureError as exc:
             log.error("worker %s: rejected task %d of job %s without unpickling it: %s",
                       self.name, header.chunk, header.jid, exc)
