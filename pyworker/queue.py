@@ -34,25 +34,32 @@ end
 
 _DEQUEUE = _DEQUEUE_FN + "return dequeue(ARGV[1])"
 
-# Throughput for status(): items finished in this second, and the worker's total.
-_COUNT_FN = r"""
-local function count(worker, n, total)
-  local now = redis.call('TIME')[1]
-  redis.call('INCRBY', k_stats(now), n)
-  redis.call('EXPIRE', k_stats(now), 120)
-  redis.call('HSET', k_info(worker), 'done', total)
+# A worker's beat, at most once per heartbeat interval: renew its lease, say it is alive
+# (re-registering it if it was reaped meanwhile), and count the items it finished since the last
+# beat (throughput for status(), and its total). A busy worker beats with a result, an idle or
+# long-running one from its heartbeat thread.
+_BEAT_FN = r"""
+local function beat(worker, lease, seen, n, total)
+  redis.call('SET', k_hb(worker), '1', 'PX', lease)
+  redis.call('HSET', k_info(worker), 'seen', seen, 'done', total)
+  redis.call('SADD', K_WORKERS, worker)
+  if n ~= '0' then
+    local now = redis.call('TIME')[1]
+    redis.call('INCRBY', k_stats(now), n)
+    redis.call('EXPIRE', k_stats(now), 120)
+  end
 end
 """
 
-_COUNT = _COUNT_FN + "count(ARGV[1], ARGV[2], ARGV[3])"
+_BEAT = _BEAT_FN + "beat(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])"
 
-# ARGV: worker, "<jid> <chunk>", jid, result message, items to count now (0: counted later),
+# ARGV: worker, "<jid> <chunk>", jid, result message, the beat's lease ms ('': no beat now),
 #       take next (0/1), the task's payload field ('' when the task was inline), result payload
-#       field ('' when the result is inline), the worker's total of items done
+#       field ('' when the result is inline), and for the beat: seen, items, total
 # The result is kept only if this worker still held the task: a worker that was declared dead
 # (and whose task was re-queued) and then came back cannot add a second result.
 # Returns {1 if the result was kept else 0, the next task or ''}.
-_FINISH = _DEQUEUE_FN + _COUNT_FN + r"""
+_FINISH = _DEQUEUE_FN + _BEAT_FN + r"""
 local worker, field, jid, rfield = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
 local kept, ttl = 0, -2
 if redis.call('HDEL', k_active(worker), field) == 1 then ttl = redis.call('PTTL', k_job(jid)) end
@@ -68,7 +75,7 @@ if ttl ~= -2 then
 elseif rfield ~= '' then
   redis.call('HDEL', k_rpayloads(jid), rfield)
 end
-if ARGV[5] ~= '0' then count(worker, ARGV[5], ARGV[9]) end
+if ARGV[5] ~= '' then beat(worker, ARGV[5], ARGV[9], ARGV[10], ARGV[11]) end
 local nxt = false
 if ARGV[6] == '1' then nxt = dequeue(worker) end
 return {kept, nxt or ''}
@@ -205,7 +212,7 @@ class Broker:
         self._dequeue = resp.Script(prelude + _DEQUEUE)
         self._finish = resp.Script(prelude + _FINISH)
         self._submit = resp.Script(prelude + _SUBMIT)
-        self._count = resp.Script(prelude + _COUNT)
+        self._beat = resp.Script(prelude + _BEAT)
         self._reap = resp.Script(prelude + _REAP)
         self._submit_loaded = False  # whether Redis is known to have the submit script
         self._ttl_ms = int(settings.job_ttl_s * 1000)
@@ -354,12 +361,9 @@ class Broker:
         ])
 
     @translate_errors
-    def heartbeat(self, name: str) -> None:
-        self.redis.pipeline([
-            ("SET", self.keys.heartbeat(name), "1", "PX", self._lease_ms),
-            ("HSET", self.keys.info(name), "seen", f"{time.time():.3f}"),
-            ("SADD", self.keys.workers, name),
-        ])
+    def heartbeat(self, name: str, n: int = 0, total: int = 0) -> None:
+        """The worker's beat (see _BEAT_FN): lease, liveness, and n more items done."""
+        self.redis.run(self._beat, name, self._lease_ms, f"{time.time():.3f}", n, total)
 
     @translate_errors
     def deregister_worker(self, name: str) -> None:
@@ -386,24 +390,21 @@ class Broker:
     @translate_errors
     def finish(self, name: str, jid: str, chunk: int, result: bytes, take_next: bool,
                result_payload: bytes | None = None, had_payload: bool = False,
-               count: int = 0, total: int = 0):
+               beat: tuple[int, int] | None = None):
         """Report a task's result: (whether it was kept, the next task taken in the same step or
         None). A result is not kept when the worker no longer held the task or the job ended.
-        count items are added to the throughput figures (0: the worker counts them later), and
-        total is the worker's total for status()."""
+        With beat=(items, total), the worker's beat goes in the same step (see heartbeat)."""
         commands, rfield = [], ""
         if result_payload is not None:
             rfield = f"{chunk} {name}"
             commands.append(("HSET", self.keys.result_payloads(jid), rfield, result_payload))
+        lease, seen, n, total = "", "", 0, 0
+        if beat is not None:
+            lease, seen, (n, total) = self._lease_ms, f"{time.time():.3f}", beat
         kept, task = self._then_script(commands, self._finish, name, f"{jid} {chunk}", jid,
-                                       result, count, 1 if take_next else 0,
-                                       chunk if had_payload else "", rfield, total)
+                                       result, lease, 1 if take_next else 0,
+                                       chunk if had_payload else "", rfield, seen, n, total)
         return bool(kept), task or None
-
-    @translate_errors
-    def count(self, name: str, n: int, total: int) -> None:
-        """Add n finished items to the throughput figures; total is the worker's own."""
-        self.redis.run(self._count, name, n, total)
 
     @translate_errors
     def drop_task(self, name: str, jid: str, chunk: int, result: bytes,

@@ -18,9 +18,6 @@ from .queue import Broker
 
 log = logging.getLogger("pyworker.worker")
 FUNCTION_CACHE_SIZE = 16
-# Finished items reach the throughput figures at most this often (and with each heartbeat):
-# counting them with every result would cost every task a few Redis calls.
-COUNT_EVERY_S = 1.0
 
 
 class _OutputCapture:
@@ -105,9 +102,13 @@ class Worker:
         self.functions: OrderedDict[str, object] = OrderedDict()
         self.stopping = threading.Event()
         self.done = 0
+        # The worker beats (lease, liveness, items done) at most once per heartbeat interval:
+        # with a result when it has one, else from the heartbeat thread. Beating with every
+        # result would cost every task several Redis calls, and a heartbeat thread that talks
+        # to Redis while tasks run takes the GIL from them twice a beat.
         self._uncounted = 0
-        self._counted_at = 0.0
-        self._count_lock = threading.Lock()
+        self._beat_at = 0.0
+        self._beat_lock = threading.Lock()
         self._hb_thread = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -163,9 +164,8 @@ class Worker:
         finally:
             self.stopping.set()
             try:
-                n = self._take_uncounted(0, force=True)
-                if n:
-                    b.count(self.name, n, self.done)
+                if self._uncounted:  # into the throughput figures before it goes
+                    b.heartbeat(self.name, self._uncounted, self.done)
                 b.deregister_worker(self.name)
             except PyworkerConnectionError as exc:
                 log.error("worker %s: could not deregister: %s", self.name, exc)
@@ -190,11 +190,14 @@ class Worker:
         last_reap = 0.0
         while not self.stopping.wait(self.settings.heartbeat_s):
             try:
-                self.broker.heartbeat(self.name)
+                beat = self._due_beat(0)
+                if beat is not None:
+                    try:
+                        self.broker.heartbeat(self.name, *beat)
+                    except BaseException:
+                        self._missed_beat(beat)
+                        raise
                 self._touch_heartbeat_file()
-                n = self._take_uncounted(0, force=True)
-                if n:
-                    self.broker.count(self.name, n, self.done)
                 now = time.monotonic()
                 if now - last_reap >= self.settings.lease_s / 2:
                     last_reap = now
@@ -320,30 +323,35 @@ class Worker:
             raise shm.SegmentTampered("the segment belongs to another task")
         return self.shm.read(desc, self.limit_bytes)
 
-    def _take_uncounted(self, n_items: int, force: bool = False) -> int:
-        """Add n_items to the finished items not yet counted in Redis; all of them, to count
-        now, when COUNT_EVERY_S has passed since the last count (or force), else 0."""
-        with self._count_lock:
+    def _due_beat(self, n_items: int):
+        """Add n_items to the items done; (items not yet counted in Redis, total) when a beat
+        is due (a heartbeat interval since the last), else None."""
+        with self._beat_lock:
             self.done += n_items
             self._uncounted += n_items
             now = time.monotonic()
-            if not self._uncounted or (not force and now - self._counted_at < COUNT_EVERY_S):
-                return 0
-            n, self._uncounted, self._counted_at = self._uncounted, 0, now
-            return n
+            if now - self._beat_at < self.settings.heartbeat_s:
+                return None
+            beat, self._uncounted, self._beat_at = (self._uncounted, self.done), 0, now
+            return beat
+
+    def _missed_beat(self, beat):
+        with self._beat_lock:
+            self._uncounted += beat[0]  # counted with the next beat
+            self._beat_at = 0.0
 
     def _finish(self, header, result, n_items, result_payload):
-        count = self._take_uncounted(n_items)
+        beat = self._due_beat(n_items)
         deadline = time.monotonic() + self.settings.reconnect_s
         while True:
             try:
                 return self.broker.finish(self.name, header.jid, header.chunk, result,
                                           not self.stopping.is_set(), result_payload,
-                                          had_payload=header.ref, count=count, total=self.done)
+                                          had_payload=header.ref, beat=beat)
             except PyworkerConnectionError as exc:
                 if time.monotonic() > deadline:
-                    with self._count_lock:
-                        self._uncounted += count  # counted with a later result or heartbeat
+                    if beat is not None:
+                        self._missed_beat(beat)
                     raise
                 log.error("worker %s: could not send a result: %s; retrying", self.name, exc)
                 time.sleep(0.5)
