@@ -13,17 +13,21 @@ import subprocess
 
 from pyworker.local import RedisServer
 
-# name -> redis-benchmark arguments
+# name -> redis-benchmark arguments; UNIX runs go through the server's Unix socket, which is
+# what pyworker.LocalCluster's own processes use
 RUNS = {
     "50 clients": ["-c", "50", "-n", "100000"],
     "50 clients, -P 16": ["-c", "50", "-n", "400000", "-P", "16"],
     "1 client": ["-c", "1", "-n", "20000"],
+    "1 client, Unix socket": ["-c", "1", "-n", "20000"],
 }
+UNIX = {"1 client, Unix socket"}
 
 
-def redis_benchmark(server, args, timeout_s=120):
+def redis_benchmark(server, args, timeout_s=120, unix=False):
     # -a puts the password in argv; it is a throwaway one of a server that lives for seconds
-    cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(server.port), "-a", server.password,
+    where = ["-s", server.socket_path] if unix else ["-h", "127.0.0.1", "-p", str(server.port)]
+    cmd = ["redis-benchmark", *where, "-a", server.password,
            "-t", "set,get", "--csv", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=True).stdout
     rows = {}
@@ -44,7 +48,9 @@ def measure(repeats=3):
         samples = {}
         for _ in range(repeats):
             for name, args in RUNS.items():
-                for test, figs in redis_benchmark(server, args).items():
+                if name in UNIX and not server.has_socket:
+                    continue
+                for test, figs in redis_benchmark(server, args, unix=name in UNIX).items():
                     for k, v in figs.items():
                         samples.setdefault(name, {}).setdefault(test, {}) \
                             .setdefault(k, []).append(v)
@@ -63,11 +69,13 @@ def table(limit, pyworker=None):
     {workload: figures} of pyworker's medians from the same run (or None)."""
     if limit is None:
         return "redis-benchmark or redis-server not found (Debian: apt-get install redis-tools)."
-    lines = ["| redis-benchmark (127.0.0.1, password) | SET | GET |", "|---|---|---|"]
-    for name in RUNS:
+    lines = ["| redis-benchmark (password; TCP 127.0.0.1 unless said) | SET | GET |",
+             "|---|---|---|"]
+    runs = [name for name in RUNS if name in limit]
+    for name in runs:
         lines.append(f"| requests/s, {name} | {fmt(limit[name]['SET']['rps'])} | "
                      f"{fmt(limit[name]['GET']['rps'])} |")
-    for name in RUNS:
+    for name in runs:
         lines.append(f"| p50 latency ms, {name} | {fmt(limit[name]['SET']['p50_ms'])} | "
                      f"{fmt(limit[name]['GET']['p50_ms'])} |")
     lines += ["", "| pyworker figure | pyworker | Redis limit | pyworker ÷ limit |",
@@ -79,7 +87,9 @@ def table(limit, pyworker=None):
         ("W1 tasks/s", w1, "SET requests/s, 50 clients, -P 16",
          limit["50 clients, -P 16"]["SET"]["rps"]),
         ("W5 p50 ms", w5, "GET p50 ms, 1 client", limit["1 client"]["GET"]["p50_ms"]),
-    ]:
+    ] + ([("W5 p50 ms", w5, "GET p50 ms, 1 client, Unix socket (what LocalCluster uses)",
+           limit["1 client, Unix socket"]["GET"]["p50_ms"])]
+         if "1 client, Unix socket" in limit else []):
         ratio = f"{value / lim:.3f}×" if value else "—"
         lines.append(f"| {label} | {fmt(value) if value else '—'} | {limit_label}: {fmt(lim)} | "
                      f"{ratio} |")
