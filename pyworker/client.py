@@ -156,9 +156,9 @@ class Client:
 
 
     def _pickled_function(self, fn) -> tuple[bytes, str]:
-        """cloudpickle(fn) and its sha. An importable function is pickled as a reference (its module and
-        name, never what it captures), so its bytes cannot go stale: it is pickled once per
-        process instead of once per call. Everything else is pickled every time."""
+        """cloudpickle(fn) and its sha. An importable function is pickled as a reference (its
+        module and name, never what it captures), so its bytes cannot go stale: it is pickled
+        once per process instead of once per call. Everything else is pickled every time."""
         name = (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None))
         try:
             hit = self._by_reference.get(fn) if _weakrefable(fn) else None

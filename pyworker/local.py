@@ -81,7 +81,8 @@ class RedisServer:
         conf = os.path.join(self.dir, "redis.conf")
         with open(conf, "w") as f:
             f.write(f"bind 127.0.0.1\nport {self.port}\nrequirepass \"{self.password}\"\n"
-                    f"dir \"{self.dir}\"\nsave \"\"\nappendonly {'yes' if self.appendonly else 'no'}\n"
+                    f"dir \"{self.dir}\"\nsave \"\"\n"
+                    f"appendonly {'yes' if self.appendonly else 'no'}\n"
                     + (f"unixsocket \"{self.socket_path}\"\nunixsocketperm 700\n"
                        if self.has_socket else "")
                     + "protected-mode yes\ndaemonize no\nlogfile redis.log\n")

@@ -164,8 +164,10 @@ class Worker:
         finally:
             self.stopping.set()
             try:
-                if self._uncounted:  # into the throughput figures before it goes
-                    b.heartbeat(self.name, self._uncounted, self.done)
+                with self._beat_lock:  # the last items into the throughput figures
+                    last, self._uncounted = self._uncounted, 0
+                if last:
+                    b.heartbeat(self.name, last, self.done)
                 b.deregister_worker(self.name)
             except PyworkerConnectionError as exc:
                 log.error("worker %s: could not deregister: %s", self.name, exc)
