@@ -220,14 +220,16 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
                         break
                 if batch:
                     # The last batch: its round trip may as well wait for the first result.
-                    wait = None
+                    wait, spin = None, 0.0
                     if exhausted:
                         wait = FIRST_RESULT_WAIT_S if deadline is None else min(
                             FIRST_RESULT_WAIT_S, deadline - time.monotonic())
                         wait = wait if wait > 0.001 else None
+                        if wait is not None and len(batch) == 1 and not pending:
+                            spin = min(client.spin_s, wait)  # the whole job is one chunk
                     in_flight += sum(len(e[1]) for e in batch)
                     try:
-                        pending.update(zip(job.submit(mode, sha, batch, wait), batch))
+                        pending.update(zip(job.submit(mode, sha, batch, wait, spin), batch))
                     except JobLostError as exc:
                         relaunch(exc, batch)
             if not pending:

@@ -33,6 +33,13 @@ class ChunkResult:
         self.outputs = outputs or {}
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _weakrefable(obj) -> bool:
     return type(obj).__weakrefoffset__ != 0
 
@@ -52,6 +59,7 @@ class Client:
         self._keeper: threading.Thread | None = None
         self._last_reap = 0.0
         self._warned_no_workers = False
+        self.spin_s = self.settings.spin_s if _cores() > 1 else 0.0
         self._workers_seen: tuple[int, bool, float] | None = None
         self.shm = shm.Store.open(self.settings)
         self._last_sweep: float | None = None
@@ -235,12 +243,13 @@ class Job:
         return client.signer.seal(header, payload, inline), None if inline else payload
 
     def submit(self, mode: int, fn_sha: str, chunks: list[tuple[int, list]],
-               wait_s: float | None = None) -> list[int]:
+               wait_s: float | None = None, spin_s: float = 0.0) -> list[int]:
         """Queue chunks (first item index, items); returns their chunk ids. Pickling happens
         before anything is queued, so a bad item queues nothing of this batch. The first
         submit also creates the job and uploads its function, in the same round trip. With
         wait_s (the caller waits for results next anyway), that round trip also waits up to
-        wait_s for the first result, which next_result() then returns."""
+        wait_s for the first result, which next_result() then returns, busy-polling for it the
+        first spin_s (a short one-chunk call: see Settings.spin_s)."""
         client = self.client
         with self._submit_lock:
             use_shm = (self.shm is not None and not self._shm_off
@@ -271,7 +280,7 @@ class Job:
                                                   min(len(messages), MAX_WAKE_TOKENS), meta,
                                                   blobs, big,
                                                   touch=touch,
-                                                  pop_s=wait_s)
+                                                  pop_s=wait_s, spin_s=spin_s)
                     if wait_s is not None:
                         queued, first_result = queued
                         if first_result is not None:

@@ -33,6 +33,10 @@ class Settings:
     connect_timeout_s: float = 5.0
     # A caller or worker that lost Redis retries for this long before giving up.
     reconnect_s: float = 30.0
+    # A call of one chunk busy-polls for its result this long before it blocks: on a machine
+    # whose cores go idle meanwhile (a VM above all), waking one costs more than a short task
+    # takes. 0 turns it off; single-core machines never spin.
+    spin_s: float = 0.002
     # Idle workers wake at least this often to check for work and stop requests.
     idle_wait_s: float = 1.0
     worker_name: str = field(default_factory=_default_worker_name)
@@ -49,6 +53,9 @@ class Settings:
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{ENV_PREFIX}{name.upper()} must be greater than 0, "
                                          f"not {getattr(self, name)!r}")
+        if not self.spin_s >= 0:
+            raise ConfigurationError(f"{ENV_PREFIX}SPIN_S must be 0 (off) or more, "
+                                     f"not {self.spin_s!r}")
         if self.max_retries < 0:
             raise ConfigurationError(f"{ENV_PREFIX}MAX_RETRIES must be 0 or more, "
                                      f"not {self.max_retries!r}")

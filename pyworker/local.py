@@ -148,7 +148,10 @@ class LocalCluster:
         return env
 
     def settings(self) -> Settings:
-        return Settings.from_env(environ={}, **{
+        # The cluster's own connection, whatever the environment says; only how this caller
+        # waits (PYWORKER_SPIN_S) may come from it.
+        spin = {k: v for k, v in os.environ.items() if k == "PYWORKER_SPIN_S"}
+        return Settings.from_env(environ=spin, **{
             "redis_url": self.redis.local_url, "redis_password": self.redis.password,
             "secret": self.secret, **self.extra})
 

@@ -269,11 +269,13 @@ class Broker:
     @translate_errors
     def submit(self, jid: str, tasks: list[bytes], wake: int, meta: dict | None = None,
                fn_blobs: dict[str, bytes] | None = None,
-               payloads: dict[int, bytes] | None = None, touch=(), pop_s: float | None = None):
+               payloads: dict[int, bytes] | None = None, touch=(), pop_s: float | None = None,
+               spin_s: float = 0.0):
         """Queue tasks (and the payloads too big to travel inline); with meta, create the job
         and upload its functions in the same round trip. Returns the queue's length (-1: the
         job is gone); with pop_s, (that, the first result message or None): the same round trip
-        then waits up to pop_s for a result, which saves a round trip for short jobs."""
+        then waits up to pop_s for a result, which saves a round trip for short jobs, busy-polling
+        for the replies the first spin_s of it (resp.Connection.spin)."""
         commands = self._take_deferred()
         fields = [x for kv in meta.items() for x in kv] if meta else []
         for sha, blob in (fn_blobs or {}).items():
@@ -293,7 +295,7 @@ class Broker:
         replies = self.redis.pipeline(
             commands + load + [("EVALSHA", self._submit.sha, 0, *args),
                                ("BLPOP", self.keys.results(jid), f"{pop_s:.3f}")],
-            raise_errors=False)
+            raise_errors=False, spin_s=spin_s)
         queued, popped = replies[-2], replies[-1]
         self._submit_loaded = True
         if isinstance(queued, resp.ReplyError) and str(queued).startswith("NOSCRIPT"):

@@ -1,6 +1,7 @@
 """pmap, imap, imap_unordered and Executor against a real Redis and real worker processes."""
 import concurrent.futures as cf
 import os
+import resource
 import threading
 
 import pytest
@@ -216,3 +217,38 @@ def test_status_lists_live_workers(cluster):
     html = st._repr_html_()
     for w in st.alive:
         assert w["name"] in html and w["name"] in str(st)
+
+
+
+@pytest.mark.skipif(not hasattr(resource, "RUSAGE_THREAD"), reason="needs RUSAGE_THREAD (Linux)")
+def test_a_one_chunk_call_spins_for_its_result_and_a_longer_job_does_not(cluster, monkeypatch):
+    """A one-chunk call busy-polls (Settings.spin_s) for a result that comes soon: its thread
+    never blocks; a job of several chunks blocks, leaving the CPU to its workers."""
+    import time
+    monkeypatch.setattr(cluster.client, "spin_s", 1.0)
+
+    def blocked(items):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+        assert pmap(time.sleep, items, chunksize=1, client=cluster.client,
+                    progress=False) == [None] * len(items)
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - before
+
+    blocked([0.0])  # the worker count is cached after this
+    # (another thread of this process taking the GIL can make a spinning call block once)
+    assert min(blocked([0.01]) for _ in range(5)) == 0
+    assert min(blocked([0.01, 0.01]) for _ in range(3)) >= 1
+
+
+def test_a_caller_on_one_core_never_spins(cluster):
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("needs os.sched_setaffinity (Linux)")
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        client = pyworker.Client(cluster.settings())
+    finally:
+        os.sched_setaffinity(0, before)
+    try:
+        assert client.settings.spin_s > 0 and client.spin_s == 0
+    finally:
+        client.close()

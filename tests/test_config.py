@@ -92,3 +92,10 @@ def test_every_setting_is_documented_in_the_readme():
     undocumented = [f"PYWORKER_{f.name.upper()}" for f in dataclasses.fields(Settings)
                     if f"`PYWORKER_{f.name.upper()}`" not in readme]
     assert not undocumented, f"add to README's settings table: {undocumented}"
+
+
+def test_spin_is_a_short_time_and_can_be_turned_off():
+    assert Settings.from_env({}).spin_s == 0.002
+    assert Settings.from_env({"PYWORKER_SPIN_S": "0"}).spin_s == 0
+    with pytest.raises(ConfigurationError, match="PYWORKER_SPIN_S must be 0"):
+        Settings.from_env({"PYWORKER_SPIN_S": "-1"})

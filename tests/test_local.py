@@ -57,3 +57,14 @@ def test_a_socket_path_too_long_for_unix_falls_back_to_tcp(tmp_path):
         assert resp.Redis(server.local_url, password=server.password).call("PING") == b"PONG"
     finally:
         server.stop()
+
+
+def test_the_callers_spin_may_come_from_the_environment_nothing_else(monkeypatch):
+    monkeypatch.setenv("PYWORKER_SPIN_S", "0")
+    monkeypatch.setenv("PYWORKER_LEASE_S", "77")
+    cluster = LocalCluster(0)
+    try:
+        settings = cluster.settings()
+    finally:
+        cluster.stop()  # removes the folder its (unstarted) Redis was given
+    assert settings.spin_s == 0 and settings.lease_s != 77

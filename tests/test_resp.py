@@ -1,9 +1,15 @@
 """The small Redis client against a real redis-server."""
 import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from pyworker import resp
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -75,3 +81,42 @@ def test_unix_urls_name_a_path_and_a_db(tmp_path):
         resp.Redis("http://localhost:6379")
     with pytest.raises(resp.RespConnectionError):
         r.call("PING")  # nothing listens there
+
+
+
+def _blocked(fn):
+    """fn()'s value, and how many times this thread blocked (voluntary context switches) in it:
+    a busy-polling wait never blocks, a blocking read does."""
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+    value = fn()
+    return value, resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - before
+
+
+def _push_from_another_process(server, key):
+    """RPUSH key, from a fresh Python process (so no thread of ours takes the GIL meanwhile);
+    the value arrives after that process's start-up, a tenth of a second or more."""
+    code = ("import sys; from pyworker import resp; "
+            "resp.Redis(sys.argv[1], password=sys.argv[2]).call('RPUSH', sys.argv[3], 'late')")
+    return subprocess.Popen([sys.executable, "-c", code, server.url, server.password, key],
+                            cwd=ROOT)
+
+
+@pytest.mark.skipif(not hasattr(resource, "RUSAGE_THREAD"), reason="needs RUSAGE_THREAD (Linux)")
+def test_a_spinning_pipeline_busy_polls_until_its_replies_arrive(r, redis_server):
+    pusher = _push_from_another_process(redis_server, "spun")
+    replies, blocked = _blocked(lambda: r.pipeline(
+        [("SET", "x", "1"), ("BLPOP", "spun", "20")], spin_s=20.0))
+    assert pusher.wait(30) == 0
+    assert replies == [b"OK", [b"spun", b"late"]] and blocked == 0, blocked
+    # a normal blocking connection afterwards
+    assert r.blocking("BLPOP", "spun", "0.1", wait_s=0.1) is None and r.call("GET", "x") == b"1"
+
+
+@pytest.mark.skipif(not hasattr(resource, "RUSAGE_THREAD"), reason="needs RUSAGE_THREAD (Linux)")
+@pytest.mark.parametrize("spin_s", [0.0, 0.005])
+def test_without_spin_or_past_it_a_pipeline_blocks_and_still_reads_every_reply(
+        r, redis_server, spin_s):
+    pusher = _push_from_another_process(redis_server, "waited")
+    replies, blocked = _blocked(lambda: r.pipeline([("BLPOP", "waited", "20")], spin_s=spin_s))
+    assert pusher.wait(30) == 0
+    assert replies == [[b"waited", b"late"]] and blocked >= 1
