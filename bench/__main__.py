@@ -2,11 +2,14 @@
 markdown table with ratios to multiprocessing.Pool; a start-up row; then "the limit" (the Redis
 server itself, with redis-benchmark) against pyworker's W1 and W5.
 
-    python -m bench [--repeats 3] [--backends pyworker,multiprocessing.Pool] [--workloads W1,W5]
-                    [--no-start] [--no-limit] [--timeout-s 900]
+    python -m bench [--repeats 3] [--rounds 1] [--backends pyworker,multiprocessing.Pool]
+                    [--workloads W1,W5] [--no-start] [--no-limit] [--timeout-s 900]
 
 Each backend runs in its own process group (`python -m bench.run_one`), killed at the end or
-when it overruns --timeout-s; each start-up repeat is a fresh process.
+when it overruns --timeout-s; each start-up repeat is a fresh process. With --rounds N, the whole
+run over the backends is done N times in turn (backend A, B, C, then A, B, C again ...) and the
+medians are over every repeat of every round: a machine whose speed drifts (a VM with busy
+neighbours) then disturbs every backend alike instead of the ones that happened to run last.
 """
 import argparse
 import datetime
@@ -127,11 +130,13 @@ def table(med, notes, backends, workloads):
     return "\n".join(lines)
 
 
-def machine(repeats):
+def machine(repeats, rounds=1):
     load = os.getloadavg()
+    runs = f"{repeats} runs" if rounds == 1 else f"{repeats * rounds} runs ({rounds} rounds " \
+                                                  f"over the backends in turn, {repeats} each)"
     return (f"Machine: {platform.platform()}, {os.cpu_count()} cores, Python "
             f"{platform.python_version()}; {datetime.date.today().isoformat()}; medians of "
-            f"{repeats} runs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end"
+            f"{runs}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end"
             + (" (the machine was shared with other work)" if load[0] > 1 else "") + ".")
 
 
@@ -139,6 +144,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run over the backends this many times in turn (see above)")
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--no-start", action="store_true", help="skip the start-up row")
@@ -151,15 +158,20 @@ def main():
         ap.error(f"unknown backend(s) {unknown}; known: {', '.join(BACKENDS)}")
     workloads = [w for w in args.workloads.split(",") if w]
     print(f"[bench] load average at the start: {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    if args.repeats < 1 or args.rounds < 1:
+        ap.error("--repeats and --rounds must be at least 1")
     rows = []
-    for b in backends:
-        rows += run_backend(b, workloads, args.repeats, args.timeout_s, not args.no_start)
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            print(f"[bench] round {r + 1} of {args.rounds}", file=sys.stderr, flush=True)
+        for b in backends:
+            rows += run_backend(b, workloads, args.repeats, args.timeout_s, not args.no_start)
     limit = None
     if not args.no_limit:
         print("[bench] redis-benchmark ...", file=sys.stderr, flush=True)
         limit = limit_mod.measure(args.repeats)
     med, notes = medians(rows)
-    print("\n" + machine(args.repeats) + "\n")
+    print("\n" + machine(args.repeats, args.rounds) + "\n")
     print(table(med, notes, backends, workloads + ([] if args.no_start else ["START"])))
     if not args.no_limit:
         pyworker = {w: figs for (b, w), figs in med.items() if b == "pyworker"}
