@@ -54,11 +54,15 @@ end
 _BEAT = _BEAT_FN + "beat(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])"
 
 # ARGV: worker, "<jid> <chunk>", jid, result message, the beat's lease ms ('': no beat now),
-#       take next (0/1), the task's payload field ('' when the task was inline), result payload
-#       field ('' when the result is inline), and for the beat: seen, items, total
+#       tasks to take (0, 1, or 2: the next and one to hold), the task's payload field ('' when
+#       the task was inline), result payload field ('' when the result is inline), and for the
+#       beat: seen, items, total
 # The result is kept only if this worker still held the task: a worker that was declared dead
 # (and whose task was re-queued) and then came back cannot add a second result.
-# Returns {1 if the result was kept else 0, the next task or ''}.
+# A second task (held while the first runs, so the worker's next finish need not be waited for)
+# is taken only while the job next in turn has at least as many tasks queued as there are
+# workers: near a job's end, every worker still gets one before any worker holds two.
+# Returns {1 if the result was kept else 0, the next task or '', the held task or ''}.
 _FINISH = _DEQUEUE_FN + _BEAT_FN + r"""
 local worker, field, jid, rfield = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
 local kept, ttl = 0, -2
@@ -76,9 +80,15 @@ elseif rfield ~= '' then
   redis.call('HDEL', k_rpayloads(jid), rfield)
 end
 if ARGV[5] ~= '' then beat(worker, ARGV[5], ARGV[9], ARGV[10], ARGV[11]) end
-local nxt = false
-if ARGV[6] == '1' then nxt = dequeue(worker) end
-return {kept, nxt or ''}
+local take, nxt, held = tonumber(ARGV[6]), false, false
+if take > 0 then nxt = dequeue(worker) end
+if nxt and take > 1 then
+  local head = redis.call('LINDEX', K_JOBS, 0)
+  if head and redis.call('LLEN', k_queue(head)) >= redis.call('SCARD', K_WORKERS) then
+    held = dequeue(worker)
+  end
+end
+return {kept, nxt or '', held or ''}
 """
 
 # ARGV: jid, ttl ms, wake tokens, number of job fields (0: the job exists already), job fields,
@@ -111,9 +121,11 @@ return len
 
 # Re-queue the tasks of workers whose lease expired (ARGV[2], if given, names a worker to treat
 # as dead anyway: a restarted worker reclaiming its own name). A task whose workers died more
-# than ARGV[1] times fails with a 'lost' result instead.
+# than ARGV[1] times fails with a 'lost' result instead. With ARGV[3] == '1' the named worker
+# is stopping and gives back tasks it had not started: they are re-queued and not counted.
 _REAP = r"""
 local max_retries = tonumber(ARGV[1])
+local release = ARGV[3] == '1'
 local names
 if ARGV[2] and ARGV[2] ~= '' then names = {ARGV[2]} else names = redis.call('SMEMBERS', K_WORKERS) end
 local reaped = {}
@@ -124,8 +136,11 @@ for _, name in ipairs(names) do
       local jid, chunk = string.match(act[i], '^(%S+) (%S+)$')
       if jid and redis.call('EXISTS', k_job(jid)) == 1 then
         local ttl = math.max(redis.call('PTTL', k_job(jid)), 1000)
-        local n = redis.call('HINCRBY', k_attempts(jid), chunk, 1)
-        redis.call('PEXPIRE', k_attempts(jid), ttl)
+        local n = 0
+        if not release then
+          n = redis.call('HINCRBY', k_attempts(jid), chunk, 1)
+          redis.call('PEXPIRE', k_attempts(jid), ttl)
+        end
         if n > max_retries then
           redis.call('RPUSH', k_results(jid), chunk .. ' lost ' .. name .. ' ' .. n .. '\n')
           redis.call('PEXPIRE', k_results(jid), ttl)
@@ -228,6 +243,11 @@ class Broker:
         """Send commands and a script call in one round trip; the script's reply."""
         replies = self.redis.pipeline(commands + [("EVALSHA", script.sha, 0, *args)],
                                       raise_errors=False)
+        return self._script_reply(replies, script, args)
+
+    def _script_reply(self, replies: list, script: resp.Script, args):
+        """The last reply, a script's (run again by its source if Redis did not have it); an
+        error reply of any command raises."""
         last = replies[-1]
         if isinstance(last, resp.ReplyError) and str(last).startswith("NOSCRIPT"):
             last = self.redis.run(script, *args)
@@ -243,8 +263,9 @@ class Broker:
         self.redis.call("PING")
 
     @translate_errors
-    def reap(self, force_name: str = "") -> list[str]:
-        reaped = self.redis.run(self._reap, self.settings.max_retries, force_name)
+    def reap(self, force_name: str = "", release: bool = False) -> list[str]:
+        reaped = self.redis.run(self._reap, self.settings.max_retries, force_name,
+                                1 if release else 0)
         return [_s(n) for n in reaped or []]
 
     # --- caller side ---------------------------------------------------------------------------
@@ -369,8 +390,8 @@ class Broker:
 
     @translate_errors
     def deregister_worker(self, name: str) -> None:
-        # Anything still held goes back to the queue first (normally nothing is).
-        self.reap(force_name=name)
+        # Anything still held (a task taken ahead and not started) goes back to the queue first.
+        self.reap(force_name=name, release=True)
         self.redis.pipeline([("DEL", self.keys.heartbeat(name), self.keys.info(name)),
                              ("SREM", self.keys.workers, name)])
 
@@ -389,13 +410,7 @@ class Broker:
     def task_payload(self, jid: str, chunk: int):
         return self.redis.call("HGET", self.keys.payloads(jid), chunk)
 
-    @translate_errors
-    def finish(self, name: str, jid: str, chunk: int, result: bytes, take_next: bool,
-               result_payload: bytes | None = None, had_payload: bool = False,
-               beat: tuple[int, int] | None = None):
-        """Report a task's result: (whether it was kept, the next task taken in the same step or
-        None). A result is not kept when the worker no longer held the task or the job ended.
-        With beat=(items, total), the worker's beat goes in the same step (see heartbeat)."""
+    def _finish_call(self, name, jid, chunk, result, take, result_payload, had_payload, beat):
         commands, rfield = [], ""
         if result_payload is not None:
             rfield = f"{chunk} {name}"
@@ -403,16 +418,46 @@ class Broker:
         lease, seen, n, total = "", "", 0, 0
         if beat is not None:
             lease, seen, (n, total) = self._lease_ms, f"{time.time():.3f}", beat
-        kept, task = self._then_script(commands, self._finish, name, f"{jid} {chunk}", jid,
-                                       result, lease, 1 if take_next else 0,
-                                       chunk if had_payload else "", rfield, seen, n, total)
-        return bool(kept), task or None
+        return commands, (name, f"{jid} {chunk}", jid, result, lease, take,
+                          chunk if had_payload else "", rfield, seen, n, total)
+
+    @staticmethod
+    def _finished(reply) -> tuple[bool, list[bytes]]:
+        kept, *tasks = reply
+        return bool(kept), [t for t in tasks if t]
+
+    @translate_errors
+    def finish(self, name: str, jid: str, chunk: int, result: bytes, take: int,
+               result_payload: bytes | None = None, had_payload: bool = False,
+               beat: tuple[int, int] | None = None) -> tuple[bool, list[bytes]]:
+        """Report a task's result and take up to ``take`` tasks (0-2, see _FINISH) in the same
+        step: (whether the result was kept, the tasks taken). A result is not kept when the
+        worker no longer held the task or the job ended. With beat=(items, total), the worker's
+        beat goes in the same step (see heartbeat)."""
+        commands, args = self._finish_call(name, jid, chunk, result, take, result_payload,
+                                           had_payload, beat)
+        return self._finished(self._then_script(commands, self._finish, *args))
+
+    @translate_errors
+    def finish_later(self, name: str, jid: str, chunk: int, result: bytes, take: int,
+                     result_payload: bytes | None = None, had_payload: bool = False,
+                     beat: tuple[int, int] | None = None):
+        """finish(), sent now and answered later: returns a function that waits for the answer
+        (the worker runs its held task meanwhile instead of waiting for Redis)."""
+        commands, args = self._finish_call(name, jid, chunk, result, take, result_payload,
+                                           had_payload, beat)
+        pending = self.redis.send(commands + [("EVALSHA", self._finish.sha, 0, *args)])
+        return functools.partial(self._finish_answer, pending, args)
+
+    @translate_errors
+    def _finish_answer(self, pending, args) -> tuple[bool, list[bytes]]:
+        return self._finished(self._script_reply(pending.replies(), self._finish, args))
 
     @translate_errors
     def drop_task(self, name: str, jid: str, chunk: int, result: bytes,
                   had_payload: bool = False) -> None:
         """Give up a task this worker cannot run, telling its caller why (result has no pickle)."""
-        self.finish(name, jid, chunk, result, False, had_payload=had_payload)
+        self.finish(name, jid, chunk, result, 0, had_payload=had_payload)
 
     @translate_errors
     def get_function(self, sha: str):
@@ -441,9 +486,12 @@ class Broker:
         workers = []
         for i, name in enumerate(names):
             info = as_dict(out[3 * i])
-            # what the worker holds is what it runs (a worker holds at most one task)
-            info.update(name=name, alive=bool(out[3 * i + 1]),
-                        current=" ".join(sorted(_s(k) for k in out[3 * i + 2])))
+            # what the worker holds: the task it runs, and one it may have taken ahead
+            held = sorted(_s(k) for k in out[3 * i + 2])
+            current = held[0] if held else ""
+            if len(held) > 1:
+                current += f" (+{len(held) - 1} taken ahead)"
+            info.update(name=name, alive=bool(out[3 * i + 1]), current=current)
             workers.append(info)
         base = 3 * len(names)
         jobs = [{"id": jid, "queued_chunks": out[base + 2 * i], **as_dict(out[base + 2 * i + 1])}

@@ -194,6 +194,22 @@ class Connection:
         return replies
 
 
+class Pending:
+    """The replies of a pipeline sent by Redis.send, not read yet."""
+
+    def __init__(self, redis: "Redis", conn: Connection, n: int):
+        self._redis, self._conn, self._n = redis, conn, n
+
+    def replies(self) -> list:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise RuntimeError("the replies of this pipeline were read already")
+        try:
+            return [conn.read_reply() for _ in range(self._n)]
+        finally:
+            self._redis._put(conn)
+
+
 class Script:
     def __init__(self, source: str):
         self.source = source
@@ -279,6 +295,25 @@ class Redis:
                 if isinstance(reply, ReplyError):
                     raise reply
         return replies
+
+    def send(self, commands) -> "Pending":
+        """Send a pipeline now and read its replies later (Pending.replies(), error replies in
+        place); the connection is the pipeline's until then."""
+        buffers = []
+        for args in commands:
+            buffers.extend(_encode(args))
+        with self._lock:
+            pooled = bool(self._idle)
+        conn = self._get()
+        try:
+            conn._send(buffers)
+        except RespConnectionError:
+            if not pooled:
+                raise
+            self.close()  # the pool was stale (the server restarted): once more, afresh
+            conn = self._get(fresh=True)
+            conn._send(buffers)
+        return Pending(self, conn, len(commands))
 
     def run(self, script: Script, *args):
         try:

@@ -8,7 +8,9 @@ import socket
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from functools import partial
+from typing import NamedTuple
 
 from . import protocol, serialize, shm
 from .config import Settings
@@ -18,6 +20,19 @@ from .queue import Broker
 
 log = logging.getLogger("pyworker.worker")
 FUNCTION_CACHE_SIZE = 16
+# A worker whose tasks take less than this holds the next one while it runs the current one,
+# so it can send a result without waiting for Redis' answer (see _loop). Longer tasks gain
+# nothing from it, and a held task would wait behind them.
+LOOKAHEAD_MAX_S = 1.0
+
+
+class _Report(NamedTuple):
+    """A task's result, ready to send."""
+    header: protocol.TaskHeader
+    result: bytes  # the signed result message
+    n_items: int
+    payload: bytes | None  # the result payload, when it does not travel inline
+    segment: str | None  # the result's shared-memory segment, if it has one
 
 
 class _OutputCapture:
@@ -175,18 +190,52 @@ class Worker:
         return 0
 
     def _loop(self):
-        task = self.broker.dequeue(self.name)
+        """Run tasks until stopped. While tasks are quick, the worker holds one more than it
+        runs (finish takes it, see queue._FINISH): it then sends each result and runs the
+        held task at once, reading Redis' answer (the next task to hold) after that task, so
+        no round trip stands between two tasks. A held task stays in the worker's active hash
+        like the one it runs, so a worker that dies loses neither, and one that stops gives
+        back what it had not started (deregister_worker)."""
+        held: deque[bytes] = deque()
+        answer = None  # settles a result sent ahead: its answer is (kept, tasks taken)
+        first = self.broker.dequeue(self.name)
+        if first is not None:
+            held.append(first)
         while not self.stopping.is_set():
             try:
-                if task is None:
+                if answer is not None and not held:
+                    answer, settle = None, answer
+                    held.extend(settle())
+                    continue
+                if not held:
                     # Reached only when the queues were empty at the last look.
                     task = self.broker.wait_and_dequeue(self.name, self.settings.idle_wait_s)
-                    if task is None:
-                        continue
-                task = self._process(task)
+                    if task is not None:
+                        held.append(task)
+                    continue
+                started = time.monotonic()
+                report = self._process(held[0])
+                held.popleft()
+                if answer is not None:
+                    answer, settle = None, answer
+                    held.extend(settle())
+                if report is None:
+                    continue
+                quick = time.monotonic() - started < LOOKAHEAD_MAX_S
+                if self.stopping.is_set():
+                    self._report(report, 0)
+                elif held:
+                    answer = self._report_ahead(report, 1 if quick else 0)
+                else:
+                    held.extend(self._report(report, 2 if quick else 1))
             except PyworkerConnectionError as exc:
                 log.error("worker %s: %s; retrying in 1 s", self.name, exc)
                 self.stopping.wait(1.0)
+        if answer is not None:
+            try:
+                answer()  # what it took stays held in Redis: deregistering gives it back
+            except PyworkerConnectionError as exc:
+                log.error("worker %s: could not send a result: %s", self.name, exc)
 
     def _heartbeat_loop(self):
         last_reap = 0.0
@@ -219,8 +268,8 @@ class Worker:
 
     # --- one task ------------------------------------------------------------------------------
 
-    def _process(self, task: bytes):
-        """Run one task and report it; returns the next task (taken in the same step) or None."""
+    def _process(self, task: bytes) -> _Report | None:
+        """Run one task: its report to send, or None if it was dropped (and said so)."""
         try:
             line = protocol.header_line(task)
             header = protocol.parse_task_header(line)
@@ -302,10 +351,8 @@ class Worker:
         result = self.signer.seal(
             protocol.result_header(header.chunk, protocol.STATUS_OK, self.name, flag), body,
             inline)
-        kept, task = self._finish(header, result, len(items), None if inline else body)
-        if segment is not None and not kept:
-            self.shm.remove(segment.name)  # nobody will read it
-        return task
+        return _Report(header, result, len(items), None if inline else body,
+                       segment.name if segment is not None else None)
 
     def _shm_owner(self, header) -> str | None:
         """The caller's owner tag if a big result may go back through shared memory: the
@@ -342,21 +389,47 @@ class Worker:
             self._uncounted += beat[0]  # counted with the next beat
             self._beat_at = 0.0
 
-    def _finish(self, header, result, n_items, result_payload):
-        beat = self._due_beat(n_items)
+    def _report(self, report: _Report, take: int) -> list[bytes]:
+        """Send a result and take up to ``take`` tasks (see queue._FINISH); the tasks taken."""
+        return self._settle(report, take, self._due_beat(report.n_items))
+
+    def _report_ahead(self, report: _Report, take: int):
+        """_report without waiting for Redis' answer: returns what waits for it."""
+        beat = self._due_beat(report.n_items)
+        h = report.header
+        try:
+            wait = self.broker.finish_later(self.name, h.jid, h.chunk, report.result, take,
+                                            report.payload, had_payload=h.ref, beat=beat)
+        except PyworkerConnectionError:
+            wait = None  # sent again, and waited for, when its answer is due
+        return partial(self._settle, report, take, beat, wait)
+
+    def _settle(self, report: _Report, take: int, beat, wait=None) -> list[bytes]:
+        """The answer to a result (sent already, if ``wait`` reads its answer); sends it (again)
+        until Redis takes it, for up to reconnect_s. The same result twice counts once: the
+        second finds the task no longer held."""
+        h = report.header
         deadline = time.monotonic() + self.settings.reconnect_s
         while True:
             try:
-                return self.broker.finish(self.name, header.jid, header.chunk, result,
-                                          not self.stopping.is_set(), result_payload,
-                                          had_payload=header.ref, beat=beat)
+                if wait is not None:
+                    kept, tasks = wait()
+                else:
+                    kept, tasks = self.broker.finish(self.name, h.jid, h.chunk, report.result,
+                                                     take, report.payload, had_payload=h.ref,
+                                                     beat=beat)
+                break
             except PyworkerConnectionError as exc:
+                wait = None
                 if time.monotonic() > deadline:
                     if beat is not None:
                         self._missed_beat(beat)
                     raise
                 log.error("worker %s: could not send a result: %s; retrying", self.name, exc)
                 time.sleep(0.5)
+        if report.segment is not None and not kept:
+            self.shm.remove(report.segment)  # nobody will read it
+        return tasks
 
     def _drop(self, header, status, reason):
         msg = protocol.result_header(header.chunk, status, self.name, reason)

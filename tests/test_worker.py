@@ -269,3 +269,73 @@ def test_status_counts_every_finished_item_within_a_heartbeat(make_cluster):
 
     wait_until(counted, 5, "status() to count the 60 items")
     assert not _busy_workers(cluster), "an idle worker shows no current task"
+
+
+def _held_counts(cluster, stop):
+    """Sample how many tasks each worker holds (its active hash) until stop is set."""
+    r, keys = cluster.client.broker.redis, cluster.client.broker.keys
+    seen = []
+    while not stop.is_set():
+        names = [n.decode() for n in r.call("SMEMBERS", keys.workers)]
+        seen.append(max([r.call("HLEN", keys.active(n)) for n in names] or [0]))
+        time.sleep(0.01)
+    return seen
+
+
+def _sampling(cluster):
+    stop = threading.Event()
+    t, box = _run_in_thread(_held_counts, cluster, stop)
+    return stop, t, box
+
+
+def test_a_worker_holds_the_next_quick_task_while_it_runs_one_and_no_more(make_cluster):
+    cluster = make_cluster(1)
+    stop, t, box = _sampling(cluster)
+    try:
+        out = pyworker.pmap(lambda x: (time.sleep(0.1), x)[1], range(10), chunksize=1,
+                            client=cluster.client)
+    finally:
+        stop.set()
+        t.join(10)
+    assert out == list(range(10))
+    assert max(box["result"]) == 2, "it held the next task while running one, never more"
+
+
+def test_a_worker_holds_nothing_ahead_of_a_slow_task(make_cluster):
+    cluster = make_cluster(1)
+    stop, t, box = _sampling(cluster)
+    try:
+        out = pyworker.pmap(lambda x: (time.sleep(1.1), x)[1], range(3), chunksize=1,
+                            client=cluster.client)
+    finally:
+        stop.set()
+        t.join(10)
+    assert out == list(range(3)) and max(box["result"]) == 1
+
+
+def test_near_a_jobs_end_no_worker_holds_a_task_another_could_run(make_cluster):
+    cluster = make_cluster(2)
+    pids = pyworker.pmap(lambda x: (time.sleep(0.4), os.getpid())[1], range(4), chunksize=1,
+                         client=cluster.client)
+    assert sorted(pids.count(p) for p in set(pids)) == [2, 2], pids
+
+
+def test_sigterm_gives_back_the_task_held_ahead_without_counting_a_death(make_cluster):
+    cluster = make_cluster(1)
+    r, keys = cluster.client.broker.redis, cluster.client.broker.keys
+    t, box = _run_in_thread(pyworker.pmap, lambda x: (time.sleep(0.3), x, os.getpid())[1:],
+                            range(8), chunksize=1, client=cluster.client)
+    victim = cluster.workers[0]
+    name = wait_until(lambda: [n.decode() for n in r.call("SMEMBERS", keys.workers)], 20,
+                      "the worker to register")[0]
+    wait_until(lambda: r.call("HLEN", keys.active(name)) == 2, 20,
+               "the worker to hold a task ahead")
+    victim.send_signal(signal.SIGTERM)
+    assert victim.wait(10) == 0
+    assert r.call("HLEN", keys.active(name)) == 0, "what it held went back to the queue"
+    assert not redis_keys(cluster, "pyw:job:*:n"), "a worker that stops is no death"
+    cluster.add_worker()
+    t.join(60)
+    assert "error" not in box, box.get("error")
+    assert [x for x, _ in box["result"]] == list(range(8))
+    assert {pid for _, pid in box["result"]} - {victim.pid}, "the rest ran on the new worker"
