@@ -282,35 +282,29 @@ def _held_counts(cluster, stop):
     return seen
 
 
-def _sampling(cluster):
+def _pmap_sampling_held(cluster, fn, items):
+    """pmap(fn, items) one item a chunk, and the most tasks any worker held meanwhile."""
     stop = threading.Event()
     t, box = _run_in_thread(_held_counts, cluster, stop)
-    return stop, t, box
+    try:
+        out = pyworker.pmap(fn, items, chunksize=1, client=cluster.client)
+    finally:
+        stop.set()
+        t.join(10)
+    return out, max(box["result"])
 
 
 def test_a_worker_holds_the_next_quick_task_while_it_runs_one_and_no_more(make_cluster):
     cluster = make_cluster(1)
-    stop, t, box = _sampling(cluster)
-    try:
-        out = pyworker.pmap(lambda x: (time.sleep(0.1), x)[1], range(10), chunksize=1,
-                            client=cluster.client)
-    finally:
-        stop.set()
-        t.join(10)
+    out, held = _pmap_sampling_held(cluster, lambda x: (time.sleep(0.1), x)[1], range(10))
     assert out == list(range(10))
-    assert max(box["result"]) == 2, "it held the next task while running one, never more"
+    assert held == 2, "it held the next task while running one, never more"
 
 
 def test_a_worker_holds_nothing_ahead_of_a_slow_task(make_cluster):
     cluster = make_cluster(1)
-    stop, t, box = _sampling(cluster)
-    try:
-        out = pyworker.pmap(lambda x: (time.sleep(1.1), x)[1], range(3), chunksize=1,
-                            client=cluster.client)
-    finally:
-        stop.set()
-        t.join(10)
-    assert out == list(range(3)) and max(box["result"]) == 1
+    out, held = _pmap_sampling_held(cluster, lambda x: (time.sleep(1.1), x)[1], range(3))
+    assert out == list(range(3)) and held == 1
 
 
 def test_near_a_jobs_end_no_worker_holds_a_task_another_could_run(make_cluster):
