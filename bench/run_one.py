@@ -9,6 +9,7 @@ A backend that cannot start prints {"unavailable": reason}; a workload that fail
 """
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -70,6 +71,9 @@ def main(backend, workloads, repeats):
                 for r in range(repeats):
                     if pmap is None:
                         pmap = enter(stack, backend, workers)
+                        # Workers that did not fork from this process import the workloads'
+                        # module (and numpy) with their first task: not what is measured.
+                        pmap(noop, list(range(4 * workers)))
                     try:
                         figures = fn(pmap, workers)
                     except Exception as exc:
@@ -87,6 +91,11 @@ def main(backend, workloads, repeats):
 
 
 if __name__ == "__main__":
-    # SIGTERM (the runner's time limit) unwinds the with-blocks, which stop the workers
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM (the runner's time limit) unwinds the with-blocks, which stop the workers. A forked
+    # worker (Pool, ProcessPoolExecutor) inherits the handler: there it must end the process at
+    # once, as SIGTERM's default would (Pool.terminate relies on that), not raise SystemExit
+    # wherever the worker happens to be, which can leave it waiting on a lock forever.
+    main_pid = os.getpid()
+    signal.signal(signal.SIGTERM,
+                  lambda *_: sys.exit(143) if os.getpid() == main_pid else os._exit(143))
     main(sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]))
