@@ -6,6 +6,8 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
 
     P:jobs                list   job ids that have queued tasks, rotated for fairness between jobs
     P:wake                list   tokens that wake idle workers blocked in BLPOP (trimmed)
+    P:idle                list   idle workers, the most recently idle first: a new task wakes
+                                 the first (its caches are warm), with a token in its own wake
     P:workers             set    names of registered workers
     P:job:<jid>           hash   job metadata; exists while the job is alive (TTL, kept alive by
                                  the caller; its absence means cancelled, finished or abandoned)
@@ -18,7 +20,9 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
     P:worker:<name>:hb    string the worker's lease; expires when the worker stops heart-beating
     P:worker:<name>:info  hash   host, pid, started, done, current, seen (for status()), shm
                                  (its shared-memory folder identity, shm.py; empty: none)
-    P:worker:<name>:active hash  "<jid> <chunk>" -> the task message it is running
+    P:worker:<name>:active hash  "<jid> <chunk>" -> the task message it is running (and the one
+                                 it took ahead, if any)
+    P:worker:<name>:wake  list   wake tokens for this worker alone (it blocks on it and P:wake)
     P:stats:<unix second> string items finished in that second (expires)
 
 Messages are bytes: one ASCII header line, then (for messages that carry a pickle) a 32-byte
@@ -93,6 +97,10 @@ class Keys:
     def workers(self) -> str:
         return f"{self.prefix}:workers"
 
+    @property
+    def idle(self) -> str:
+        return f"{self.prefix}:idle"
+
     def job(self, jid: str) -> str:
         return f"{self.prefix}:job:{jid}"
 
@@ -127,6 +135,9 @@ class Keys:
     def active(self, name: str) -> str:
         return f"{self.prefix}:worker:{name}:active"
 
+    def worker_wake(self, name: str) -> str:
+        return f"{self.prefix}:worker:{name}:wake"
+
     def stats(self, second: int) -> str:
         return f"{self.prefix}:stats:{second}"
 
@@ -139,6 +150,7 @@ local WAKE_TOKENS_MAX = {WAKE_TOKENS_MAX}
 local K_JOBS = P .. ':jobs'
 local K_WAKE = P .. ':wake'
 local K_WORKERS = P .. ':workers'
+local K_IDLE = P .. ':idle'
 local function k_job(j) return P .. ':job:' .. j end
 local function k_queue(j) return P .. ':job:' .. j .. ':q' end
 local function k_results(j) return P .. ':job:' .. j .. ':r' end
@@ -148,6 +160,7 @@ local function k_rpayloads(j) return P .. ':job:' .. j .. ':rp' end
 local function k_hb(w) return P .. ':worker:' .. w .. ':hb' end
 local function k_info(w) return P .. ':worker:' .. w .. ':info' end
 local function k_active(w) return P .. ':worker:' .. w .. ':active' end
+local function k_wake(w) return P .. ':worker:' .. w .. ':wake' end
 local function k_stats(s) return P .. ':stats:' .. s end
 """
 

@@ -32,7 +32,19 @@ local function dequeue(worker)
 end
 """
 
-_DEQUEUE = _DEQUEUE_FN + "return dequeue(ARGV[1])"
+# A worker that looks for a task between waits (ARGV[2] == '1') leaves the idle stack when it
+# finds one, and joins it (on top: it has just run) when it finds none and is not on it yet.
+_DEQUEUE = _DEQUEUE_FN + r"""
+local t = dequeue(ARGV[1])
+if ARGV[2] == '1' then
+  if t then
+    redis.call('LREM', K_IDLE, 0, ARGV[1])
+  elseif not redis.call('LPOS', K_IDLE, ARGV[1]) then
+    redis.call('LPUSH', K_IDLE, ARGV[1])
+  end
+end
+return t
+"""
 
 # A worker's beat, at most once per heartbeat interval: renew its lease, say it is alive
 # (re-registering it if it was reaped meanwhile), and count the items it finished since the last
@@ -62,6 +74,7 @@ _BEAT = _BEAT_FN + "beat(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])"
 # A second task (held while the first runs, so the worker's next finish need not be waited for)
 # is taken only while the job next in turn has at least as many tasks queued as there are
 # workers: near a job's end, every worker still gets one before any worker holds two.
+# A worker that asked for a task and got none joins the idle stack on top (see _SUBMIT).
 # Returns {1 if the result was kept else 0, the next task or '', the held task or ''}.
 _FINISH = _DEQUEUE_FN + _BEAT_FN + r"""
 local worker, field, jid, rfield = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
@@ -81,7 +94,13 @@ elseif rfield ~= '' then
 end
 if ARGV[5] ~= '' then beat(worker, ARGV[5], ARGV[9], ARGV[10], ARGV[11]) end
 local take, nxt, held = tonumber(ARGV[6]), false, false
-if take > 0 then nxt = dequeue(worker) end
+if take > 0 then
+  nxt = dequeue(worker)
+  if not nxt then  -- idle from now on: the first to wake for the next task
+    redis.call('LREM', K_IDLE, 0, worker)
+    redis.call('LPUSH', K_IDLE, worker)
+  end
+end
 if nxt and take > 1 then
   local head = redis.call('LINDEX', K_JOBS, 0)
   if head and redis.call('LLEN', k_queue(head)) >= redis.call('SCARD', K_WORKERS) then
@@ -91,8 +110,8 @@ end
 return {kept, nxt or '', held or ''}
 """
 
-# ARGV: jid, ttl ms, wake tokens, number of job fields (0: the job exists already), job fields,
-#       tasks...  Returns the queue's length, or -1 when the job is gone (cancelled/expired).
+# ARGV: jid, ttl ms, wake tokens (one per task, at most MAX_WAKE_TOKENS), number of job fields
+#       (0: the job exists already), job fields, tasks...  Returns the queue's length, or -1 when the job is gone (cancelled/expired).
 # A new job is created here, in the same step as its first tasks.
 _SUBMIT = r"""
 local jid, ttl, nfields = ARGV[1], ARGV[2], tonumber(ARGV[4])
@@ -108,7 +127,19 @@ for i = 5 + nfields, #ARGV, 500 do
 end
 redis.call('PEXPIRE', k_queue(jid), ttl)
 if nfields > 0 or not redis.call('LPOS', K_JOBS, jid) then redis.call('RPUSH', K_JOBS, jid) end
-local wake = tonumber(ARGV[3])
+-- Wake the most recently idle workers first, each with a token of its own: a worker that has
+-- just run is the quickest to run again (warm caches, a core that is awake). Tokens left over
+-- go to every waiting worker's common list (workers from before the idle stack, too).
+local wake, woken = tonumber(ARGV[3]), 0
+while woken < wake do
+  local w = redis.call('LPOP', K_IDLE)
+  if not w then break end
+  if redis.call('EXISTS', k_hb(w)) == 1 then
+    redis.call('RPUSH', k_wake(w), '1')
+    woken = woken + 1
+  end
+end
+wake = wake - woken
 if wake > 0 then
   local tokens = {}
   for i = 1, wake do tokens[i] = '1' end
@@ -152,8 +183,9 @@ for _, name in ipairs(names) do
         end
       end
     end
-    redis.call('DEL', k_active(name), k_info(name))
+    redis.call('DEL', k_active(name), k_info(name), k_wake(name))
     redis.call('SREM', K_WORKERS, name)
+    redis.call('LREM', K_IDLE, 0, name)
     table.insert(reaped, name)
   end
 end
@@ -397,14 +429,15 @@ class Broker:
 
     @translate_errors
     def dequeue(self, name: str):
-        return self.redis.run(self._dequeue, name)
+        """Take a task; none: the worker is idle (see _DEQUEUE)."""
+        return self.redis.run(self._dequeue, name, 1)
 
     @translate_errors
     def wait_and_dequeue(self, name: str, timeout_s: float):
-        """Block until woken (or timeout_s), then take a task, in one round trip: Redis runs
-        the dequeue right after the BLPOP returns."""
-        return self._then_script([("BLPOP", self.keys.wake, f"{timeout_s:.3f}")], self._dequeue,
-                                 name)
+        """Block until woken (its own token or a common one) or timeout_s, then take a task, in
+        one round trip: Redis runs the dequeue right after the BLPOP returns."""
+        return self._then_script([("BLPOP", self.keys.worker_wake(name), self.keys.wake,
+                                   f"{timeout_s:.3f}")], self._dequeue, name, 1)
 
     @translate_errors
     def task_payload(self, jid: str, chunk: int):

@@ -103,6 +103,7 @@ def _push_from_another_process(server, key):
 
 @pytest.mark.skipif(not hasattr(resource, "RUSAGE_THREAD"), reason="needs RUSAGE_THREAD (Linux)")
 def test_a_spinning_pipeline_busy_polls_until_its_replies_arrive(r, redis_server):
+    r.call("PING")  # connected (and authenticated: a blocking round trip) before measuring
     pusher = _push_from_another_process(redis_server, "spun")
     replies, blocked = _blocked(lambda: r.pipeline(
         [("SET", "x", "1"), ("BLPOP", "spun", "20")], spin_s=20.0))

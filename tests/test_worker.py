@@ -333,3 +333,32 @@ def test_sigterm_gives_back_the_task_held_ahead_without_counting_a_death(make_cl
     assert "error" not in box, box.get("error")
     assert [x for x, _ in box["result"]] == list(range(8))
     assert {pid for _, pid in box["result"]} - {victim.pid}, "the rest ran on the new worker"
+
+
+def test_the_most_recently_idle_worker_runs_the_next_call(make_cluster):
+    """Sequential one-item calls go to the worker that has just run one (warm), not round the
+    workers in turn."""
+    cluster = make_cluster(3)
+    pids = [pyworker.pmap(lambda x: os.getpid(), [i], client=cluster.client)[0]
+            for i in range(20)]
+    assert max(pids.count(p) for p in set(pids)) >= 15, pids
+
+
+def test_an_idle_worker_that_died_delays_a_task_but_loses_nothing(make_cluster):
+    cluster = make_cluster(2, lease_s=3.0)
+    r, keys = cluster.client.broker.redis, cluster.client.broker.keys
+    victim = pyworker.pmap(lambda x: os.getpid(), [0], client=cluster.client)[0]
+    name = next(n.decode() for n in r.call("SMEMBERS", keys.workers)
+                if r.call("HGET", keys.info(n.decode()), "pid") == str(victim).encode())
+    wait_until(lambda: r.call("LINDEX", keys.idle, 0) == name.encode(), 10,
+               "the worker to go idle, on top of the stack")
+    proc = next(p for p in cluster.workers if p.pid == victim)
+    proc.kill()  # its lease still runs: the next task's token goes to it
+    proc.wait(10)
+    out = pyworker.pmap(lambda x: (x, os.getpid()), [7], client=cluster.client, timeout=20)
+    assert out[0][0] == 7 and out[0][1] != victim, "the other worker ran it after its wait"
+    assert r.call("EXISTS", keys.worker_wake(name)) == 1, "the token went to the dead worker"
+    # once its lease is over, the reaper leaves nothing of it to wake
+    wait_until(lambda: name in cluster.client.broker.reap(), 20, "the reaper")
+    assert name.encode() not in r.call("LRANGE", keys.idle, 0, -1)
+    assert r.call("EXISTS", keys.worker_wake(name)) == 0
