@@ -111,7 +111,8 @@ return {kept, nxt or '', held or ''}
 """
 
 # ARGV: jid, ttl ms, wake tokens (one per task, at most MAX_WAKE_TOKENS), number of job fields
-#       (0: the job exists already), job fields, tasks...  Returns the queue's length, or -1 when the job is gone (cancelled/expired).
+#       (0: the job exists already), job fields, tasks...
+# Returns the queue's length, or -1 when the job is gone (cancelled/expired).
 # A new job is created here, in the same step as its first tasks.
 _SUBMIT = r"""
 local jid, ttl, nfields = ARGV[1], ARGV[2], tonumber(ARGV[4])
@@ -183,6 +184,9 @@ for _, name in ipairs(names) do
         end
       end
     end
+    -- tokens it was woken with and did not take wake another worker instead
+    local owed = redis.call('LLEN', k_wake(name))
+    for _ = 1, owed do redis.call('RPUSH', K_WAKE, '1') end
     redis.call('DEL', k_active(name), k_info(name), k_wake(name))
     redis.call('SREM', K_WORKERS, name)
     redis.call('LREM', K_IDLE, 0, name)
