@@ -34,8 +34,20 @@ def pyworker_local(workers):
 
 @contextlib.contextmanager
 def mp_pool(workers):
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    pool = multiprocessing.get_context("fork").Pool(workers)
+    try:
         yield pool.map
+    finally:
+        # Pool.terminate() joins its workers without a time limit, and here a worker sometimes
+        # never got its SIGTERM (seen twice in a day: the run then hung until --timeout-s).
+        import threading
+        procs = list(pool._pool)
+        timer = threading.Timer(10, lambda: [p.kill() for p in procs if p.exitcode is None])
+        timer.start()
+        try:
+            pool.terminate()
+        finally:
+            timer.cancel()
 
 
 @contextlib.contextmanager
