@@ -229,8 +229,8 @@ def test_a_one_chunk_call_spins_for_its_result_and_a_longer_job_does_not(cluster
 
     def blocked(items):
         before = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
-        assert pmap(time.sleep, items, chunksize=1, client=cluster.client,
-                    progress=False) == [None] * len(items)
+        assert pmap(time.sleep, items, chunksize=1, client=cluster.client, progress=False,
+                    timeout=30) == [None] * len(items)
         return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - before
 
     blocked([0.0])  # the worker count is cached after this

@@ -287,7 +287,7 @@ def _pmap_sampling_held(cluster, fn, items):
     stop = threading.Event()
     t, box = _run_in_thread(_held_counts, cluster, stop)
     try:
-        out = pyworker.pmap(fn, items, chunksize=1, client=cluster.client)
+        out = pyworker.pmap(fn, items, chunksize=1, client=cluster.client, timeout=60)
     finally:
         stop.set()
         t.join(10)
@@ -310,7 +310,7 @@ def test_a_worker_holds_nothing_ahead_of_a_slow_task(make_cluster):
 def test_near_a_jobs_end_no_worker_holds_a_task_another_could_run(make_cluster):
     cluster = make_cluster(2)
     pids = pyworker.pmap(lambda x: (time.sleep(0.4), os.getpid())[1], range(4), chunksize=1,
-                         client=cluster.client)
+                         client=cluster.client, timeout=60)
     assert sorted(pids.count(p) for p in set(pids)) == [2, 2], pids
 
 
@@ -339,7 +339,7 @@ def test_the_most_recently_idle_worker_runs_the_next_call(make_cluster):
     """Sequential one-item calls go to the worker that has just run one (warm), not round the
     workers in turn."""
     cluster = make_cluster(3)
-    pids = [pyworker.pmap(lambda x: os.getpid(), [i], client=cluster.client)[0]
+    pids = [pyworker.pmap(lambda x: os.getpid(), [i], client=cluster.client, timeout=30)[0]
             for i in range(20)]
     assert max(pids.count(p) for p in set(pids)) >= 15, pids
 
@@ -347,7 +347,7 @@ def test_the_most_recently_idle_worker_runs_the_next_call(make_cluster):
 def test_an_idle_worker_that_died_delays_a_task_but_loses_nothing(make_cluster):
     cluster = make_cluster(2, lease_s=3.0)
     r, keys = cluster.client.broker.redis, cluster.client.broker.keys
-    victim = pyworker.pmap(lambda x: os.getpid(), [0], client=cluster.client)[0]
+    victim = pyworker.pmap(lambda x: os.getpid(), [0], client=cluster.client, timeout=30)[0]
     name = next(n.decode() for n in r.call("SMEMBERS", keys.workers)
                 if r.call("HGET", keys.info(n.decode()), "pid") == str(victim).encode())
     wait_until(lambda: r.call("LINDEX", keys.idle, 0) == name.encode(), 10,
