@@ -24,6 +24,13 @@ class RespConnectionError(OSError):
     """The connection failed or closed."""
 
 
+def _encode_all(commands) -> list:
+    buffers = []
+    for args in commands:
+        buffers.extend(_encode(args))
+    return buffers
+
+
 def _encode(args) -> list:
     """RESP request for one command, as buffers: small parts joined, big values kept apart."""
     out, small = [], [b"*%d\r\n" % len(args)]
@@ -180,10 +187,7 @@ class Connection:
         """Replies of several commands sent at once; error replies come back as ReplyError
         objects in place (the caller decides), like MULTI-less redis-py pipelines. With spin_s,
         each reply is busy-polled for (see spin) until spin_s after the send."""
-        buffers = []
-        for args in commands:
-            buffers.extend(_encode(args))
-        self._send(buffers)
+        self._send(_encode_all(commands))
         if spin_s <= 0:
             return [self.read_reply() for _ in commands]
         until = time.perf_counter() + spin_s
@@ -299,9 +303,7 @@ class Redis:
     def send(self, commands) -> "Pending":
         """Send a pipeline now and read its replies later (Pending.replies(), error replies in
         place); the connection is the pipeline's until then."""
-        buffers = []
-        for args in commands:
-            buffers.extend(_encode(args))
+        buffers = _encode_all(commands)
         with self._lock:
             pooled = bool(self._idle)
         conn = self._get()

@@ -121,3 +121,14 @@ def test_without_spin_or_past_it_a_pipeline_blocks_and_still_reads_every_reply(
     replies, blocked = _blocked(lambda: r.pipeline([("BLPOP", "waited", "20")], spin_s=spin_s))
     assert pusher.wait(30) == 0
     assert replies == [[b"waited", b"late"]] and blocked >= 1
+
+
+def test_a_pipeline_sent_now_is_read_later_and_only_once(r):
+    first = r.send([("SET", "later", "1"), ("INCR", "later"), ("LPUSH", "later", "x")])
+    second = r.send([("GET", "later")])  # another connection: the first is still the first's
+    assert second.replies() == [b"2"]
+    replies = first.replies()
+    assert replies[:2] == [b"OK", 2] and isinstance(replies[2], resp.ReplyError)
+    with pytest.raises(RuntimeError, match="read already"):
+        first.replies()
+    assert r.call("GET", "later") == b"2"  # both connections went back to the pool, usable
