@@ -130,7 +130,10 @@ redis.call('PEXPIRE', k_queue(jid), ttl)
 if nfields > 0 or not redis.call('LPOS', K_JOBS, jid) then redis.call('RPUSH', K_JOBS, jid) end
 -- Wake the most recently idle workers first, each with a token of its own: a worker that has
 -- just run is the quickest to run again (warm caches, a core that is awake). Tokens left over
--- go to every waiting worker's common list (workers from before the idle stack, too).
+-- go to every waiting worker's common list (workers from before the idle stack, too), but
+-- never more than there are workers besides those woken: a busy worker takes its next task
+-- with its finish, and every surplus token costs some idle worker a useless round trip later
+-- (a long job would otherwise leave one per chunk behind it).
 local wake, woken = tonumber(ARGV[3]), 0
 while woken < wake do
   local w = redis.call('LPOP', K_IDLE)
@@ -140,12 +143,13 @@ while woken < wake do
     woken = woken + 1
   end
 end
-wake = wake - woken
+local room = math.min(redis.call('SCARD', K_WORKERS), WAKE_TOKENS_MAX) - woken
+wake = math.min(wake - woken, room)
 if wake > 0 then
   local tokens = {}
   for i = 1, wake do tokens[i] = '1' end
-  if redis.call('RPUSH', K_WAKE, unpack(tokens)) > WAKE_TOKENS_MAX then
-    redis.call('LTRIM', K_WAKE, -WAKE_TOKENS_MAX, -1)
+  if redis.call('RPUSH', K_WAKE, unpack(tokens)) > room then
+    redis.call('LTRIM', K_WAKE, -room, -1)
   end
 end
 return len

@@ -149,3 +149,28 @@ def test_a_submit_that_waits_for_its_result_never_waits_on_a_fresh_redis(make_cl
     cluster.client.broker.redis.call("SCRIPT", "FLUSH")
     assert pyworker.pmap(abs, [-3], client=cluster.client, timeout=60) == [3]
     assert pyworker.pmap(abs, [-4], client=cluster.client, timeout=60) == [4]
+
+
+def test_surplus_wake_tokens_never_pile_up(redis_server):
+    """Busy workers take their next task with their finish: tokens for more waiting workers
+    than there are would each cost some idle worker a useless round trip later."""
+    from pyworker.config import Settings
+    from pyworker.queue import Broker
+    broker = Broker(Settings(redis_url=redis_server.url, redis_password=redis_server.password,
+                             secret="s"))
+    try:
+        for name in ("w1", "w2"):  # registered and busy: neither is on the idle stack
+            broker.register_worker(name, {"pid": "1"})
+        broker.submit("job1", [b"t"] * 8, 8, meta={"created": "1"})
+        assert broker.redis.call("LLEN", broker.keys.wake) == 2
+        for _ in range(20):  # a long job: one more chunk for each result
+            broker.submit("job1", [b"t"], 1)
+        assert broker.redis.call("LLEN", broker.keys.wake) == 2
+        # an idle worker is woken through its own list, and takes its share of the room
+        broker.redis.call("DEL", broker.keys.wake)
+        broker.redis.call("LPUSH", broker.keys.idle, "w1")
+        broker.submit("job1", [b"t"] * 8, 8)
+        assert broker.redis.call("LLEN", broker.keys.worker_wake("w1")) == 1
+        assert broker.redis.call("LLEN", broker.keys.wake) == 1
+    finally:
+        broker.close()
