@@ -143,7 +143,8 @@ while woken < wake do
     woken = woken + 1
   end
 end
-local room = math.min(redis.call('SCARD', K_WORKERS), WAKE_TOKENS_MAX) - woken
+local room = 0
+if wake > woken then room = math.min(redis.call('SCARD', K_WORKERS), WAKE_TOKENS_MAX) - woken end
 wake = math.min(wake - woken, room)
 if wake > 0 then
   local tokens = {}
