@@ -280,18 +280,19 @@ class Broker:
     def close(self):
         self.redis.close()
 
-    def _then_script(self, commands: list, script: resp.Script, *args):
-        """Send commands and a script call in one round trip; the script's reply."""
+    def _then_script(self, commands: list, script: resp.Script, *args, retry: bool = True):
+        """Send commands and a script call in one round trip; the script's reply. retry=False
+        for a script that moves tasks (resp.Redis._with_connection)."""
         replies = self.redis.pipeline(commands + [("EVALSHA", script.sha, 0, *args)],
-                                      raise_errors=False)
-        return self._script_reply(replies, script, args)
+                                      raise_errors=False, retry=retry)
+        return self._script_reply(replies, script, args, retry)
 
-    def _script_reply(self, replies: list, script: resp.Script, args):
+    def _script_reply(self, replies: list, script: resp.Script, args, retry: bool = True):
         """The last reply, a script's (run again by its source if Redis did not have it); an
         error reply of any command raises."""
         last = replies[-1]
         if isinstance(last, resp.ReplyError) and str(last).startswith("NOSCRIPT"):
-            last = self.redis.run(script, *args)
+            last = self.redis.run(script, *args, retry=retry)
         for reply in replies[:-1] + [last]:
             if isinstance(reply, resp.ReplyError):
                 raise reply
@@ -439,14 +440,20 @@ class Broker:
     @translate_errors
     def dequeue(self, name: str):
         """Take a task; none: the worker is idle (see _DEQUEUE)."""
-        return self.redis.run(self._dequeue, name, 1)
+        return self.redis.run(self._dequeue, name, 1, retry=False)
 
     @translate_errors
     def wait_and_dequeue(self, name: str, timeout_s: float):
         """Block until woken (its own token or a common one) or timeout_s, then take a task, in
         one round trip: Redis runs the dequeue right after the BLPOP returns."""
         return self._then_script([("BLPOP", self.keys.worker_wake(name), self.keys.wake,
-                                   f"{timeout_s:.3f}")], self._dequeue, name, 1)
+                                   f"{timeout_s:.3f}")], self._dequeue, name, 1, retry=False)
+
+    @translate_errors
+    def held_tasks(self, name: str) -> dict[str, bytes]:
+        """The tasks a worker holds in Redis: "<jid> <chunk>" -> task message."""
+        flat = self.redis.call("HGETALL", self.keys.active(name)) or []
+        return {_s(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
 
     @translate_errors
     def task_payload(self, jid: str, chunk: int):
@@ -478,7 +485,7 @@ class Broker:
         beat goes in the same step (see heartbeat)."""
         commands, args = self._finish_call(name, jid, chunk, result, take, result_payload,
                                            had_payload, beat)
-        return self._finished(self._then_script(commands, self._finish, *args))
+        return self._finished(self._then_script(commands, self._finish, *args, retry=False))
 
     @translate_errors
     def finish_later(self, name: str, jid: str, chunk: int, result: bytes, take: int,
@@ -493,7 +500,8 @@ class Broker:
 
     @translate_errors
     def _finish_answer(self, pending, args) -> tuple[bool, list[bytes]]:
-        return self._finished(self._script_reply(pending.replies(), self._finish, args))
+        return self._finished(self._script_reply(pending.replies(), self._finish, args,
+                                                 retry=False))
 
     @translate_errors
     def drop_task(self, name: str, jid: str, chunk: int, result: bytes,

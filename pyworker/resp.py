@@ -268,16 +268,18 @@ class Redis:
                 return
         conn.close()
 
-    def _with_connection(self, use):
+    def _with_connection(self, use, retry: bool = True):
         """Run use(conn); a pooled connection that turns out dead (the server restarted or
-        closed it while idle) is replaced once by a new one."""
+        closed it while idle) is replaced once by a new one. Not with retry=False: a command
+        that is not idempotent (one that moves tasks) may have run before the connection
+        broke, and its caller must find out what happened instead."""
         with self._lock:
             pooled = bool(self._idle)
         conn = self._get()
         try:
             return use(conn)
         except RespConnectionError:
-            if not pooled:
+            if not pooled or not retry:
                 raise
             self.close()
             conn = self._get(fresh=True)
@@ -285,15 +287,15 @@ class Redis:
         finally:
             self._put(conn)
 
-    def call(self, *args, timeout=None):
-        return self._with_connection(lambda conn: conn.call(*args, timeout=timeout))
+    def call(self, *args, timeout=None, retry: bool = True):
+        return self._with_connection(lambda conn: conn.call(*args, timeout=timeout), retry)
 
     def blocking(self, *args, wait_s: float):
         """A blocking command (BLPOP ...) whose server-side timeout is wait_s."""
         return self.call(*args, timeout=wait_s + max(5.0, wait_s))
 
-    def pipeline(self, commands, raise_errors=True, spin_s: float = 0.0):
-        replies = self._with_connection(lambda conn: conn.pipeline(commands, spin_s))
+    def pipeline(self, commands, raise_errors=True, spin_s: float = 0.0, retry: bool = True):
+        replies = self._with_connection(lambda conn: conn.pipeline(commands, spin_s), retry)
         if raise_errors:
             for reply in replies:
                 if isinstance(reply, ReplyError):
@@ -317,13 +319,13 @@ class Redis:
             conn._send(buffers)
         return Pending(self, conn, len(commands))
 
-    def run(self, script: Script, *args):
+    def run(self, script: Script, *args, retry: bool = True):
         try:
-            return self.call("EVALSHA", script.sha, 0, *args)
+            return self.call("EVALSHA", script.sha, 0, *args, retry=retry)
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            return self.call("EVAL", script.source, 0, *args)
+            return self.call("EVAL", script.source, 0, *args, retry=retry)
 
     def close(self):
         with self._lock:

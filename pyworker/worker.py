@@ -198,11 +198,19 @@ class Worker:
         back what it had not started (deregister_worker)."""
         held: deque[bytes] = deque()
         answer = None  # settles a result sent ahead: its answer is (kept, tasks taken)
+        resync = False  # after a lost connection: what does Redis say this worker holds?
         first = self.broker.dequeue(self.name)
         if first is not None:
             held.append(first)
         while not self.stopping.is_set():
             try:
+                if resync and answer is None:
+                    # A dequeue whose answer was lost may have run: its task is in Redis as
+                    # this worker's, and nobody else would ever run it.
+                    known = {_field(t) for t in held}
+                    held.extend(t for f, t in self.broker.held_tasks(self.name).items()
+                                if f not in known)
+                    resync = False
                 if answer is not None and not held:
                     answer, settle = None, answer
                     held.extend(settle())
@@ -215,10 +223,11 @@ class Worker:
                     continue
                 started = time.monotonic()
                 report = self._process(held[0])
-                held.popleft()
+                ran = held.popleft()
                 if answer is not None:
                     answer, settle = None, answer
-                    held.extend(settle())
+                    # what it holds besides: the task just run (its result not sent yet) too
+                    held.extend(settle(holding=(ran, *held)))
                 if report is None:
                     continue
                 quick = time.monotonic() - started < LOOKAHEAD_MAX_S
@@ -230,6 +239,7 @@ class Worker:
                     held.extend(self._report(report, 2 if quick else 1))
             except PyworkerConnectionError as exc:
                 log.error("worker %s: %s; retrying in 1 s", self.name, exc)
+                resync = True
                 self.stopping.wait(1.0)
         if answer is not None:
             try:
@@ -404,32 +414,54 @@ class Worker:
             wait = None  # sent again, and waited for, when its answer is due
         return partial(self._settle, report, take, beat, wait)
 
-    def _settle(self, report: _Report, take: int, beat, wait=None) -> list[bytes]:
+    def _settle(self, report: _Report, take: int, beat, wait=None, holding=()) -> list[bytes]:
         """The answer to a result (sent already, if ``wait`` reads its answer); sends it (again)
-        until Redis takes it, for up to reconnect_s. The same result twice counts once: the
-        second finds the task no longer held."""
+        until Redis takes it, for up to reconnect_s. ``holding``: the tasks this worker holds
+        already (taken ahead, not started).
+
+        A finish whose answer was lost may have run in Redis all the same: before sending it
+        again, the worker looks at what Redis says it holds. Its task gone from there means
+        the finish ran (the result is in, and what it took is there); sending it again would
+        find the task no longer held, call the result not kept, and strand the tasks it took."""
         h = report.header
         deadline = time.monotonic() + self.settings.reconnect_s
+        failed, attempts = False, 0
         while True:
             try:
                 if wait is not None:
                     kept, tasks = wait()
+                elif failed and (ran := self._ran(h, holding)) is not None:
+                    kept, tasks = True, ran
                 else:
                     kept, tasks = self.broker.finish(self.name, h.jid, h.chunk, report.result,
                                                      take, report.payload, had_payload=h.ref,
                                                      beat=beat)
                 break
             except PyworkerConnectionError as exc:
-                wait = None
+                wait, failed = None, True
                 if time.monotonic() > deadline:
                     if beat is not None:
                         self._missed_beat(beat)
                     raise
                 log.error("worker %s: could not send a result: %s; retrying", self.name, exc)
-                time.sleep(0.5)
+                if attempts:  # the first retry at once: the connection may just have dropped
+                    time.sleep(0.5)
+                attempts += 1
         if report.segment is not None and not kept:
             self.shm.remove(report.segment)  # nobody will read it
         return tasks
+
+    def _ran(self, header, holding) -> list[bytes] | None:
+        """After a lost answer: None if Redis still has the task as held by this worker (the
+        finish did not run), else the tasks that finish took (held, and not in ``holding``).
+        (If the worker was declared dead meanwhile, its tasks went back to the queues and it
+        holds nothing: the result is then called kept, which at worst leaves a shared-memory
+        segment for the sweep.)"""
+        held = self.broker.held_tasks(self.name)
+        if f"{header.jid} {header.chunk}" in held:
+            return None
+        known = {_field(t) for t in holding}
+        return [t for f, t in held.items() if f not in known]
 
     def _drop(self, header, status, reason):
         msg = protocol.result_header(header.chunk, status, self.name, reason)
@@ -448,6 +480,15 @@ class Worker:
         while len(self.functions) > FUNCTION_CACHE_SIZE:
             self.functions.popitem(last=False)
         return fn
+
+
+def _field(task: bytes) -> str | None:
+    """A task message's field in its worker's active hash ("<jid> <chunk>")."""
+    try:
+        h = protocol.parse_task_header(protocol.header_line(task))
+    except ValueError:
+        return None
+    return f"{h.jid} {h.chunk}"
 
 
 def main(settings: Settings) -> int:

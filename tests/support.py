@@ -65,3 +65,73 @@ def redis_bytes_in(cluster) -> int:
         if line.startswith("total_net_input_bytes:"):
             return int(line.split(":")[1])
     raise AssertionError("no total_net_input_bytes in INFO stats")
+
+
+class ReplyDroppingProxy:
+    """A TCP proxy in front of Redis that forwards everything, except that it cuts the
+    connection instead of passing on some answers: the request ran in Redis, its answer is
+    lost. It counts the answers to requests containing ``marker`` (for instance a script's
+    sha) that contain ``answer_marker`` (if given), and drops those whose count is in
+    ``drop``."""
+
+    def __init__(self, upstream_port, marker: bytes, drop: set[int],
+                 answer_marker: bytes | None = None):
+        import socket
+        import threading
+        self.upstream_port, self.marker, self.drop = upstream_port, marker, set(drop)
+        self.answer_marker = answer_marker
+        self.seen = self.dropped = 0
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.2)
+        self.port = self._server.getsockname()[1]
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+        while not self._stop.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                continue
+            client.settimeout(None)
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+            upstream.settimeout(None)
+            state = {"armed": False}
+            for args in ((client, upstream, state, True), (upstream, client, state, False)):
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
+
+    def _pump(self, src, dst, state, to_redis):
+        import socket
+        try:
+            while not self._stop.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                if to_redis:
+                    if self.marker in data:
+                        state["armed"] = True
+                elif state["armed"] and (self.answer_marker is None
+                                         or self.answer_marker in data):
+                    state["armed"] = False
+                    with self._lock:
+                        self.seen += 1
+                        lose = self.seen in self.drop
+                        self.dropped += lose
+                    if lose:
+                        break  # the answer is lost with the connection
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):  # shutdown first: it wakes the other direction's blocked recv
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self._stop.set()
+        self._server.close()

@@ -362,3 +362,61 @@ def test_an_idle_worker_that_died_delays_a_task_but_loses_nothing(make_cluster):
     wait_until(lambda: name in cluster.client.broker.reap(), 20, "the reaper")
     assert name.encode() not in r.call("LRANGE", keys.idle, 0, -1)
     assert r.call("EXISTS", keys.worker_wake(name)) == 0
+
+
+def test_a_finish_whose_answer_is_lost_loses_and_repeats_nothing(make_cluster, tmp_path):
+    """The connection drops after Redis ran a worker's finish and before its answer arrived:
+    the result counts (its shared-memory segment too), what the finish took still runs, and
+    nothing runs twice."""
+    from support import ReplyDroppingProxy
+    cluster = make_cluster(0)
+    broker = cluster.client.broker
+    sha = broker.redis.call("SCRIPT", "LOAD", broker._finish.source)  # every EVALSHA runs
+    # the 1st finish waits for its answer; the 3rd is read after the task held ahead
+    proxy = ReplyDroppingProxy(cluster.redis.port, sha, drop={1, 3})
+    try:
+        cluster.add_worker(env={"PYWORKER_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"})
+        cluster.wait_for_workers(1)
+        log = tmp_path / "ran.txt"
+
+        def task(x):
+            with open(log, "a") as f:
+                f.write(f"{x}\n")
+            return bytes([x]) * (300_000 if x % 2 else 10)  # odd items: shared memory
+
+        out = pyworker.pmap(task, range(8), chunksize=1, client=cluster.client, timeout=60)
+        assert out == [bytes([x]) * (300_000 if x % 2 else 10) for x in range(8)]
+        assert proxy.dropped == 2, "the answers of two finishes were lost"
+        assert sorted(int(x) for x in log.read_text().split()) == list(range(8)), \
+            "every item ran exactly once"
+    finally:
+        proxy.close()
+
+
+def test_a_dequeue_whose_answer_is_lost_strands_nothing(make_cluster, tmp_path):
+    """The connection drops after Redis handed a task to a worker and before the worker read
+    it: the task is the worker's in Redis, so the worker must find it there and run it (no
+    other worker ever would: its owner is alive)."""
+    from support import ReplyDroppingProxy
+    cluster = make_cluster(0)
+    broker = cluster.client.broker
+    sha = broker.redis.call("SCRIPT", "LOAD", broker._dequeue.source)
+    log = tmp_path / "ran.txt"
+
+    def task(x):
+        with open(log, "a") as f:
+            f.write(f"{x}\n")
+        return -x
+
+    fn_sha = cluster.client.function_blob(task)[0].encode()
+    proxy = ReplyDroppingProxy(cluster.redis.port, sha, drop={1}, answer_marker=fn_sha)
+    try:
+        cluster.add_worker(env={"PYWORKER_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"})
+        cluster.wait_for_workers(1)
+        out = pyworker.pmap(task, range(6), chunksize=1, client=cluster.client, timeout=60)
+        assert out == [-x for x in range(6)]
+        assert proxy.dropped == 1, "a dequeue's answer, with a task in it, was lost"
+        assert sorted(int(x) for x in log.read_text().split()) == list(range(6)), \
+            "every item ran exactly once"
+    finally:
+        proxy.close()
