@@ -204,6 +204,10 @@ class Job:
         self._shm_off = False
         self._used_shm = False  # a segment of this job was written or read
         self._early: list[bytes] = []  # results that came back with a submit
+        # Results taken (moved to the job's taken list) that Redis keeps until acknowledged
+        # with the next pop; after a lost connection, the list is read back (_recover).
+        self._unacked: list[bytes] = []
+        self._recover = False
         self._last_result = self._last_check = time.monotonic()
         if self.shm is not None:
             shm.job_started(self.jid)
@@ -285,6 +289,7 @@ class Job:
                         queued, first_result = queued
                         if first_result is not None:
                             self._early.append(first_result)
+                            self._unacked.append(first_result)
                 except BaseException:
                     self._pending_blobs.update(blobs)
                     raise
@@ -341,8 +346,9 @@ class Job:
                     if self.created and not client.broker.job_exists(self.jid):
                         raise self._lost()
                     lost_since = None
-                data = self._early.pop(0) if self._early else client.broker.pop_result(self.jid,
-                                                                                       wait)
+                if self._recover:
+                    self._recover_taken()
+                data = self._early.pop(0) if self._early else self._pop(wait)
                 if data is None:
                     client.maybe_reap()
                     continue
@@ -355,11 +361,27 @@ class Job:
                     self._drop_segments((result.chunk,))
                 return result
             except PyworkerConnectionError:
+                self._recover = self.created  # a result taken may have been lost on the way
                 now = time.monotonic()
                 lost_since = lost_since or now
                 if now - lost_since > client.settings.reconnect_s:
                     raise
                 time.sleep(0.2)
+
+    def _pop(self, wait: float):
+        data = self.client.broker.pop_result(self.jid, wait, len(self._unacked))
+        self._unacked = [data] if data is not None else []
+        return data
+
+    def _recover_taken(self):
+        """After a lost connection: results taken whose answer never arrived are still in the
+        taken list; those this job had already are skipped (their acknowledgement may not
+        have happened)."""
+        taken = self.client.broker.taken_results(self.jid)
+        had = set(self._unacked) | set(self._early)
+        self._early.extend(m for m in taken if m not in had)
+        self._unacked = list(taken)  # acknowledged with the next pop
+        self._recover = False
 
     def _lost(self) -> JobLostError:
         """The job is gone from Redis; this Job object is finished."""

@@ -13,6 +13,8 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
                                  the caller; its absence means cancelled, finished or abandoned)
     P:job:<jid>:q         list   queued task messages of the job
     P:job:<jid>:r         list   result messages of the job
+    P:job:<jid>:rt        list   results the caller took (BLMOVE from :r) and has not yet
+                                 acknowledged: a result whose answer was lost is found here
     P:job:<jid>:n         hash   chunk id -> how many times a worker died running it
     P:job:<jid>:p         hash   chunk id -> task payload too big to travel inline
     P:job:<jid>:rp        hash   "<chunk> <worker>" -> result payload too big to travel inline
@@ -110,6 +112,9 @@ class Keys:
     def results(self, jid: str) -> str:
         return f"{self.prefix}:job:{jid}:r"
 
+    def results_taken(self, jid: str) -> str:
+        return f"{self.prefix}:job:{jid}:rt"
+
     def attempts(self, jid: str) -> str:
         return f"{self.prefix}:job:{jid}:n"
 
@@ -120,8 +125,8 @@ class Keys:
         return f"{self.prefix}:job:{jid}:rp"
 
     def job_keys(self, jid: str) -> list[str]:
-        return [self.job(jid), self.queue(jid), self.results(jid), self.attempts(jid),
-                self.payloads(jid), self.result_payloads(jid)]
+        return [self.job(jid), self.queue(jid), self.results(jid), self.results_taken(jid),
+                self.attempts(jid), self.payloads(jid), self.result_payloads(jid)]
 
     def fn(self, sha: str) -> str:
         return f"{self.prefix}:fn:{sha}"

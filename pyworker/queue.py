@@ -356,18 +356,25 @@ class Broker:
         # restarted Redis), so the script is loaded in the same round trip until it is known.
         load = [] if self._submit_loaded else [("SCRIPT", "LOAD", self._submit.source)]
         replies = self.redis.pipeline(
-            commands + load + [("EVALSHA", self._submit.sha, 0, *args),
-                               ("BLPOP", self.keys.results(jid), f"{pop_s:.3f}")],
-            raise_errors=False, spin_s=spin_s)
-        queued, popped = replies[-2], replies[-1]
+            commands + load + [("EVALSHA", self._submit.sha, 0, *args)]
+            + self._take_result(jid, pop_s), raise_errors=False, spin_s=spin_s, retry=False)
+        queued, popped = replies[-3], replies[-2]
         self._submit_loaded = True
         if isinstance(queued, resp.ReplyError) and str(queued).startswith("NOSCRIPT"):
             self._submit_loaded = False
             queued, popped = self.redis.run(self._submit, *args), None
-        for reply in replies[:-2] + [queued, popped]:
+        for reply in replies[:-3] + [queued, popped, replies[-1]]:
             if isinstance(reply, resp.ReplyError):
                 raise reply
-        return queued, (popped[1] if popped else None)
+        return queued, popped
+
+    def _take_result(self, jid: str, wait_s: float) -> list[tuple]:
+        """Move the job's next result to its taken list, waiting up to wait_s: the result
+        stays in Redis until the caller acknowledges it (pop_result's ack), so an answer lost
+        with its connection loses no result (taken_results finds it)."""
+        taken = self.keys.results_taken(jid)
+        return [("BLMOVE", self.keys.results(jid), taken, "LEFT", "RIGHT", f"{wait_s:.3f}"),
+                ("PEXPIRE", taken, self._ttl_ms)]
 
     @translate_errors
     def take_result_payload(self, jid: str, field: str):
@@ -376,11 +383,18 @@ class Broker:
         return got
 
     @translate_errors
-    def pop_result(self, jid: str, timeout_s: float):
-        """The next result message of the job, or None after timeout_s."""
+    def pop_result(self, jid: str, timeout_s: float, ack: int = 0):
+        """The next result message of the job, or None after timeout_s; first, the ``ack``
+        oldest results taken before are acknowledged (the caller has them: they leave Redis)."""
         wait = max(timeout_s, 0.01)
-        item = self.redis.blocking("BLPOP", self.keys.results(jid), f"{wait:.3f}", wait_s=wait)
-        return None if item is None else item[1]
+        commands = [("LPOP", self.keys.results_taken(jid), ack)] if ack else []
+        replies = self.redis.pipeline(commands + self._take_result(jid, wait), retry=False)
+        return replies[-2]
+
+    @translate_errors
+    def taken_results(self, jid: str) -> list[bytes]:
+        """The results taken and not acknowledged, oldest first."""
+        return self.redis.call("LRANGE", self.keys.results_taken(jid), 0, -1) or []
 
     @translate_errors
     def job_exists(self, jid: str) -> bool:

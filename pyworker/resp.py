@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import socket
 import ssl
 import threading
@@ -86,6 +87,17 @@ class Connection:
             self.call(*auth)
         if db:
             self.call("SELECT", db)
+
+    def idle_and_open(self) -> bool:
+        """An idle pooled connection has nothing to read: readable means the server closed
+        it (or sent what nobody asked for). One poll() call, no wait: a command that is not
+        idempotent can then rarely meet a connection that was dead before it was sent."""
+        try:
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            return not poller.poll(0)
+        except (OSError, ValueError):
+            return False
 
     def close(self):
         self.broken = True
@@ -252,10 +264,14 @@ class Redis:
         self._lock = threading.Lock()
 
     def _get(self, fresh=False) -> Connection:
-        if not fresh:
+        while not fresh:
             with self._lock:
-                if self._idle:
-                    return self._idle.pop()
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                break
+            if conn.idle_and_open():
+                return conn
+            conn.close()  # closed by the server meanwhile (a restart): not worth a failure
         return Connection(self.host, self.port, self.password, self.username, self.db, self.tls,
                           self.connect_timeout, self.timeout, self.path)
 

@@ -61,3 +61,30 @@ def test_executor_fails_pending_futures_when_redis_loses_the_job(make_cluster):
                 f.result(timeout=30)
         # The executor is still usable: the next submit starts a new job.
         assert ex.submit(slow_square, 4).result(timeout=30) == 16
+
+
+def test_a_result_whose_answer_is_lost_is_found_again(make_cluster):
+    """The connection drops after Redis handed the caller a result and before the caller
+    read it: the result stays in Redis until acknowledged, so the caller finds it there after
+    reconnecting (before, the job waited for it for ever). Shared-memory results too."""
+    import dataclasses
+
+    from support import ReplyDroppingProxy
+    cluster = make_cluster(2)
+    proxy = ReplyDroppingProxy(cluster.redis.port, b":r\r\n", drop={2, 4},
+                               answer_marker=b" ok ")
+    client = pyworker.Client(dataclasses.replace(
+        cluster.settings(), redis_url=f"redis://127.0.0.1:{proxy.port}/0"))
+    try:
+        big = lambda x: bytes([x]) * (300_000 if x % 2 else 10)  # noqa: E731
+        out = pyworker.pmap(big, range(8), chunksize=1, client=client, timeout=60)
+        assert out == [big(x) for x in range(8)]
+        assert proxy.dropped == 2, "two answers with a result in them were lost"
+        # what was taken left Redis with the job (deleted with the client's next round trip;
+        # the next job's own result is the one left)
+        assert pyworker.pmap(abs, [-1], client=client, timeout=60) == [1]
+        r = cluster.client.broker.redis
+        assert [r.call("LLEN", k) for k in r.call("KEYS", "pyw:job:*:rt")] == [1]
+    finally:
+        client.close()
+        proxy.close()
