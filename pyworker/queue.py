@@ -160,6 +160,17 @@ return len
 # as dead anyway: a restarted worker reclaiming its own name). A task whose workers died more
 # than ARGV[1] times fails with a 'lost' result instead. With ARGV[3] == '1' the named worker
 # is stopping and gives back tasks it had not started: they are re-queued and not counted.
+# The shared-memory identity ('' for none) of every worker with a live lease, in one step.
+_LIVE = r"""
+local out = {}
+for _, name in ipairs(redis.call('SMEMBERS', K_WORKERS)) do
+  if redis.call('EXISTS', k_hb(name)) == 1 then
+    out[#out + 1] = redis.call('HGET', k_info(name), 'shm') or ''
+  end
+end
+return out
+"""
+
 _REAP = r"""
 local max_retries = tonumber(ARGV[1])
 local release = ARGV[3] == '1'
@@ -270,6 +281,7 @@ class Broker:
         self._submit = resp.Script(prelude + _SUBMIT)
         self._beat = resp.Script(prelude + _BEAT)
         self._reap = resp.Script(prelude + _REAP)
+        self._live = resp.Script(prelude + _LIVE)
         self._submit_loaded = False  # whether Redis is known to have the submit script
         self._ttl_ms = int(settings.job_ttl_s * 1000)
         self._lease_ms = int(settings.lease_s * 1000)
@@ -319,15 +331,7 @@ class Broker:
     @translate_errors
     def live_worker_shm(self) -> list[str]:
         """The shared-memory identity ('' for none) of every worker with a live lease."""
-        names = self.redis.call("SMEMBERS", self.keys.workers)
-        if not names:
-            return []
-        commands = []
-        for n in names:
-            commands += [("EXISTS", self.keys.heartbeat(_s(n))), ("HGET", self.keys.info(_s(n)),
-                                                                  "shm")]
-        replies = self.redis.pipeline(commands)
-        return [_s(replies[i + 1] or b"") for i in range(0, len(replies), 2) if replies[i]]
+        return [_s(i) for i in self.redis.run(self._live) or []]
 
     @translate_errors
     def submit(self, jid: str, tasks: list[bytes], wake: int, meta: dict | None = None,

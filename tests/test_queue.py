@@ -174,3 +174,25 @@ def test_surplus_wake_tokens_never_pile_up(redis_server):
         assert broker.redis.call("LLEN", broker.keys.wake) == 1
     finally:
         broker.close()
+
+
+def test_live_workers_are_those_with_a_lease_in_one_round_trip(redis_server, monkeypatch):
+    from pyworker import resp
+    from pyworker.config import Settings
+    from pyworker.queue import Broker
+    broker = Broker(Settings(redis_url=redis_server.url, redis_password=redis_server.password,
+                             secret="s"))
+    try:
+        assert broker.live_worker_shm() == []
+        broker.register_worker("a", {"shm": "id-a"})
+        broker.register_worker("b", {"pid": "2"})  # no shared memory
+        broker.register_worker("c", {"shm": "id-c"})
+        broker.redis.call("DEL", broker.keys.heartbeat("c"))  # its lease is gone
+        sent = []
+        send = resp.Connection._send
+        monkeypatch.setattr(resp.Connection, "_send", lambda c, b: (sent.append(1), send(c, b)))
+        assert sorted(broker.live_worker_shm()) == ["", "id-a"]
+        assert len(sent) == 1, "one round trip, however many workers"
+        assert broker.live_workers() == 2
+    finally:
+        broker.close()
