@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -253,7 +254,27 @@ class Job:
         submit also creates the job and uploads its function, in the same round trip. With
         wait_s (the caller waits for results next anyway), that round trip also waits up to
         wait_s for the first result, which next_result() then returns, busy-polling for it the
-        first spin_s (a short one-chunk call: see Settings.spin_s)."""
+        first spin_s (a short one-chunk call: see Settings.spin_s).
+
+        Redis out of reach is waited for (PYWORKER_RECONNECT_S), the batch then sent again:
+        if the lost attempt had queued it after all, its chunks run twice and the second
+        result of each is ignored; a result it took is found in the taken list (_recover)."""
+        deadline = time.monotonic() + self.client.settings.reconnect_s
+        warned = False
+        while True:
+            try:
+                return self._submit(mode, fn_sha, chunks, wait_s, spin_s)
+            except PyworkerConnectionError as exc:
+                if not exc.retryable or time.monotonic() >= deadline:
+                    raise
+                self._recover = self.created or wait_s is not None
+                if not warned:
+                    warned = True
+                    print(f"pyworker: {exc}; sending again for up to "
+                          f"{self.client.settings.reconnect_s:g} s", file=sys.stderr, flush=True)
+                time.sleep(0.2)
+
+    def _submit(self, mode, fn_sha, chunks, wait_s, spin_s) -> list[int]:
         client = self.client
         with self._submit_lock:
             use_shm = (self.shm is not None and not self._shm_off

@@ -88,3 +88,26 @@ def test_a_result_whose_answer_is_lost_is_found_again(make_cluster):
     finally:
         client.close()
         proxy.close()
+
+
+def test_a_submit_whose_answer_is_lost_is_sent_again(make_cluster, tmp_path, capsys):
+    """The connection drops after Redis queued a batch (and handed the caller its first
+    result) and before the caller read the answer: the caller sends the batch again instead of
+    failing, and finds the result it had taken."""
+    import dataclasses
+
+    from support import ReplyDroppingProxy
+    cluster = make_cluster(2)
+    broker = cluster.client.broker
+    proxy = ReplyDroppingProxy(cluster.redis.port, broker._submit.sha.encode(), drop={1},
+                               answer_marker=b" ok ")
+    client = pyworker.Client(dataclasses.replace(
+        cluster.settings(), redis_url=f"redis://127.0.0.1:{proxy.port}/0"))
+    try:
+        out = pyworker.pmap(abs, range(-6, 0), chunksize=1, client=client, timeout=60)
+        assert out == [6, 5, 4, 3, 2, 1]
+        assert proxy.dropped == 1, "the answer to a submit, with a result in it, was lost"
+        assert "sending again" in capsys.readouterr().err
+    finally:
+        client.close()
+        proxy.close()
