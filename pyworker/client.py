@@ -374,7 +374,11 @@ class Job:
                     client.maybe_reap()
                     continue
                 self._last_result = time.monotonic()
-                result = self._parse(data)
+                try:
+                    result = self._parse(data)
+                except PyworkerConnectionError:
+                    self._early.insert(0, data)  # read it again, once Redis is back
+                    raise
                 if result.status == protocol.STATUS_RESEND and result.chunk in self._segments:
                     self._resend(result.chunk)
                     continue

@@ -382,8 +382,11 @@ class Broker:
 
     @translate_errors
     def take_result_payload(self, jid: str, field: str):
-        got, _ = self.redis.pipeline([("HGET", self.keys.result_payloads(jid), field),
-                                      ("HDEL", self.keys.result_payloads(jid), field)])
+        """A result's payload; it leaves Redis with the next round trip (not this one: an
+        answer lost with its connection would take the payload with it)."""
+        got = self.redis.call("HGET", self.keys.result_payloads(jid), field)
+        if got is not None:
+            self._deferred.append(("HDEL", self.keys.result_payloads(jid), field))
         return got
 
     @translate_errors
@@ -391,8 +394,14 @@ class Broker:
         """The next result message of the job, or None after timeout_s; first, the ``ack``
         oldest results taken before are acknowledged (the caller has them: they leave Redis)."""
         wait = max(timeout_s, 0.01)
-        commands = [("LPOP", self.keys.results_taken(jid), ack)] if ack else []
-        replies = self.redis.pipeline(commands + self._take_result(jid, wait), retry=False)
+        commands = self._take_deferred()
+        if ack:
+            commands.append(("LPOP", self.keys.results_taken(jid), ack))
+        try:
+            replies = self.redis.pipeline(commands + self._take_result(jid, wait), retry=False)
+        except BaseException:
+            self._deferred[:0] = commands[:-1] if ack else commands  # not sent, or lost: again
+            raise
         return replies[-2]
 
     @translate_errors

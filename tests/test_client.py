@@ -111,3 +111,29 @@ def test_a_submit_whose_answer_is_lost_is_sent_again(make_cluster, tmp_path, cap
     finally:
         client.close()
         proxy.close()
+
+
+def test_a_big_result_whose_payload_answer_is_lost_is_read_again(make_cluster):
+    """Without shared memory a big result's payload travels apart, in a hash; the connection
+    drops while it comes back: the payload is still in Redis and read again (before, it was
+    deleted in the same step, and the call failed)."""
+    import dataclasses
+
+    from support import ReplyDroppingProxy
+    cluster = make_cluster(2)
+    proxy = ReplyDroppingProxy(cluster.redis.port, b":rp\r\n", drop={1},
+                               answer_marker=b"Z" * 64)
+    client = pyworker.Client(dataclasses.replace(
+        cluster.settings(), redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+        shared_memory=False))
+    try:
+        big = lambda x: b"Z" * 300_000 + bytes([x])  # noqa: E731
+        out = pyworker.pmap(big, range(4), chunksize=1, client=client, timeout=60)
+        assert out == [big(x) for x in range(4)]
+        assert proxy.dropped == 1, "the answer with a result's payload was lost"
+        # the payloads leave Redis with the client's next round trip, like the finished job
+        assert pyworker.pmap(abs, [-1], client=client, timeout=60) == [1]
+        assert not cluster.client.broker.redis.call("KEYS", "pyw:job:*:rp")
+    finally:
+        client.close()
+        proxy.close()
