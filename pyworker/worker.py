@@ -58,27 +58,38 @@ class _OutputCapture:
 
 
 def run_chunk(fn, mode: int, items: list, capture: bool):
-    """Apply fn to every item; exceptions are caught per item so one bad item loses no others."""
+    """Apply fn to every item; exceptions are caught per item so one bad item loses no others.
+    The loop carries nothing it does not need (a chunk of no-ops is mostly loop): the call is
+    chosen once per chunk, and an exception resumes the loop after its item."""
     values = [None] * len(items)
     errors = {}
     out = _OutputCapture() if capture else None
     saved = sys.stdout, sys.stderr
     if out is not None:
         sys.stdout = sys.stderr = out
+    if mode == protocol.MODE_ONE:
+        call = fn
+    elif mode == protocol.MODE_STAR:
+        def call(item):
+            return fn(*item)
+    else:
+        def call(item):
+            return fn(*item[0], **item[1])
+    n, offset = len(items), 0
     try:
-        for offset, item in enumerate(items):
-            if out is not None:
-                out.offset = offset
+        while offset < n:
             try:
-                if mode == protocol.MODE_ONE:
-                    values[offset] = fn(item)
-                elif mode == protocol.MODE_STAR:
-                    values[offset] = fn(*item)
+                if out is None:
+                    for offset in range(offset, n):
+                        values[offset] = call(items[offset])
                 else:
-                    args, kwargs = item
-                    values[offset] = fn(*args, **kwargs)
+                    for offset in range(offset, n):
+                        out.offset = offset
+                        values[offset] = call(items[offset])
+                offset = n
             except Exception as exc:
                 errors[offset] = serialize.pack_exception(exc)
+                offset += 1
     finally:
         sys.stdout, sys.stderr = saved
     return values, errors, (out.texts() if out is not None else {})
