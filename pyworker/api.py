@@ -158,6 +158,10 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
     mode = protocol.MODE_ONE if len(iterables) == 1 else protocol.MODE_STAR
     n = _length(iterables)
     source = iter(iterables[0]) if mode == protocol.MODE_ONE else zip(*iterables)
+    # A list, tuple or range is cut into chunks by slicing, not item by item (W1: 0.4 ms for
+    # 20,000 items); a range's chunks are ranges, pickled in a few bytes.
+    seq = iterables[0] if mode == protocol.MODE_ONE and type(iterables[0]) in (
+        list, tuple, range) else None
     workers = client.live_workers()
     if workers == 0 and not client._warned_no_workers:
         client._warned_no_workers = True
@@ -210,7 +214,8 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
             while not exhausted and len(pending) < window and item_bytes * in_flight < budget:
                 batch = []
                 while len(pending) + len(batch) < window:
-                    items = list(islice(source, size))
+                    items = seq[next_index:next_index + size] if seq is not None else list(
+                        islice(source, size))
                     if not items:
                         exhausted = True
                         break

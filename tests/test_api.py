@@ -23,6 +23,25 @@ def test_pmap_any_chunksize_keeps_order(cluster, chunksize):
     assert pmap(str, range(53), chunksize=chunksize) == [str(x) for x in range(53)]
 
 
+@pytest.mark.parametrize("kind", [list, tuple, range, iter])
+def test_any_sequence_or_iterator_gives_the_same_results_and_names_the_item(cluster, kind):
+    # lists, tuples and ranges are sliced into chunks (ranges stay ranges), iterators are not
+    items = kind(range(10, 40)) if kind is not range else range(10, 40)
+
+    def f(x):
+        if x == 23:
+            raise KeyError(x)
+        return x * 2
+
+    assert pmap(f, items, chunksize=7, return_exceptions=True)[:13] == [
+        x * 2 for x in range(10, 23)]
+    items = kind(range(10, 40)) if kind is not range else range(10, 40)
+    with pytest.raises(KeyError) as info:
+        pmap(f, items, chunksize=7)
+    assert info.value.pyworker_index == 13
+    assert "item #13 (23)" in "\n".join(getattr(info.value, "__notes__", []))
+
+
 def test_pmap_over_several_iterables_like_map(cluster):
     assert pmap(pow, [2, 3, 4], [5, 2, 1, 99]) == [32, 9, 4]
 
