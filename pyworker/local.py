@@ -24,12 +24,14 @@ def free_port() -> int:
 
 def _wait(predicate, timeout_s: float, what: str, proc=None, log_path=None):
     deadline = time.monotonic() + timeout_s
+    pause = 0.002  # what it waits for takes milliseconds (redis-server) to a few 100 ms
     while time.monotonic() < deadline:
         if predicate():
             return
         if proc is not None and proc.poll() is not None:
             break
-        time.sleep(0.05)
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.05)
     detail = ""
     if log_path and os.path.exists(log_path):
         with open(log_path, errors="replace") as f:
@@ -188,7 +190,8 @@ class LocalCluster:
 
     def wait_for_workers(self, n: int, timeout_s: float = 30):
         client = self.client
-        _wait(lambda: client.live_workers() >= n, timeout_s, f"{n} pyworker worker(s)")
+        _wait(lambda: client.live_workers(max_age_s=0) >= n, timeout_s,
+              f"{n} pyworker worker(s)")
 
     def stop(self):
         from . import api
