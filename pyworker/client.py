@@ -376,12 +376,12 @@ class Job:
                 self._last_result = time.monotonic()
                 try:
                     result = self._parse(data)
+                    if result.status == protocol.STATUS_RESEND and result.chunk in self._segments:
+                        self._resend(result.chunk)
+                        continue
                 except PyworkerConnectionError:
-                    self._early.insert(0, data)  # read it again, once Redis is back
+                    self._early.insert(0, data)  # handled again, once Redis is back
                     raise
-                if result.status == protocol.STATUS_RESEND and result.chunk in self._segments:
-                    self._resend(result.chunk)
-                    continue
                 if self._segments:
                     self._drop_segments((result.chunk,))
                 return result
