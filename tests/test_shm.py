@@ -235,6 +235,9 @@ def test_a_tampered_segment_is_rejected_by_the_worker_without_unpickling(make_cl
     name = wait_until(lambda: [n for n in shm_files(folder) if ".1.t." in n], 20,
                       "the array's segment")[0]
     path = os.path.join(folder, f"pyworker-{os.geteuid()}", name)
+    # Written in full first: the caller creates the file, then writes it from its start, and
+    # would overwrite a change made before that (the test failed so, once in many runs).
+    wait_until(lambda: os.path.getsize(path) >= MiB, 20, "the array's segment to be written")
     evil = pickle.dumps(Evil(), protocol=5)
     with open(path, "r+b") as f:  # the worker is still busy with item 0
         f.write(evil)
