@@ -156,10 +156,6 @@ end
 return len
 """
 
-# Re-queue the tasks of workers whose lease expired (ARGV[2], if given, names a worker to treat
-# as dead anyway: a restarted worker reclaiming its own name). A task whose workers died more
-# than ARGV[1] times fails with a 'lost' result instead. With ARGV[3] == '1' the named worker
-# is stopping and gives back tasks it had not started: they are re-queued and not counted.
 # The shared-memory identity ('' for none) of every worker with a live lease, in one step.
 _LIVE = r"""
 local out = {}
@@ -171,6 +167,10 @@ end
 return out
 """
 
+# Re-queue the tasks of workers whose lease expired (ARGV[2], if given, names a worker to treat
+# as dead anyway: a restarted worker reclaiming its own name). A task whose workers died more
+# than ARGV[1] times fails with a 'lost' result instead. With ARGV[3] == '1' the named worker
+# is stopping and gives back tasks it had not started: they are re-queued and not counted.
 _REAP = r"""
 local max_retries = tonumber(ARGV[1])
 local release = ARGV[3] == '1'
@@ -361,7 +361,8 @@ class Broker:
         load = [] if self._submit_loaded else [("SCRIPT", "LOAD", self._submit.source)]
         replies = self.redis.pipeline(
             commands + load + [("EVALSHA", self._submit.sha, 0, *args)]
-            + self._take_result(jid, pop_s), raise_errors=False, spin_s=spin_s, retry=False)
+            + self._take_result(jid, pop_s), raise_errors=False, spin_s=spin_s, retry=False,
+            timeout=pop_s + max(5.0, pop_s))
         queued, popped = replies[-3], replies[-2]
         self._submit_loaded = True
         if isinstance(queued, resp.ReplyError) and str(queued).startswith("NOSCRIPT"):
@@ -398,7 +399,8 @@ class Broker:
         if ack:
             commands.append(("LPOP", self.keys.results_taken(jid), ack))
         try:
-            replies = self.redis.pipeline(commands + self._take_result(jid, wait), retry=False)
+            replies = self.redis.pipeline(commands + self._take_result(jid, wait), retry=False,
+                                          timeout=wait + max(5.0, wait))
         except BaseException:
             self._deferred[:0] = commands[:-1] if ack else commands  # not sent, or lost: again
             raise

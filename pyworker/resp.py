@@ -195,18 +195,19 @@ class Connection:
             raise reply
         return reply
 
-    def pipeline(self, commands, spin_s: float = 0.0):
+    def pipeline(self, commands, spin_s: float = 0.0, timeout=None):
         """Replies of several commands sent at once; error replies come back as ReplyError
         objects in place (the caller decides), like MULTI-less redis-py pipelines. With spin_s,
-        each reply is busy-polled for (see spin) until spin_s after the send."""
+        each reply is busy-polled for (see spin) until spin_s after the send. ``timeout``:
+        for reading each reply (a blocking command's wait plus a margin), else the default."""
         self._send(_encode_all(commands))
         if spin_s <= 0:
-            return [self.read_reply() for _ in commands]
+            return [self.read_reply(timeout) for _ in commands]
         until = time.perf_counter() + spin_s
         replies = []
         for _ in commands:
             self.spin(until)
-            replies.append(self.read_reply())
+            replies.append(self.read_reply(timeout))
         return replies
 
 
@@ -306,12 +307,10 @@ class Redis:
     def call(self, *args, timeout=None, retry: bool = True):
         return self._with_connection(lambda conn: conn.call(*args, timeout=timeout), retry)
 
-    def blocking(self, *args, wait_s: float):
-        """A blocking command (BLPOP ...) whose server-side timeout is wait_s."""
-        return self.call(*args, timeout=wait_s + max(5.0, wait_s))
-
-    def pipeline(self, commands, raise_errors=True, spin_s: float = 0.0, retry: bool = True):
-        replies = self._with_connection(lambda conn: conn.pipeline(commands, spin_s), retry)
+    def pipeline(self, commands, raise_errors=True, spin_s: float = 0.0, retry: bool = True,
+                 timeout=None):
+        replies = self._with_connection(lambda conn: conn.pipeline(commands, spin_s, timeout),
+                                        retry)
         if raise_errors:
             for reply in replies:
                 if isinstance(reply, ReplyError):

@@ -54,7 +54,7 @@ def test_scripts_load_themselves(r):
 
 
 def test_blocking_pop_times_out_with_none(r):
-    assert r.blocking("BLPOP", "empty", "0.2", wait_s=0.2) is None
+    assert r.call("BLPOP", "empty", "0.2", timeout=5.2) is None
 
 
 def test_unix_socket_urls_connect_with_the_password(redis_server):
@@ -110,7 +110,7 @@ def test_a_spinning_pipeline_busy_polls_until_its_replies_arrive(r, redis_server
     assert pusher.wait(30) == 0
     assert replies == [b"OK", [b"spun", b"late"]] and blocked == 0, blocked
     # a normal blocking connection afterwards
-    assert r.blocking("BLPOP", "spun", "0.1", wait_s=0.1) is None and r.call("GET", "x") == b"1"
+    assert r.call("BLPOP", "spun", "0.1", timeout=5.1) is None and r.call("GET", "x") == b"1"
 
 
 @pytest.mark.skipif(not hasattr(resource, "RUSAGE_THREAD"), reason="needs RUSAGE_THREAD (Linux)")
