@@ -62,7 +62,7 @@ def _set_default(client: Client | None) -> None:
 
 def _length(iterables) -> int | None:
     try:
-        return min(len(it) for it in iterables)
+        return len(iterables[0]) if len(iterables) == 1 else min(len(it) for it in iterables)
     except TypeError:
         return None
 
@@ -168,17 +168,18 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
         print(f"pyworker: no workers are connected to Redis at {client.broker.where}; "
               "the job waits until one starts", file=sys.stderr)
     size = chunksize or auto_chunksize(n, workers)
-    head = list(islice(source, 1))
-    try:
-        oob: list = []  # big buffers out of band: sizing an array copies nothing
-        # (one item: one chunk, nothing to size)
-        item_bytes = serialize.payload_size(serialize.dumps_data(head[0], oob), oob) \
-            if head and n != 1 else 0
-    except Exception:  # reported, naming the item, when its chunk is pickled
-        item_bytes = 0
-    if chunksize is None and item_bytes * size > CHUNK_TARGET_BYTES:
-        size = max(1, CHUNK_TARGET_BYTES // item_bytes)
-    source = chain(head, source)
+    item_bytes = 0
+    if n != 1:  # (one item: one chunk, nothing to size)
+        head = list(islice(source, 1))
+        try:
+            oob: list = []  # big buffers out of band: sizing an array copies nothing
+            if head:
+                item_bytes = serialize.payload_size(serialize.dumps_data(head[0], oob), oob)
+        except Exception:  # reported, naming the item, when its chunk is pickled
+            pass
+        if chunksize is None and item_bytes * size > CHUNK_TARGET_BYTES:
+            size = max(1, CHUNK_TARGET_BYTES // item_bytes)
+        source = chain(head, source)
     window = max(4 * max(workers, 1), 8) + 1
     # Big items: enough in flight to keep every worker busy (one each, and half as many again
     # waiting), not the whole window (which would park up to 4 chunks per worker in Redis).

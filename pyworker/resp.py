@@ -33,25 +33,28 @@ def _encode_all(commands) -> list:
 
 
 def _encode(args) -> list:
-    """RESP request for one command, as buffers: small parts joined, big values kept apart."""
-    out, small = [], [b"*%d\r\n" % len(args)]
+    """RESP request for one command, as buffers: the framing and ASCII arguments as one str,
+    encoded once (cheaper than a bytes format per argument); bytes arguments kept apart
+    (Connection._send joins the small ones)."""
+    out, text = [], [f"*{len(args)}\r\n"]
     for arg in args:
         kind = type(arg)
+        if kind is str and arg.isascii():
+            text.append(f"${len(arg)}\r\n{arg}\r\n")
+            continue
+        if kind is int:
+            arg = str(arg)
+            text.append(f"${len(arg)}\r\n{arg}\r\n")
+            continue
         if kind is str:
             arg = arg.encode()
-        elif kind is int:
-            arg = b"%d" % arg
         elif kind is float:
             arg = repr(arg).encode()
-        n = len(arg)
-        if n >= _BIG:
-            small.append(b"$%d\r\n" % n)
-            out.append(b"".join(small))
-            out.append(arg)
-            small = [b"\r\n"]
-        else:
-            small.append(b"$%d\r\n%b\r\n" % (n, arg))  # one part per argument
-    out.append(b"".join(small))
+        text.append(f"${len(arg)}\r\n")
+        out.append("".join(text).encode())
+        out.append(arg)
+        text = ["\r\n"]
+    out.append("".join(text).encode())
     return out
 
 
@@ -80,7 +83,10 @@ class Connection:
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
         sock.settimeout(timeout)
         self.sock = sock
+        self._timeout_now = timeout  # what the socket is set to (each change is a system call)
         self.file = sock.makefile("rb", buffering=256 * 1024)
+        self._poller = select.poll()  # made once: idle_and_open runs before every round trip
+        self._poller.register(sock, select.POLLIN)
         self.broken = False
         if password:
             auth = ("AUTH", username, password) if username else ("AUTH", password)
@@ -93,9 +99,7 @@ class Connection:
         it (or sent what nobody asked for). One poll() call, no wait: a command that is not
         idempotent can then rarely meet a connection that was dead before it was sent."""
         try:
-            poller = select.poll()
-            poller.register(self.sock, select.POLLIN)
-            return not poller.poll(0)
+            return not self._poller.poll(0)
         except (OSError, ValueError):
             return False
 
@@ -152,19 +156,21 @@ class Connection:
             return ReplyError(rest.decode(errors="replace"))
         raise RespConnectionError(f"not a Redis reply: {line[:40]!r}")
 
-    def read_reply(self, timeout=None):
-        if timeout is not None:
+    def _set_timeout(self, timeout):
+        if timeout != self._timeout_now:
             self.sock.settimeout(timeout)
+            self._timeout_now = timeout
+
+    def read_reply(self, timeout=None):
+        """One reply, waiting up to ``timeout`` (else the connection's default) for it."""
         try:
+            self._set_timeout(self.timeout if timeout is None else timeout)
             return self._read()
         except (OSError, ValueError) as exc:
             self.close()
             if isinstance(exc, RespConnectionError):
                 raise
             raise RespConnectionError(f"lost connection: {exc}") from None
-        finally:
-            if timeout is not None and not self.broken:
-                self.sock.settimeout(self.timeout)
 
     def spin(self, until: float) -> None:
         """Busy-poll for reply bytes until time.perf_counter() reaches ``until``, yielding the
@@ -176,21 +182,17 @@ class Connection:
         if isinstance(sock, ssl.SSLSocket):
             return  # a TLS record may be in flight without a whole reply: just block
         try:
-            sock.settimeout(0.0)
+            self._set_timeout(0.0)
             while not f.peek(1) and time.perf_counter() < until:
                 os.sched_yield()
         except OSError:
             pass
-        finally:
-            if not self.broken:
-                try:
-                    sock.settimeout(self.timeout)
-                except OSError:
-                    pass
 
     def call(self, *args, timeout=None):
         self._send(_encode(args))
         reply = self.read_reply(timeout)
+        if timeout is not None:
+            self._set_timeout(self.timeout)
         if isinstance(reply, ReplyError):
             raise reply
         return reply
@@ -202,12 +204,15 @@ class Connection:
         for reading each reply (a blocking command's wait plus a margin), else the default."""
         self._send(_encode_all(commands))
         if spin_s <= 0:
-            return [self.read_reply(timeout) for _ in commands]
-        until = time.perf_counter() + spin_s
-        replies = []
-        for _ in commands:
-            self.spin(until)
-            replies.append(self.read_reply(timeout))
+            replies = [self.read_reply(timeout) for _ in commands]
+        else:
+            until = time.perf_counter() + spin_s
+            replies = []
+            for _ in commands:
+                self.spin(until)
+                replies.append(self.read_reply(timeout))
+        if timeout is not None:
+            self._set_timeout(self.timeout)
         return replies
 
 
