@@ -1,6 +1,6 @@
 """Session fixtures for the image tests: build the images once (ci/build-image.sh skips an image
-whose inputs did not change), then a test network with our Redis (password on), two worker
-containers and a JupyterLab container whose port is published on 127.0.0.1 only.
+whose inputs did not change), then an internal test network (nothing on it reaches beyond it)
+with our Redis (password on), two worker containers and a JupyterLab container.
 
 Every container and network is removed by a finalizer (PYWORKER_KEEP_CONTAINERS=1 keeps them for
 debugging; they carry the label io.pyworker.test=image). PYWORKER_IMAGE_BUILD=0 tests the images
@@ -56,9 +56,10 @@ def images(docker_engine, request):
 
 @pytest.fixture(scope="session")
 def network(images, request):
-    """A user-defined bridge network; containers find each other by name on it."""
+    """A user-defined bridge network; containers find each other by name on it. Internal:
+    nothing on it can reach beyond it (this host still reaches its containers' addresses)."""
     name = unique("net")
-    docker("network", "create", "--label", TEST_LABEL, name)
+    docker("network", "create", "--internal", "--label", TEST_LABEL, name)
     _cleanup(request, docker, "network", "rm", name)  # runs after the containers' finalizers
     return name
 
@@ -114,14 +115,16 @@ def workers(network, redis_server, pyworker_env, request):
 
 @pytest.fixture(scope="session")
 def lab(network, workers, pyworker_env, request):
-    """JupyterLab (the image's default command) with its token from JUPYTER_TOKEN; its port is
-    published on 127.0.0.1 only. Returns base_url, token and the container name."""
+    """JupyterLab (the image's default command) with its token from JUPYTER_TOKEN, reached at
+    its address on the internal test network (an internal network publishes no ports).
+    Returns base_url, token and the container name."""
     token = secrets.token_hex(24)
     name = run_container(request, unique("lab"), "--network", network, "--hostname", "lab",
-                         "-p", "127.0.0.1::8888",
                          *env_args({**pyworker_env, "JUPYTER_TOKEN": token}), image=IMG)
-    port = docker("port", name, "8888/tcp").stdout.strip().splitlines()[0].rsplit(":", 1)[1]
-    base_url = f"http://127.0.0.1:{port}"
+    address = '{{(index .NetworkSettings.Networks "%s").IPAddress}}' % network
+    ip = docker("inspect", "-f", address, name).stdout.strip()
+    assert ip, f"{name} has no address on {network}"
+    base_url = f"http://{ip}:8888"
     wait_for(lambda: http("GET", f"{base_url}/api", token, timeout=3)[0] == 200, 60,
              "JupyterLab to answer /api", on_fail=lambda: container_logs(name))
     return {"base_url": base_url, "token": token, "name": name}

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -76,7 +77,7 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.3, on
 
 # --- Jupyter ------------------------------------------------------------------------------------
 
-# Only 127.0.0.1 is contacted: no proxy from the environment may be used.
+# Only this host's test containers are contacted: no proxy from the environment may be used.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -113,7 +114,7 @@ class Kernel:
         self.ws = websocket.create_connection(
             f"{ws_url}?session_id={self.session}", timeout=timeout_s,
             header=[f"Authorization: token {token}"], suppress_origin=True,
-            http_no_proxy=["127.0.0.1"])
+            http_no_proxy=[urllib.parse.urlsplit(base_url).hostname])
 
     def execute(self, code: str, timeout_s: float = 90.0) -> dict:
         """Run code; returns {'status', 'stdout', 'stderr', 'error'} once the kernel is idle."""
