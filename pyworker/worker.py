@@ -24,6 +24,8 @@ FUNCTION_CACHE_SIZE = 16
 # so it can send a result without waiting for Redis' answer (see _loop). Longer tasks gain
 # nothing from it, and a held task would wait behind them.
 LOOKAHEAD_MAX_S = 1.0
+# A connection failure this long after the last one is retried at once (see _loop).
+RETRY_AT_ONCE_AFTER_S = 5.0
 
 
 class _Report(NamedTuple):
@@ -210,6 +212,7 @@ class Worker:
         held: deque[bytes] = deque()
         answer = None  # settles a result sent ahead: its answer is (kept, tasks taken)
         resync = False  # after a lost connection: what does Redis say this worker holds?
+        last_failure = float("-inf")
         first = self.broker.dequeue(self.name)
         if first is not None:
             held.append(first)
@@ -249,9 +252,17 @@ class Worker:
                 else:
                     held.extend(self._report(report, 2 if quick else 1))
             except PyworkerConnectionError as exc:
-                log.error("worker %s: %s; retrying in 1 s", self.name, exc)
                 resync = True
-                self.stopping.wait(1.0)
+                # The first failure in a while is retried at once (a dropped connection: the
+                # pool makes a new one, and a task whose answer was lost waits for it); failures
+                # in a row wait, so that an outage is not hammered.
+                now = time.monotonic()
+                if now - last_failure > RETRY_AT_ONCE_AFTER_S:
+                    log.error("worker %s: %s; retrying at once", self.name, exc)
+                else:
+                    log.error("worker %s: %s; retrying in 1 s", self.name, exc)
+                    self.stopping.wait(1.0)
+                last_failure = now
         if answer is not None:
             try:
                 answer()  # what it took stays held in Redis: deregistering gives it back

@@ -418,5 +418,9 @@ def test_a_dequeue_whose_answer_is_lost_strands_nothing(make_cluster, tmp_path):
         assert proxy.dropped == 1, "a dequeue's answer, with a task in it, was lost"
         assert sorted(int(x) for x in log.read_text().split()) == list(range(6)), \
             "every item ran exactly once"
+        # a single dropped connection is retried at once, not after the outage pause
+        worker_log = open(os.path.join(cluster.redis.dir, "worker-0.log")).read()
+        assert "retrying at once" in worker_log, worker_log
+        assert "retrying in 1 s" not in worker_log, worker_log
     finally:
         proxy.close()
