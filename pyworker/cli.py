@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 from ._version import __version__
 from .config import Settings
@@ -55,6 +54,7 @@ def _health(args) -> int:
 
 
 def _lab_answers(url: str) -> bool:
+    import urllib.request  # here: every worker and healthcheck starts through this module
     try:
         with urllib.request.urlopen(url, timeout=1) as resp:
             return resp.status == 200

@@ -9,7 +9,6 @@ import hashlib
 import os
 import select
 import socket
-import ssl
 import threading
 import time
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -63,6 +62,7 @@ class Connection:
                  connect_timeout=5.0, timeout=30.0, path=None):
         self.host, self.port = host, port
         self.timeout = timeout
+        self.tls = tls
         try:
             if path:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -80,7 +80,12 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if tls:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            import ssl  # here: most connections are not TLS, and ssl costs every start
+            try:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            except OSError:  # e.g. the server's certificate is not trusted: said in the error
+                sock.close()
+                raise
         sock.settimeout(timeout)
         self.sock = sock
         self._timeout_now = timeout  # what the socket is set to (each change is a system call)
@@ -179,7 +184,7 @@ class Connection:
         all, where an idle virtual CPU is woken by the host); a blocking read after the spin
         reports what went wrong, if anything did."""
         sock, f = self.sock, self.file
-        if isinstance(sock, ssl.SSLSocket):
+        if self.tls:
             return  # a TLS record may be in flight without a whole reply: just block
         try:
             self._set_timeout(0.0)

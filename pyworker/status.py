@@ -1,7 +1,6 @@
 """pyworker.status(): workers, queued work and throughput, as text and as HTML for notebooks."""
 from __future__ import annotations
 
-import html
 import time
 
 
@@ -43,7 +42,7 @@ class Status:
     __repr__ = __str__
 
     def _repr_html_(self):
-        e = html.escape
+        from html import escape as e
         head = "".join(f"<th>{h}</th>" for h in
                        ("worker", "host", "pid", "current task", "tasks done", "last heartbeat",
                         "state"))

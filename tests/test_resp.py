@@ -1,8 +1,11 @@
 """The small Redis client against a real redis-server."""
 import os
 import resource
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +135,53 @@ def test_a_pipeline_sent_now_is_read_later_and_only_once(r):
     with pytest.raises(RuntimeError, match="read already"):
         first.replies()
     assert r.call("GET", "later") == b"2"  # both connections went back to the pool, usable
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    """redis-server speaking TLS only, with a self-signed certificate for 127.0.0.1."""
+    from pyworker.local import free_port
+    from support import need
+    need(shutil.which("redis-server"), "redis-server is not installed (apt-get install redis-server)")
+    need(shutil.which("openssl"), "openssl is not installed (apt-get install openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind",
+                             "127.0.0.1", "--tls-cert-file", cert, "--tls-key-file", key,
+                             "--tls-auth-clients", "no", "--requirepass", "pw", "--save", "",
+                             "--dir", tmp_path], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, "redis-server with TLS did not start"
+                assert time.monotonic() < deadline, "redis-server with TLS did not listen in 10 s"
+                time.sleep(0.02)
+        yield f"rediss://127.0.0.1:{port}/0", cert
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_rediss_talks_tls_and_trusts_only_a_known_certificate(tls_redis, monkeypatch):
+    url, cert = tls_redis
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # what OpenSSL trusts, besides the system
+    r = resp.Redis(url, password="pw")
+    try:
+        assert r.call("PING") == b"PONG"
+        # a pipeline that would busy-poll on a plain socket blocks instead, with the same replies
+        assert r.pipeline([("SET", "k", "v"), ("BLPOP", "none", "0.05"), ("GET", "k")],
+                          spin_s=0.01, timeout=2.0) == [b"OK", None, b"v"]
+    finally:
+        r.close()
+    monkeypatch.delenv("SSL_CERT_FILE")
+    with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED"):
+        resp.Redis(url, password="pw").call("PING")
