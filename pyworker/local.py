@@ -79,7 +79,8 @@ class RedisServer:
         """What processes on this machine use: the Unix socket when there is one."""
         return f"unix://{self.socket_path}?db=0" if self.has_socket else self.url
 
-    def start(self):
+    def launch(self):
+        """Start redis-server without waiting for it (wait_ready waits)."""
         conf = os.path.join(self.dir, "redis.conf")
         with open(conf, "w") as f:
             f.write(f"bind 127.0.0.1\nport {self.port}\nrequirepass \"{self.password}\"\n"
@@ -91,9 +92,15 @@ class RedisServer:
         os.chmod(conf, 0o600)
         self.proc = subprocess.Popen([self.exe, conf], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
+        return self
+
+    def wait_ready(self):
         _wait(self._answers, 10, f"redis-server on port {self.port}", self.proc,
               os.path.join(self.dir, "redis.log"))
         return self
+
+    def start(self):
+        return self.launch().wait_ready()
 
     def _answers(self) -> bool:
         if self.has_socket and not os.path.exists(self.socket_path):
@@ -160,11 +167,14 @@ class LocalCluster:
     def start(self):
         from . import api
         from .client import Client
-        self.redis.start()
+        self.redis.launch()
         self._log_dir = self.redis.dir
         try:
+            # Workers start while Redis does: their interpreter and imports take longer than
+            # redis-server, and they retry quickly at first (Worker._wait_for_redis).
             for _ in range(self.n_workers):
                 self.add_worker()
+            self.redis.wait_ready()
             self.client = Client(self.settings())
             self.wait_for_workers(self.n_workers)
         except BaseException:

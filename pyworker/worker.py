@@ -153,17 +153,23 @@ class Worker:
         signal.signal(signal.SIGINT, on_term)
 
     def _wait_for_redis(self):
-        """Redis may start after the workers (pods start in any order): retry for reconnect_s,
-        one log line per attempt; a wrong password fails at once."""
-        deadline = time.monotonic() + self.settings.reconnect_s
+        """Redis may start after the workers (pods start in any order; LocalCluster starts
+        both at once): retry for reconnect_s, every 20 ms at first and then less often, up to
+        every second; one log line per attempt once it has taken a second; a wrong password
+        fails at once."""
+        start = time.monotonic()
+        deadline = start + self.settings.reconnect_s
+        pause = 0.02
         while True:
             try:
                 return self.broker.ping()
             except PyworkerConnectionError as exc:
                 if not exc.retryable or time.monotonic() >= deadline or self.stopping.is_set():
                     raise
-                log.warning("worker %s: %s; retrying", self.name, exc)
-                self.stopping.wait(1.0)
+                if time.monotonic() - start >= 1.0:
+                    log.warning("worker %s: %s; retrying", self.name, exc)
+                self.stopping.wait(pause)
+                pause = min(pause * 2, 1.0)
 
     def run(self) -> int:
         b = self.broker
