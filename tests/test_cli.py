@@ -109,3 +109,20 @@ def test_local_lab_serves_jupyterlab_with_a_token():
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
+
+
+def test_a_worker_or_healthcheck_start_imports_nothing_of_the_callers_side():
+    """Workers and healthchecks start through the package: its API modules (and ssl, urllib,
+    html) load only when used, so that every pod and local worker starts sooner."""
+    code = ("import sys, pyworker.cli, pyworker.worker; "
+            "print(' '.join(m for m in ('pyworker.api', 'pyworker.client', 'pyworker.local') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", f"imported at a worker's start: {r.stdout}"
+    # ...and the package still offers everything on first use
+    code = ("import pyworker; from pyworker import *; "
+            "print(pmap.__module__, LocalCluster.__module__, Client.__module__, status.__module__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["pyworker.api", "pyworker.local", "pyworker.client",
+                                "pyworker.status"], r.stderr
