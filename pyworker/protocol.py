@@ -6,8 +6,8 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
 
     P:jobs                list   job ids that have queued tasks, rotated for fairness between jobs
     P:wake                list   tokens that wake idle workers blocked in BLPOP (trimmed)
-    P:idle                list   idle workers, the most recently idle first: a new task wakes
-                                 the first (its caches are warm), with a token in its own wake
+    P:idle                list   idle workers, the most recently idle first: a new task goes
+                                 to the first (its caches are warm), through its own wake list
     P:workers             set    names of registered workers
     P:job:<jid>           hash   job metadata; exists while the job is alive (TTL, kept alive by
                                  the caller; its absence means cancelled, finished or abandoned)
@@ -21,10 +21,13 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
     P:fn:<sha>            string a signed, pickled function (shared by every task that uses it)
     P:worker:<name>:hb    string the worker's lease; expires when the worker stops heart-beating
     P:worker:<name>:info  hash   host, pid, started, done, current, seen (for status()), shm
-                                 (its shared-memory folder identity, shm.py; empty: none)
+                                 (its shared-memory folder identity, shm.py; empty: none),
+                                 handoff (1: it takes tasks handed over in its wake list)
     P:worker:<name>:active hash  "<jid> <chunk>" -> the task message it is running (and the one
                                  it took ahead, if any)
-    P:worker:<name>:wake  list   wake tokens for this worker alone (it blocks on it and P:wake)
+    P:worker:<name>:wake  list   for this worker alone (it blocks on it and P:wake): task messages
+                                 handed over by a submit (in its active hash already), or wake
+                                 tokens '1' if its info has no handoff=1 (a worker from before)
     P:stats:<unix second> string items finished in that second (expires)
 
 Messages are bytes: one ASCII header line, then (for messages that carry a pickle) a 32-byte

@@ -112,8 +112,8 @@ return {kept, nxt or '', held or ''}
 
 # ARGV: jid, ttl ms, wake tokens (one per task, at most MAX_WAKE_TOKENS), number of job fields
 #       (0: the job exists already), job fields, tasks...
-# Returns the queue's length, or -1 when the job is gone (cancelled/expired).
-# A new job is created here, in the same step as its first tasks.
+# Returns the queue's length (tasks handed to idle workers are not queued), or -1 when the job
+# is gone (cancelled/expired). A new job is created here, in the same step as its first tasks.
 _SUBMIT = r"""
 local jid, ttl, nfields = ARGV[1], ARGV[2], tonumber(ARGV[4])
 if nfields > 0 then
@@ -122,33 +122,45 @@ if nfields > 0 then
 elseif redis.call('EXISTS', k_job(jid)) == 0 then
   return -1
 end
-local len = 0
-for i = 5 + nfields, #ARGV, 500 do
-  len = redis.call('RPUSH', k_queue(jid), unpack(ARGV, i, math.min(i + 499, #ARGV)))
-end
-redis.call('PEXPIRE', k_queue(jid), ttl)
-if nfields > 0 or not redis.call('LPOS', K_JOBS, jid) then redis.call('RPUSH', K_JOBS, jid) end
--- Wake the most recently idle workers first, each with a token of its own: a worker that has
--- just run is the quickest to run again (warm caches, a core that is awake). Tokens left over
--- go to every waiting worker's common list (workers from before the idle stack, too), but
--- never more than there are workers besides those woken: a busy worker takes its next task
--- with its finish, and every surplus token costs some idle worker a useless round trip later
--- (a long job would otherwise leave one per chunk behind it).
-local wake, woken = tonumber(ARGV[3]), 0
+-- Wake the most recently idle workers first: a worker that has just run is the quickest to run
+-- again (warm caches, a core that is awake). A worker that says it takes hand-offs gets the task
+-- itself, moved into its active hash here as a dequeue would (so nothing is lost if it dies),
+-- and starts without a dequeue of its own; any other worker gets a token and dequeues.
+local wake, woken, i = tonumber(ARGV[3]), 0, 5 + nfields
 while woken < wake do
   local w = redis.call('LPOP', K_IDLE)
   if not w then break end
   if redis.call('EXISTS', k_hb(w)) == 1 then
-    redis.call('RPUSH', k_wake(w), '1')
+    if i <= #ARGV and redis.call('HGET', k_info(w), 'handoff') == '1' then
+      local t = ARGV[i]
+      local chunk = string.match(string.sub(t, 1, 200), '^%S+ (%S+)')
+      redis.call('HSET', k_active(w), jid .. ' ' .. chunk, t)
+      redis.call('RPUSH', k_wake(w), t)
+      i = i + 1
+    else
+      redis.call('RPUSH', k_wake(w), '1')
+    end
     woken = woken + 1
   end
 end
+local len = 0
+for j = i, #ARGV, 500 do
+  len = redis.call('RPUSH', k_queue(jid), unpack(ARGV, j, math.min(j + 499, #ARGV)))
+end
+if len > 0 then
+  redis.call('PEXPIRE', k_queue(jid), ttl)
+  if nfields > 0 or not redis.call('LPOS', K_JOBS, jid) then redis.call('RPUSH', K_JOBS, jid) end
+end
+-- Tokens left over go to every waiting worker's common list (workers from before the idle
+-- stack, too), but never more than there are workers besides those woken: a busy worker takes
+-- its next task with its finish, and every surplus token costs some idle worker a useless round
+-- trip later (a long job would otherwise leave one per chunk behind it).
 local room = 0
 if wake > woken then room = math.min(redis.call('SCARD', K_WORKERS), WAKE_TOKENS_MAX) - woken end
 wake = math.min(wake - woken, room)
 if wake > 0 then
   local tokens = {}
-  for i = 1, wake do tokens[i] = '1' end
+  for k = 1, wake do tokens[k] = '1' end
   if redis.call('RPUSH', K_WAKE, unpack(tokens)) > room then
     redis.call('LTRIM', K_WAKE, -room, -1)
   end
@@ -473,10 +485,21 @@ class Broker:
 
     @translate_errors
     def wait_and_dequeue(self, name: str, timeout_s: float):
-        """Block until woken (its own token or a common one) or timeout_s, then take a task, in
-        one round trip: Redis runs the dequeue right after the BLPOP returns."""
-        return self._then_script([("BLPOP", self.keys.worker_wake(name), self.keys.wake,
-                                   f"{timeout_s:.3f}")], self._dequeue, name, 1, retry=False)
+        """Block until woken or timeout_s. Woken with a task (a submit handed it over: it is in
+        this worker's active hash already), that task, in one round trip and no script; woken
+        with a token (its own from a caller from before hand-offs, or a common one), or after
+        the wait, the worker takes a task itself (dequeue)."""
+        got = self.redis.call("BLPOP", self.keys.worker_wake(name), self.keys.wake,
+                              f"{timeout_s:.3f}", timeout=timeout_s + 5.0, retry=False)
+        if got is not None and got[1] != b"1":
+            return got[1]
+        return self.dequeue(name)
+
+    @translate_errors
+    def unhand(self, name: str, tasks: list[bytes]) -> None:
+        """Take tasks out of a worker's wake list (where a submit hands tasks over)."""
+        if tasks:
+            self.redis.pipeline([("LREM", self.keys.worker_wake(name), 0, t) for t in tasks])
 
     @translate_errors
     def held_tasks(self, name: str) -> dict[str, bytes]:

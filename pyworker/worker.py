@@ -186,6 +186,7 @@ class Worker:
             "done": 0, "seen": f"{time.time():.3f}",
             "python": serialize.PYTHON_VERSION, "cloudpickle": serialize.CLOUDPICKLE_VERSION,
             "shm": self.shm.ident if self.shm is not None else "",
+            "handoff": "1",  # a submit may hand it a task instead of a token (queue._SUBMIT)
         })
         self._touch_heartbeat_file()
         log.info("worker %s started: redis %s, pid %d, python %s, cloudpickle %s", self.name,
@@ -228,8 +229,8 @@ class Worker:
                     # A dequeue whose answer was lost may have run: its task is in Redis as
                     # this worker's, and nobody else would ever run it.
                     known = {_field(t) for t in held}
-                    held.extend(t for f, t in self.broker.held_tasks(self.name).items()
-                                if f not in known)
+                    held.extend(self._adopt([t for f, t in self.broker.held_tasks(self.name).items()
+                                             if f not in known]))
                     resync = False
                 if answer is not None and not held:
                     answer, settle = None, answer
@@ -489,7 +490,14 @@ class Worker:
         if f"{header.jid} {header.chunk}" in held:
             return None
         known = {_field(t) for t in holding}
-        return [t for f, t in held.items() if f not in known]
+        return self._adopt([t for f, t in held.items() if f not in known])
+
+    def _adopt(self, tasks: list[bytes]) -> list[bytes]:
+        """Tasks found in this worker's active hash that it did not know of. One that a
+        submit handed over is also waiting in its wake list: taken out of there, or the
+        worker would run it a second time when it next waits."""
+        self.broker.unhand(self.name, tasks)
+        return tasks
 
     def _drop(self, header, status, reason):
         msg = protocol.result_header(header.chunk, status, self.name, reason)

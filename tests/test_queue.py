@@ -196,3 +196,52 @@ def test_live_workers_are_those_with_a_lease_in_one_round_trip(redis_server, mon
         assert broker.live_workers() == 2
     finally:
         broker.close()
+
+
+def _broker(redis_server):
+    from pyworker.config import Settings
+    from pyworker.queue import Broker
+    return Broker(Settings(redis_url=redis_server.url, redis_password=redis_server.password,
+                           secret="s"))
+
+
+def test_an_idle_worker_is_handed_its_task_and_an_older_one_gets_a_token(redis_server):
+    """A submit gives a task itself to an idle worker that takes hand-offs (into its active
+    hash, as a dequeue would: nothing is lost if it dies), so it starts without a dequeue; a
+    worker from before hand-offs gets a token and dequeues. The rest stays queued."""
+    broker = _broker(redis_server)
+    r, k = broker.redis, broker.keys
+    try:
+        broker.register_worker("new", {"pid": "1", "handoff": "1"})
+        broker.register_worker("old", {"pid": "2"})
+        r.call("RPUSH", k.idle, "new", "old")  # "new" idle most recently
+        tasks = [f"job1 {i} fn 3.11 3 i -\n".encode() + b"x" * 40 for i in range(3)]
+        assert broker.submit("job1", tasks, 3, meta={"created": "1"}) == 2  # two queued
+        assert broker.wait_and_dequeue("new", 1.0) == tasks[0]
+        assert broker.held_tasks("new") == {"job1 0": tasks[0]}
+        assert broker.wait_and_dequeue("old", 1.0) == tasks[1]  # token, then its dequeue
+        assert broker.held_tasks("old") == {"job1 1": tasks[1]}
+        assert r.call("LRANGE", k.queue("job1"), 0, -1) == [tasks[2]]
+        assert r.call("LLEN", k.idle) == 0
+    finally:
+        broker.close()
+
+
+def test_a_handed_task_adopted_from_the_active_hash_never_runs_twice(redis_server):
+    """After a lost connection a worker adopts what Redis says it holds; a task handed over
+    meanwhile also waits in its wake list, and must leave it (Worker._adopt)."""
+    from pyworker.config import Settings
+    from pyworker.worker import Worker
+    worker = Worker(Settings(redis_url=redis_server.url, redis_password=redis_server.password,
+                             secret="s", worker_name="w1"))
+    broker = worker.broker
+    try:
+        broker.register_worker("w1", {"pid": "1", "handoff": "1"})
+        broker.redis.call("LPUSH", broker.keys.idle, "w1")
+        task = b"job1 0 fn 3.11 3 i -\n" + b"x" * 40
+        broker.submit("job1", [task], 1, meta={"created": "1"})
+        held = list(broker.held_tasks("w1").values())
+        assert held == [task] and worker._adopt(held) == [task]
+        assert broker.wait_and_dequeue("w1", 0.1) is None, "the adopted task came again"
+    finally:
+        broker.close()

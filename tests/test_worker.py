@@ -345,6 +345,9 @@ def test_the_most_recently_idle_worker_runs_the_next_call(make_cluster):
 
 
 def test_an_idle_worker_that_died_delays_a_task_but_loses_nothing(make_cluster):
+    """A task handed to an idle worker that has died (its lease still runs) waits in that
+    worker's active hash, like a task it was running, until the lease ends: the reaper then
+    re-queues it for another worker, and leaves nothing of the dead one to wake."""
     cluster = make_cluster(2, lease_s=3.0)
     r, keys = cluster.client.broker.redis, cluster.client.broker.keys
     victim = pyworker.pmap(lambda x: os.getpid(), [0], client=cluster.client, timeout=30)[0]
@@ -353,15 +356,21 @@ def test_an_idle_worker_that_died_delays_a_task_but_loses_nothing(make_cluster):
     wait_until(lambda: r.call("LINDEX", keys.idle, 0) == name.encode(), 10,
                "the worker to go idle, on top of the stack")
     proc = next(p for p in cluster.workers if p.pid == victim)
-    proc.kill()  # its lease still runs: the next task's token goes to it
+    proc.kill()  # its lease still runs: the next task is handed to it
     proc.wait(10)
-    out = pyworker.pmap(lambda x: (x, os.getpid()), [7], client=cluster.client, timeout=20)
-    assert out[0][0] == 7 and out[0][1] != victim, "the other worker ran it after its wait"
-    assert r.call("EXISTS", keys.worker_wake(name)) == 1, "the token went to the dead worker"
-    # once its lease is over, the reaper leaves nothing of it to wake
-    wait_until(lambda: name in cluster.client.broker.reap(), 20, "the reaper")
+    job = cluster.client.job()
+    sha = job.add_function(lambda x: (x, os.getpid()))
+    job.submit(0, sha, [(0, [7])])
+    assert r.call("HLEN", keys.active(name)) == 1, "the task went to the dead worker"
+    assert r.call("LLEN", keys.worker_wake(name)) == 1
+    result = job.next_result(time.monotonic() + 20)
+    job.close()
+    assert result is not None and result.values[0][0] == 7 and result.values[0][1] != victim, \
+        "the other worker ran it once the dead worker's lease ended"
+    assert name not in cluster.client.broker.reap() and name.encode() not in \
+        r.call("SMEMBERS", keys.workers), "the reaper unregistered the dead worker"
     assert name.encode() not in r.call("LRANGE", keys.idle, 0, -1)
-    assert r.call("EXISTS", keys.worker_wake(name)) == 0
+    assert r.call("EXISTS", keys.worker_wake(name), keys.active(name)) == 0
 
 
 def test_a_finish_whose_answer_is_lost_loses_and_repeats_nothing(make_cluster, tmp_path):
@@ -393,14 +402,16 @@ def test_a_finish_whose_answer_is_lost_loses_and_repeats_nothing(make_cluster, t
         proxy.close()
 
 
-def test_a_dequeue_whose_answer_is_lost_strands_nothing(make_cluster, tmp_path):
-    """The connection drops after Redis handed a task to a worker and before the worker read
-    it: the task is the worker's in Redis, so the worker must find it there and run it (no
-    other worker ever would: its owner is alive)."""
+@pytest.mark.parametrize("way", ["handed", "dequeued"])
+def test_a_task_whose_answer_is_lost_strands_nothing(make_cluster, tmp_path, way):
+    """The connection drops after Redis gave a task to a worker and before the worker read
+    it: handed over by the submit (the answer to the worker's BLPOP), or taken by the worker's
+    dequeue after a token. The task is the worker's in Redis, so the worker must find it there
+    and run it (no other worker ever would: its owner is alive), and only once (a handed task
+    also waits in its wake list)."""
     from support import ReplyDroppingProxy
     cluster = make_cluster(0)
     broker = cluster.client.broker
-    sha = broker.redis.call("SCRIPT", "LOAD", broker._dequeue.source)
     log = tmp_path / "ran.txt"
 
     def task(x):
@@ -409,18 +420,26 @@ def test_a_dequeue_whose_answer_is_lost_strands_nothing(make_cluster, tmp_path):
         return -x
 
     fn_sha = cluster.client.function_blob(task)[0].encode()
-    proxy = ReplyDroppingProxy(cluster.redis.port, sha, drop={1}, answer_marker=fn_sha)
+    marker = b"BLPOP" if way == "handed" else broker.redis.call(
+        "SCRIPT", "LOAD", broker._dequeue.source)
+    proxy = ReplyDroppingProxy(cluster.redis.port, marker, drop={1}, answer_marker=fn_sha)
     try:
         cluster.add_worker(env={"PYWORKER_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"})
         cluster.wait_for_workers(1)
+        name = broker.redis.call("SMEMBERS", broker.keys.workers)[0]
+        wait_until(lambda: broker.redis.call("LINDEX", broker.keys.idle, 0) == name, 10,
+                   "the worker to go idle")
+        if way == "dequeued":  # off the idle stack: the submit leaves a common token instead
+            broker.redis.call("LREM", broker.keys.idle, 0, name)
         out = pyworker.pmap(task, range(6), chunksize=1, client=cluster.client, timeout=60)
         assert out == [-x for x in range(6)]
-        assert proxy.dropped == 1, "a dequeue's answer, with a task in it, was lost"
+        assert proxy.dropped == 1, f"the answer that gave a task ({way}) was lost"
         assert sorted(int(x) for x in log.read_text().split()) == list(range(6)), \
             "every item ran exactly once"
         # a single dropped connection is retried at once, not after the outage pause
         worker_log = open(os.path.join(cluster.redis.dir, "worker-0.log")).read()
         assert "retrying at once" in worker_log, worker_log
         assert "retrying in 1 s" not in worker_log, worker_log
+        assert broker.redis.call("EXISTS", broker.keys.worker_wake(name.decode())) == 0
     finally:
         proxy.close()
