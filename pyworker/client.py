@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import sys
 import threading
@@ -58,6 +57,7 @@ class Client:
         self.caller_host = socket.gethostname()
         self._lock = threading.Lock()
         self._keeper: threading.Thread | None = None
+        self._keeper_pid = 0
         self._last_reap = 0.0
         self._warned_no_workers = False
         self.spin_s = self.settings.spin_s if _cores() > 1 else 0.0
@@ -110,9 +110,12 @@ class Client:
         job = Job(self)
         with self._lock:
             self._jobs.add(job)
-            if self._keeper is None or not self._keeper.is_alive():
+            # The keeper sets _keeper to None under this lock when it ends (it catches everything
+            # else); a forked child has none running (cheaper to ask than Thread.is_alive).
+            if self._keeper is None or self._keeper_pid != os.getpid():
                 self._keeper = threading.Thread(target=self._keep_alive, daemon=True,
                                                 name="pyworker-keepalive")
+                self._keeper_pid = os.getpid()
                 self._keeper.start()
         return job
 
@@ -190,7 +193,7 @@ class Job:
 
     def __init__(self, client: Client):
         self.client = client
-        self.jid = secrets.token_hex(10)
+        self.jid = os.urandom(10).hex()  # secrets.token_hex(10), without its two calls
         self.live = True
         self.created = False
         self.fn_shas: set[str] = set()

@@ -371,10 +371,12 @@ class Broker:
         # The BLPOP must never wait behind a submit that did not happen (NOSCRIPT: a new or
         # restarted Redis), so the script is loaded in the same round trip until it is known.
         load = [] if self._submit_loaded else [("SCRIPT", "LOAD", self._submit.source)]
+        commands += load + [("EVALSHA", self._submit.sha, 0, *args)]
+        # The replies up to the submit's come at once, the take's with its PEXPIRE's: a spin
+        # before the first and before the take's (see resp.Connection.pipeline).
         replies = self.redis.pipeline(
-            commands + load + [("EVALSHA", self._submit.sha, 0, *args)]
-            + self._take_result(jid, pop_s), raise_errors=False, spin_s=spin_s, retry=False,
-            timeout=pop_s + max(5.0, pop_s))
+            commands + self._take_result(jid, pop_s), raise_errors=False, spin_s=spin_s,
+            retry=False, timeout=pop_s + max(5.0, pop_s), spin_at=(0, len(commands)))
         queued, popped = replies[-3], replies[-2]
         self._submit_loaded = True
         if isinstance(queued, resp.ReplyError) and str(queued).startswith("NOSCRIPT"):

@@ -202,10 +202,11 @@ class Connection:
             raise reply
         return reply
 
-    def pipeline(self, commands, spin_s: float = 0.0, timeout=None):
+    def pipeline(self, commands, spin_s: float = 0.0, timeout=None, spin_at=None):
         """Replies of several commands sent at once; error replies come back as ReplyError
         objects in place (the caller decides), like MULTI-less redis-py pipelines. With spin_s,
-        each reply is busy-polled for (see spin) until spin_s after the send. ``timeout``:
+        each reply is busy-polled for (see spin) until spin_s after the send, or only those
+        whose index is in ``spin_at`` (the others come with one before them). ``timeout``:
         for reading each reply (a blocking command's wait plus a margin), else the default."""
         self._send(_encode_all(commands))
         if spin_s <= 0:
@@ -213,8 +214,9 @@ class Connection:
         else:
             until = time.perf_counter() + spin_s
             replies = []
-            for _ in commands:
-                self.spin(until)
+            for i in range(len(commands)):
+                if spin_at is None or i in spin_at:
+                    self.spin(until)
                 replies.append(self.read_reply(timeout))
         if timeout is not None:
             self._set_timeout(self.timeout)
@@ -301,8 +303,12 @@ class Redis:
         that is not idempotent (one that moves tasks) may have run before the connection
         broke, and its caller must find out what happened instead."""
         with self._lock:
-            pooled = bool(self._idle)
-        conn = self._get()
+            conn = self._idle.pop() if self._idle else None
+        pooled = conn is not None
+        if conn is None or not conn.idle_and_open():
+            if conn is not None:
+                conn.close()  # closed by the server meanwhile (a restart)
+            conn = self._get()
         try:
             return use(conn)
         except RespConnectionError:
@@ -318,9 +324,9 @@ class Redis:
         return self._with_connection(lambda conn: conn.call(*args, timeout=timeout), retry)
 
     def pipeline(self, commands, raise_errors=True, spin_s: float = 0.0, retry: bool = True,
-                 timeout=None):
-        replies = self._with_connection(lambda conn: conn.pipeline(commands, spin_s, timeout),
-                                        retry)
+                 timeout=None, spin_at=None):
+        replies = self._with_connection(
+            lambda conn: conn.pipeline(commands, spin_s, timeout, spin_at), retry)
         if raise_errors:
             for reply in replies:
                 if isinstance(reply, ReplyError):

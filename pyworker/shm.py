@@ -155,6 +155,7 @@ class Store:
         self.ident = hashlib.sha256(
             f"{boot} {st.st_dev} {st.st_ino}".encode()).hexdigest()[:16]
         self.pidns = pid_namespace()
+        self._tag = (None, "")
 
     @classmethod
     def open(cls, settings) -> "Store | None":
@@ -183,7 +184,10 @@ class Store:
 
     def tag(self) -> str:
         """What a caller puts in every task header: this directory's identity and the owner."""
-        return f"{self.ident}.{self.pidns}.{os.getpid()}"
+        pid = os.getpid()
+        if self._tag[0] != pid:  # (a forked child has its own)
+            self._tag = (pid, f"{self.ident}.{self.pidns}.{pid}")
+        return self._tag[1]
 
     @staticmethod
     def parse_tag(tag: str):
