@@ -229,8 +229,8 @@ class Worker:
                     # A dequeue whose answer was lost may have run: its task is in Redis as
                     # this worker's, and nobody else would ever run it.
                     known = {_field(t) for t in held}
-                    held.extend(self._adopt([t for f, t in self.broker.held_tasks(self.name).items()
-                                             if f not in known]))
+                    mine = self.broker.held_tasks(self.name)
+                    held.extend(self._adopt([t for f, t in mine.items() if f not in known]))
                     resync = False
                 if answer is not None and not held:
                     answer, settle = None, answer
