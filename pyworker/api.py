@@ -95,7 +95,7 @@ class _Progress:
         self.bar = None
         self.total = total
         self.done = 0
-        self.enabled = _interactive() if enabled is None else enabled
+        self.enabled = enabled  # None: decided (a system call) only for a job that lasts
         self.start = time.monotonic()
 
     def update(self, n):
@@ -104,6 +104,8 @@ class _Progress:
             self.bar.update(n)
             return
         elapsed = time.monotonic() - self.start
+        if elapsed >= self.DELAY_S and self.enabled is None:
+            self.enabled = _interactive()
         if self.enabled and elapsed >= self.DELAY_S:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=self.total, initial=self.done, unit="item", desc="pmap",
@@ -233,7 +235,7 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
                         wait = wait if wait > 0.001 else None
                         if wait is not None and len(batch) == 1 and not pending:
                             spin = min(client.spin_s, wait)  # the whole job is one chunk
-                    in_flight += sum(len(e[1]) for e in batch)
+                    in_flight += next_index - batch[0][0]
                     try:
                         pending.update(zip(job.submit(mode, sha, batch, wait, spin), batch))
                     except JobLostError as exc:

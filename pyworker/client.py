@@ -262,12 +262,14 @@ class Job:
         Redis out of reach is waited for (PYWORKER_RECONNECT_S), the batch then sent again:
         if the lost attempt had queued it after all, its chunks run twice and the second
         result of each is ignored; a result it took is found in the taken list (_recover)."""
-        deadline = time.monotonic() + self.client.settings.reconnect_s
+        deadline = None
         warned = False
         while True:
             try:
                 return self._submit(mode, fn_sha, chunks, wait_s, spin_s)
             except PyworkerConnectionError as exc:
+                if deadline is None:
+                    deadline = time.monotonic() + self.client.settings.reconnect_s
                 if not exc.retryable or time.monotonic() >= deadline:
                     raise
                 self._recover = self.created or wait_s is not None
@@ -300,8 +302,8 @@ class Job:
                     # A function uploaded (or refreshed) lately has most of its TTL left, and
                     # the keep-alive refreshes it while jobs run: no need to refresh it here.
                     fresh = client.settings.job_ttl_s / 4
-                    touch = [sha for sha in self.fn_shas - set(self._pending_blobs)
-                             if now - client._uploaded.get(sha, float("-inf")) > fresh]
+                    touch = [sha for sha in self.fn_shas if sha not in self._pending_blobs
+                             and now - client._uploaded.get(sha, float("-inf")) > fresh]
                 blobs, self._pending_blobs = self._pending_blobs, {}
                 try:
                     queued = client.broker.submit(self.jid, messages,
