@@ -130,6 +130,41 @@ def table(med, notes, backends, workloads):
     return "\n".join(lines)
 
 
+# Workloads where the issue wants pyworker ahead of every peer but Pool.
+AHEAD = ("W1", "W3", "W4", "W5")
+
+
+def rounds_table(rows, backends, workloads):
+    """pyworker against each peer round by round: how often it was ahead, and the ratio of its
+    median to the peer's in each round (a round runs the backends one after the other within
+    minutes, so a slow drift of the machine hits both sides of a ratio alike). None with a
+    single round."""
+    by = {}
+    for row in rows:
+        w = row.get("workload")
+        if "round" in row and w in FIGURES and FIGURES[w][0] in row:
+            by.setdefault((row["backend"], w, row["round"]), []).append(row[FIGURES[w][0]])
+    rounds = sorted({r for (_, _, r) in by})
+    peers = [b for b in backends if b != "pyworker"]
+    if len(rounds) < 2 or not peers or "pyworker" not in backends:
+        return None
+    lines = ["| workload | " + " | ".join(peers) + " |", "|---|" + "---|" * len(peers)]
+    for w in [w for w in workloads if w in AHEAD]:
+        figure, higher, _, _ = FIGURES[w]
+        cells = []
+        for b in peers:
+            ratios = [statistics.median(by[("pyworker", w, r)]) / statistics.median(by[(b, w, r)])
+                      for r in rounds if ("pyworker", w, r) in by and (b, w, r) in by]
+            if not ratios:
+                cells.append("—")
+                continue
+            ahead = sum(x > 1 if higher else x < 1 for x in ratios)
+            cells.append(f"ahead in {ahead} of {len(ratios)} ("
+                         + ", ".join(f"{x:.2f}×" for x in ratios) + ")")
+        lines.append(f"| {w} {figure} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def machine(repeats, rounds=1):
     load = os.getloadavg()
     runs = f"{repeats} runs" if rounds == 1 else f"{repeats * rounds} runs ({rounds} rounds " \
@@ -165,7 +200,8 @@ def main():
         if args.rounds > 1:
             print(f"[bench] round {r + 1} of {args.rounds}", file=sys.stderr, flush=True)
         for b in backends:
-            rows += run_backend(b, workloads, args.repeats, args.timeout_s, not args.no_start)
+            got = run_backend(b, workloads, args.repeats, args.timeout_s, not args.no_start)
+            rows += [{**row, "round": r} for row in got]
     limit = None
     if not args.no_limit:
         print("[bench] redis-benchmark ...", file=sys.stderr, flush=True)
@@ -173,6 +209,11 @@ def main():
     med, notes = medians(rows)
     print("\n" + machine(args.repeats, args.rounds) + "\n")
     print(table(med, notes, backends, workloads + ([] if args.no_start else ["START"])))
+    by_round = rounds_table(rows, backends, workloads)
+    if by_round:
+        print("\nRound by round: pyworker's median ÷ each peer's, in the same round (below 1× is "
+              "ahead for times, above 1× for rates and efficiency).\n")
+        print(by_round)
     if not args.no_limit:
         pyworker = {w: figs for (b, w), figs in med.items() if b == "pyworker"}
         print("\nThe limit: the Redis server itself (redis-benchmark), and pyworker against it.\n")
