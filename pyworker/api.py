@@ -150,6 +150,59 @@ def _raise_for_status(result: ChunkResult, items, first_index, return_exceptions
     raise RuntimeError(f"unknown result status {result.status!r} from worker {result.worker}")
 
 
+def _values(result: ChunkResult, items, first, return_exceptions) -> list:
+    """A chunk's values from its result: what it printed is shown, an item that raised
+    re-raises here (or takes its exception's place), a result without values raises."""
+    if result.status != protocol.STATUS_OK:
+        return _raise_for_status(result, items, first, return_exceptions)
+    if result.outputs:
+        _show_outputs(result, first)
+    values = result.values
+    errors = result.errors
+    if -1 in errors:
+        values = [None] * len(items)
+        errors = {offset: errors[-1] for offset in range(len(items))}
+    for offset in sorted(errors):
+        index = first + offset
+        exc = serialize.unpack_exception(
+            errors[offset], f"item #{index} ({serialize._describe(items[offset])})",
+            index=index, item=items[offset], worker=result.worker)
+        if not return_exceptions:
+            raise exc
+        values[offset] = exc
+    return values
+
+
+def _one(fn, item, mode, timeout, return_exceptions, client) -> list:
+    """pmap of a single item, without _run's windows, batches and progress bar (one-item
+    calls in a loop are where the caller's own time shows): one chunk, whose submit waits for
+    the result in the same round trip. Raises JobLostError for pmap to start over with _run."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    job = client.job()
+    finished = False
+    try:
+        sha = job.add_function(fn)
+        wait = FIRST_RESULT_WAIT_S if deadline is None else min(
+            FIRST_RESULT_WAIT_S, deadline - time.monotonic())
+        wait = wait if wait > 0.001 else None
+        items = [item]
+        (chunk,) = job.submit(mode, sha, [(0, items)], wait,
+                              0.0 if wait is None else min(client.spin_s, wait))
+        while True:
+            result = job.next_result(deadline)
+            if result is None:
+                raise TimeoutError(f"pmap timed out after {timeout:g} s with 0 of 1 items done; "
+                                   "the job was cancelled")
+            if result.chunk == chunk:
+                break
+        values = _values(result, items, 0, return_exceptions)
+        finished = True
+        return values
+    finally:
+        # Finished normally: clean up with the next round trip; otherwise cancel now.
+        job.close(now=not finished)
+
+
 def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client):
     """Yields (first index, values) per chunk in the order chunks finish."""
     if not iterables:
@@ -256,24 +309,7 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
                 continue  # a task that ran twice: its first result already counted
             first, items = entry
             in_flight -= len(items)
-            if result.status != protocol.STATUS_OK:
-                values = _raise_for_status(result, items, first, return_exceptions)
-            else:
-                if result.outputs:
-                    _show_outputs(result, first)
-                values = result.values
-                errors = result.errors
-                if -1 in errors:
-                    values = [None] * len(items)
-                    errors = {offset: errors[-1] for offset in range(len(items))}
-                for offset in sorted(errors):
-                    index = first + offset
-                    exc = serialize.unpack_exception(
-                        errors[offset], f"item #{index} ({serialize._describe(items[offset])})",
-                        index=index, item=items[offset], worker=result.worker)
-                    if not return_exceptions:
-                        raise exc
-                    values[offset] = exc
+            values = _values(result, items, first, return_exceptions)
             done += len(items)
             bar.update(len(items))
             yield first, values
@@ -291,6 +327,16 @@ def pmap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exc
     A task that raises re-raises here as its original type (remote traceback as ``__cause__``),
     unless ``return_exceptions=True`` puts exceptions in place of results.
     """
+    if len(iterables) == 1 and type(iterables[0]) in (list, tuple) and len(iterables[0]) == 1 \
+            and (chunksize is None or isinstance(chunksize, int) and chunksize >= 1):
+        c = client or get_client()
+        if c.live_workers() > 0:
+            try:
+                return _one(fn, iterables[0][0], protocol.MODE_ONE, timeout, return_exceptions,
+                            c)
+            except JobLostError as exc:  # Redis lost it: the general path sends it again
+                print(f"pyworker: {exc}; resubmitting the item as a new job", file=sys.stderr,
+                      flush=True)
     parts = {}
     for first, values in _run(fn, iterables, chunksize, timeout, progress, return_exceptions,
                               client):

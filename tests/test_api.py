@@ -271,3 +271,28 @@ def test_a_caller_on_one_core_never_spins(cluster):
         assert client.settings.spin_s > 0 and client.spin_s == 0
     finally:
         client.close()
+
+
+def test_a_one_item_call_times_out_and_is_cancelled_like_any_other(cluster):
+    import time
+    with pytest.raises(TimeoutError, match=r"timed out after 0.3 s with 0 of 1 items done"):
+        pmap(time.sleep, [3], timeout=0.3, client=cluster.client)
+    assert redis_keys(cluster, "pyw:job:*") == []
+
+
+def test_a_one_item_call_whose_job_redis_lost_is_sent_again(make_cluster, capsys):
+    """The one-item path (no windows, no batches) still survives Redis losing its job."""
+    import threading
+    import time
+    cluster = make_cluster(1)
+    r = cluster.client.broker.redis
+    box = {}
+    t = threading.Thread(target=lambda: box.update(out=pmap(
+        lambda x: (time.sleep(x), x)[1], [1.0], timeout=60, client=cluster.client)))
+    t.start()
+    wait_until(lambda: any(r.call("HLEN", f"pyw:worker:{n.decode()}:active")
+                           for n in r.call("SMEMBERS", "pyw:workers")), 20, "the item to start")
+    r.call("FLUSHDB")  # job, queue and the worker's registration are gone
+    t.join(60)
+    assert box.get("out") == [1.0]
+    assert "resubmitting the item as a new job" in capsys.readouterr().err
