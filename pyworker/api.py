@@ -173,6 +173,14 @@ def _values(result: ChunkResult, items, first, return_exceptions) -> list:
     return values
 
 
+def _first_result_wait(deadline) -> float | None:
+    """How long the last submit's round trip waits for the first result (None: not at all,
+    the deadline is too near)."""
+    wait = FIRST_RESULT_WAIT_S if deadline is None else min(
+        FIRST_RESULT_WAIT_S, deadline - time.monotonic())
+    return wait if wait > 0.001 else None
+
+
 def _one(fn, item, mode, timeout, return_exceptions, client) -> list:
     """pmap of a single item, without _run's windows, batches and progress bar (one-item
     calls in a loop are where the caller's own time shows): one chunk, whose submit waits for
@@ -182,9 +190,7 @@ def _one(fn, item, mode, timeout, return_exceptions, client) -> list:
     finished = False
     try:
         sha = job.add_function(fn)
-        wait = FIRST_RESULT_WAIT_S if deadline is None else min(
-            FIRST_RESULT_WAIT_S, deadline - time.monotonic())
-        wait = wait if wait > 0.001 else None
+        wait = _first_result_wait(deadline)
         items = [item]
         (chunk,) = job.submit(mode, sha, [(0, items)], wait,
                               0.0 if wait is None else min(client.spin_s, wait))
@@ -283,9 +289,7 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
                     # The last batch: its round trip may as well wait for the first result.
                     wait, spin = None, 0.0
                     if exhausted:
-                        wait = FIRST_RESULT_WAIT_S if deadline is None else min(
-                            FIRST_RESULT_WAIT_S, deadline - time.monotonic())
-                        wait = wait if wait > 0.001 else None
+                        wait = _first_result_wait(deadline)
                         if wait is not None and len(batch) == 1 and not pending:
                             spin = min(client.spin_s, wait)  # the whole job is one chunk
                     in_flight += next_index - batch[0][0]

@@ -183,7 +183,7 @@ class Connection:
         until the reply arrives, waking it costs more than a short reply takes (on a VM above
         all, where an idle virtual CPU is woken by the host); a blocking read after the spin
         reports what went wrong, if anything did."""
-        sock, f = self.sock, self.file
+        f = self.file
         if self.tls:
             return  # a TLS record may be in flight without a whole reply: just block
         try:
