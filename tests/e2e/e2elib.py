@@ -129,19 +129,73 @@ def job_result(job, timeout, what="job"):
     return last_json(out)
 
 
-def progress_job(n, **imap_kw):
-    """A notebook's job of n x 1 s tasks returning (i, worker pod): a PROGRESS line per result
-    (tests wait for those, not for time), then the RESULT: line."""
+GATE_KEY = "e2e:gate"
+
+
+def gated_job(n, free, task_s=0.2, **imap_kw):
+    """A notebook's job of n tasks returning (i, worker pod): a PROGRESS line per result (tests
+    wait for those, not for time), then the RESULT: line. Tasks of items >= free wait, in the
+    worker, until the test opens the gate (open_gate: a key in the release's Redis). What a
+    test does meanwhile (scale, kill, restart Redis) then happens while every live worker is
+    inside a task, however fast the machine. A gate left shut fails the task after 240 s."""
     kw = "".join(f", {k}={v!r}" for k, v in imap_kw.items())
     return f"""
 import json, socket, time
 from pyworker import imap
+
+def task(i):
+    if i >= {free}:
+        from pyworker.config import Settings
+        from pyworker.resp import Redis
+        s = Settings.from_env()
+        r = Redis(s.redis_url, s.redis_password)
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if r.call('EXISTS', {GATE_KEY!r}):
+                    break
+            except Exception:  # Redis restarting (a test's doing): ask again
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError('the test never opened the gate')
+            time.sleep(0.1)
+        r.close()
+    time.sleep({task_s})
+    return i, socket.gethostname()
+
 res = []
-for r in imap(lambda i: (time.sleep(1), (i, socket.gethostname()))[1], range({n}){kw}):
+for r in imap(task, range({n}){kw}):
     res.append(r)
     print('PROGRESS', len(res), flush=True)
 print('RESULT:' + json.dumps(res), flush=True)
 """
+
+
+def open_gate(k8s, ns, release, timeout_s=60):
+    """Open the gate of gated_job (from the Lab pod, which has the Redis URL and password);
+    retried while Redis is not answering yet (a new Redis pod), for up to timeout_s."""
+    code = ("from pyworker.config import Settings; from pyworker.resp import Redis; "
+            "s = Settings.from_env(); "
+            f"Redis(s.redis_url, s.redis_password).call('SET', {GATE_KEY!r}, '1')")
+    last = []
+
+    def attempt():
+        p = k8s.kubectl(ns, "exec", k8s.lab_pod(ns, release), "-c", "lab", "--", "python", "-c",
+                        code, check=False)
+        last[:] = [p.stderr[-1500:]]
+        return p.returncode == 0
+
+    wait_for(attempt, timeout_s, "the gate to open", on_fail=lambda: last[0])
+
+
+def live_worker_hosts(k8s, ns, release):
+    """The hosts (pod names) of the workers whose lease is current, as pyworker.status() in
+    the Lab pod sees them."""
+    code = ("import json; from pyworker import status; "
+            "print(json.dumps([w.get('host') for w in status().alive]))")
+    out = k8s.kubectl(ns, "exec", k8s.lab_pod(ns, release), "-c", "lab", "--", "python", "-c",
+                      code).stdout
+    return set(json.loads(out.strip().splitlines()[-1]))
 
 
 def wait_for_line(proc, pattern, timeout_s):

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import imagelib
-from e2elib import RELEASE_LABEL, job_result, progress_job, run, wait_for, wait_for_line
+from e2elib import (RELEASE_LABEL, gated_job, job_result, live_worker_hosts, open_gate, run,
+                    wait_for, wait_for_line)
 
 # Installs of up to 10 workers on 2 shared cores, jobs of up to ~80 s: above the project's 120 s.
 pytestmark = pytest.mark.timeout(480)
@@ -26,17 +27,24 @@ def test_scale_down_and_kill_workers_during_job(k8s, namespace):
     k8s.install(namespace, rel, workers=6)
     before = set(k8s.worker_pods(namespace, rel))
     assert len(before) == 6, before
-    with k8s.lab_job(namespace, rel, progress_job(200)) as job:
-        wait_for_line(job, r"^PROGRESS 12$", 120)  # results are coming back from all workers
+    # Items 12 and up wait at a gate: while the test scales down and kills, each live worker is
+    # inside a task (the stopping ones must finish theirs; the killed ones' must run again).
+    with k8s.lab_job(namespace, rel, gated_job(60, free=12, chunksize=1)) as job:
+        wait_for_line(job, r"^PROGRESS 12$", 120)  # results are coming back
         k8s.helm(namespace, "upgrade", rel, "./chart", "--reuse-values", "--set", "workers=3",
                  "--wait", "--timeout", "3m")
         # Force-delete 2 of the workers that stay (not the ones already stopping).
         wait_for(lambda: len(k8s.worker_pods(namespace, rel)) == 3, 60, "the scale-down to 3")
         victims = sorted(k8s.worker_pods(namespace, rel))[:2]
         k8s.kubectl(namespace, "delete", "pod", *victims, "--grace-period=0", "--force", "--wait=false")
-        assert job.poll() is None, "the job ended before the workers were killed: make it longer"
+        assert job.poll() is None, "the job ended at a shut gate"
+        # Dead for sure (not finishing their task in the kill's grace) before the gate opens.
+        wait_for(lambda: not live_worker_hosts(k8s, namespace, rel) & set(victims), 60,
+                 "the killed workers' leases to end")
+        open_gate(k8s, namespace, rel)
         res = job_result(job, 300)
-    assert [i for i, _ in res] == list(range(200)), "every item's result exactly once, in order"
+    assert [i for i, _ in res] == list(range(60)), "every item's result exactly once, in order"
+    assert not {host for _, host in res[12:]} & set(victims), "no result from a killed worker"
     # The replacement workers (Deployment back at 3) are up.
     wait_for(lambda: len(k8s.worker_pods(namespace, rel)) == 3, 120, "3 running workers after the job",
              on_fail=lambda: k8s.describe(namespace))
@@ -75,7 +83,9 @@ def test_redis_restart_with_persistence_keeps_the_job(k8s, namespace, host_path_
                 f"redis.persistence.storageClass={host_path_volume['storage_class']}", workers=3)
     before = redis_pod(k8s, namespace, rel)
     assert before, k8s.describe(namespace)
-    with k8s.lab_job(namespace, rel, progress_job(60, chunksize=1)) as job:
+    # Items 6 and up wait at a gate (a key in Redis, which the append-only file keeps) until the
+    # new Redis pod is up: the restart happens mid-job however fast the machine.
+    with k8s.lab_job(namespace, rel, gated_job(60, free=6, chunksize=1)) as job:
         # The job is under way: some results are in, most tasks still queued in Redis.
         wait_for_line(job, r"^PROGRESS 6$", 120)
         t0 = time.monotonic()
@@ -83,7 +93,8 @@ def test_redis_restart_with_persistence_keeps_the_job(k8s, namespace, host_path_
         wait_for(lambda: (redis_pod(k8s, namespace, rel) or {}).get("uid") not in (None, before["uid"]),
                  120, "a new Redis pod", on_fail=lambda: k8s.describe(namespace))
         print(f"Redis pod replaced in {time.monotonic() - t0:.1f} s")
-        assert job.poll() is None, "the job ended while Redis was down: make it longer"
+        assert job.poll() is None, "the job ended at a shut gate"
+        open_gate(k8s, namespace, rel)
         res = job_result(job, 300)
     assert [i for i, _ in res] == list(range(60)), "every item's result exactly once, in order"
     # The append-only file on the volume is what carried the queue across the restart.
