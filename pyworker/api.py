@@ -300,7 +300,7 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
             if not pending:
                 return
             try:
-                result = job.next_result(deadline)
+                result = job.next_result(deadline, len(pending) - 1)
             except JobLostError as exc:
                 relaunch(exc)
                 continue
@@ -416,8 +416,9 @@ class Executor(cf.Executor):
                 if not self._futures:
                     self._reader = None
                     return
+                expected = len(self._futures)
             try:
-                result = job.next_result(time.monotonic() + 1.0)
+                result = job.next_result(time.monotonic() + 1.0, expected - 1)
             except BaseException as exc:  # Redis gone for good: fail what is pending
                 with self._lock:
                     futures, self._futures = self._futures, {}

@@ -17,6 +17,8 @@ from .queue import Broker
 MAX_WAKE_TOKENS = 256
 # Without results for this long, a job checks that Redis still has it (one EXISTS).
 LOST_CHECK_S = 2.0
+# A take waits for one result and brings up to this many more that are in Redis already.
+MAX_TAKE_AHEAD = 8
 SHM_SWEEP_EVERY_S = 10.0  # orphaned segments are looked for at most this often, at a job start
 
 
@@ -354,10 +356,12 @@ class Job:
                 raise self._lost()
             self._drop_segments((chunk,))
 
-    def next_result(self, deadline: float | None) -> ChunkResult | None:
-        """The next result; None once the deadline passed. Survives a short Redis outage, and
-        raises JobLostError when Redis no longer has the job (checked after an outage and every
-        LOST_CHECK_S without results)."""
+    def next_result(self, deadline: float | None, more: int = 0) -> ChunkResult | None:
+        """The next result; None once the deadline passed. ``more``: how many other results
+        the caller still expects; up to MAX_TAKE_AHEAD of those that are in Redis already come
+        in the same round trip (the next calls return them without one). Survives a short
+        Redis outage, and raises JobLostError when Redis no longer has the job (checked after
+        an outage and every LOST_CHECK_S without results)."""
         client = self.client
         lost_since = None
         while True:
@@ -374,7 +378,8 @@ class Job:
                     lost_since = None
                 if self._recover:
                     self._recover_taken()
-                data = self._early.pop(0) if self._early else self._pop(wait)
+                data = (self._early.pop(0) if self._early
+                        else self._pop(wait, min(more, MAX_TAKE_AHEAD)))
                 if data is None:
                     client.maybe_reap()
                     continue
@@ -398,10 +403,13 @@ class Job:
                     raise
                 time.sleep(0.2)
 
-    def _pop(self, wait: float):
-        data = self.client.broker.pop_result(self.jid, wait, len(self._unacked))
-        self._unacked = [data] if data is not None else []
-        return data
+    def _pop(self, wait: float, more: int):
+        got = self.client.broker.pop_results(self.jid, wait, len(self._unacked), more)
+        self._unacked = got
+        if not got:
+            return None
+        self._early.extend(got[1:])
+        return got[0]
 
     def _recover_taken(self):
         """After a lost connection: results taken whose answer never arrived are still in the

@@ -13,7 +13,7 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
                                  the caller; its absence means cancelled, finished or abandoned)
     P:job:<jid>:q         list   queued task messages of the job
     P:job:<jid>:r         list   result messages of the job
-    P:job:<jid>:rt        list   results the caller took (BLMOVE from :r) and has not yet
+    P:job:<jid>:rt        list   results the caller took (BLMOVE, LMOVE from :r) and has not yet
                                  acknowledged: a result whose answer was lost is found here
     P:job:<jid>:n         hash   chunk id -> how many times a worker died running it
     P:job:<jid>:p         hash   chunk id -> task payload too big to travel inline

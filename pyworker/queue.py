@@ -387,13 +387,16 @@ class Broker:
                 raise reply
         return queued, popped
 
-    def _take_result(self, jid: str, wait_s: float) -> list[tuple]:
-        """Move the job's next result to its taken list, waiting up to wait_s: the result
-        stays in Redis until the caller acknowledges it (pop_result's ack), so an answer lost
-        with its connection loses no result (taken_results finds it)."""
-        taken = self.keys.results_taken(jid)
-        return [("BLMOVE", self.keys.results(jid), taken, "LEFT", "RIGHT", f"{wait_s:.3f}"),
-                ("PEXPIRE", taken, self._ttl_ms)]
+    def _take_result(self, jid: str, wait_s: float, more: int = 0) -> list[tuple]:
+        """Move the job's next result to its taken list, waiting up to wait_s, and up to
+        ``more`` results that are there by then (no wait): the results stay in Redis until the
+        caller acknowledges them (pop_results' ack), so an answer lost with its connection
+        loses no result (taken_results finds them). Commands after a blocking one run once it
+        returns, so the extra moves see what arrived during the wait."""
+        taken, results = self.keys.results_taken(jid), self.keys.results(jid)
+        return ([("BLMOVE", results, taken, "LEFT", "RIGHT", f"{wait_s:.3f}")]
+                + [("LMOVE", results, taken, "LEFT", "RIGHT")] * more
+                + [("PEXPIRE", taken, self._ttl_ms)])
 
     @translate_errors
     def take_result_payload(self, jid: str, field: str):
@@ -405,20 +408,22 @@ class Broker:
         return got
 
     @translate_errors
-    def pop_result(self, jid: str, timeout_s: float, ack: int = 0):
-        """The next result message of the job, or None after timeout_s; first, the ``ack``
-        oldest results taken before are acknowledged (the caller has them: they leave Redis)."""
+    def pop_results(self, jid: str, timeout_s: float, ack: int = 0, more: int = 0) -> list:
+        """The job's next result messages, oldest first: the first waited for (up to
+        timeout_s; none came: []), then up to ``more`` that are in by then, in the same round
+        trip. First, the ``ack`` oldest results taken before are acknowledged (the caller has
+        them: they leave Redis)."""
         wait = max(timeout_s, 0.01)
         commands = self._take_deferred()
         if ack:
             commands.append(("LPOP", self.keys.results_taken(jid), ack))
         try:
-            replies = self.redis.pipeline(commands + self._take_result(jid, wait), retry=False,
-                                          timeout=wait + max(5.0, wait))
+            replies = self.redis.pipeline(commands + self._take_result(jid, wait, more),
+                                          retry=False, timeout=wait + max(5.0, wait))
         except BaseException:
             self._deferred[:0] = commands[:-1] if ack else commands  # not sent, or lost: again
             raise
-        return replies[-2]
+        return [r for r in replies[len(commands):-1] if r is not None]
 
     @translate_errors
     def taken_results(self, jid: str) -> list[bytes]:

@@ -70,13 +70,15 @@ def test_a_result_whose_answer_is_lost_is_found_again(make_cluster):
     import dataclasses
 
     from support import ReplyDroppingProxy
-    cluster = make_cluster(2)
+    # One worker and tasks slower than the caller: each answer brings one result (a take
+    # brings along those already in, which would make fewer answers to drop).
+    cluster = make_cluster(1)
     proxy = ReplyDroppingProxy(cluster.redis.port, b":r\r\n", drop={2, 4},
                                answer_marker=b" ok ")
     client = pyworker.Client(dataclasses.replace(
         cluster.settings(), redis_url=f"redis://127.0.0.1:{proxy.port}/0"))
     try:
-        big = lambda x: bytes([x]) * (300_000 if x % 2 else 10)  # noqa: E731
+        big = lambda x: (time.sleep(0.05), bytes([x]) * (300_000 if x % 2 else 10))[1]  # noqa: E731
         out = pyworker.pmap(big, range(8), chunksize=1, client=client, timeout=60)
         assert out == [big(x) for x in range(8)]
         assert proxy.dropped == 2, "two answers with a result in them were lost"
@@ -85,6 +87,37 @@ def test_a_result_whose_answer_is_lost_is_found_again(make_cluster):
         assert pyworker.pmap(abs, [-1], client=client, timeout=60) == [1]
         r = cluster.client.broker.redis
         assert [r.call("LLEN", k) for k in r.call("KEYS", "pyw:job:*:rt")] == [1]
+    finally:
+        client.close()
+        proxy.close()
+
+
+def test_results_taken_together_in_an_answer_that_is_lost_are_found_again(make_cluster):
+    """A take brings every result that is in already (up to a limit); if that answer is
+    lost, the caller finds all of them again after reconnecting, each exactly once."""
+    import dataclasses
+    import os
+
+    from support import ReplyDroppingProxy, wait_until
+    cluster = make_cluster(2)
+    proxy = ReplyDroppingProxy(cluster.redis.port, b":r\r\n", drop={1}, answer_marker=b" ok ")
+    client = pyworker.Client(dataclasses.replace(
+        cluster.settings(), redis_url=f"redis://127.0.0.1:{proxy.port}/0"))
+    try:
+        job = client.job()
+        sha = job.add_function(lambda x: (x, os.getpid()))
+        chunks = job.submit(0, sha, [(i, [i]) for i in range(4)])  # no wait: no take in it
+        r, keys = cluster.client.broker.redis, cluster.client.broker.keys
+        wait_until(lambda: r.call("LLEN", keys.results(job.jid)) == 4, 20, "all four results")
+        got = []
+        for left in range(3, -1, -1):
+            result = job.next_result(time.monotonic() + 20, more=left)
+            assert result is not None, f"results missing after {got}"
+            got.append((result.chunk, result.values[0][0]))
+        job.close()
+        assert proxy.dropped == 1, "the answer with the four results was lost"
+        assert proxy.seen == 1, "one take brought all four (the rest came from the taken list)"
+        assert sorted(got) == [(c, i) for c, i in zip(chunks, range(4))], got
     finally:
         client.close()
         proxy.close()

@@ -245,3 +245,29 @@ def test_a_handed_task_adopted_from_the_active_hash_never_runs_twice(redis_serve
         assert broker.wait_and_dequeue("w1", 0.1) is None, "the adopted task came again"
     finally:
         broker.close()
+
+
+def test_a_take_brings_the_results_already_in_and_keeps_them_until_acknowledged(
+        redis_server, monkeypatch):
+    """A caller's take waits for one result and brings up to ``more`` others that are in by
+    then, in the same round trip; all of them stay in the taken list until the next take
+    acknowledges them (an answer lost on the way loses none)."""
+    from pyworker import resp
+    broker = _broker(redis_server)
+    r, k = broker.redis, broker.keys
+    try:
+        results = [f"job1 {i} ok w i -\n".encode() for i in range(4)]
+        r.call("RPUSH", k.results("job1"), *results[:3])
+        sent = []
+        send = resp.Connection._send
+        monkeypatch.setattr(resp.Connection, "_send", lambda c, b: (sent.append(1), send(c, b)))
+        assert broker.pop_results("job1", 1.0, more=8) == results[:3]
+        assert len(sent) == 1, "one round trip for the three"
+        assert r.call("LRANGE", k.results_taken("job1"), 0, -1) == results[:3]
+        r.call("RPUSH", k.results("job1"), results[3])
+        assert broker.pop_results("job1", 1.0, ack=3) == [results[3]], "acknowledged, then taken"
+        assert r.call("LRANGE", k.results_taken("job1"), 0, -1) == [results[3]]
+        assert broker.pop_results("job1", 0.05, ack=1, more=8) == [], "nothing came"
+        assert r.call("EXISTS", k.results_taken("job1"), k.results("job1")) == 0
+    finally:
+        broker.close()

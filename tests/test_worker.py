@@ -162,7 +162,7 @@ def test_badly_signed_task_is_rejected_without_unpickling(make_cluster, tmp_path
     wrong = serialize.Signer("not-the-secret")
     _queue_raw_task(cluster, jid, header, wrong.sign(header, payload) + payload)
     b = cluster.client.broker
-    reply = wait_until(lambda: b.pop_result(jid, 0.5), 20, "the worker's rejection")
+    (reply,) = wait_until(lambda: b.pop_results(jid, 0.5), 20, "the worker's rejection")
     assert b" rejected " in reply and b"PYWORKER_SECRET" in reply
     assert not canary.exists(), "the worker unpickled an unsigned message"
     log = open(os.path.join(cluster.redis.dir, "worker-0.log")).read()
