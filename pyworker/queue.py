@@ -474,6 +474,12 @@ class Broker:
         ])
 
     @translate_errors
+    def registration_lost(self, name: str) -> bool:
+        """Whether Redis lost what register_worker wrote (a beat alone re-adds lease and
+        liveness, not the rest)."""
+        return self.redis.call("HEXISTS", self.keys.info(name), "started") == 0
+
+    @translate_errors
     def heartbeat(self, name: str, n: int = 0, total: int = 0) -> None:
         """The worker's beat (see _BEAT_FN): lease, liveness, and n more items done."""
         self.redis.run(self._beat, name, self._lease_ms, f"{time.time():.3f}", n, total)

@@ -181,13 +181,8 @@ class Worker:
             if swept:
                 log.info("worker %s: removed %d shared-memory segment(s) of callers that are gone",
                          self.name, swept)
-        b.register_worker(self.name, {
-            "host": socket.gethostname(), "pid": os.getpid(), "started": f"{time.time():.3f}",
-            "done": 0, "seen": f"{time.time():.3f}",
-            "python": serialize.PYTHON_VERSION, "cloudpickle": serialize.CLOUDPICKLE_VERSION,
-            "shm": self.shm.ident if self.shm is not None else "",
-            "handoff": "1",  # a submit may hand it a task instead of a token (queue._SUBMIT)
-        })
+        self._started = time.time()
+        b.register_worker(self.name, self._info())
         self._touch_heartbeat_file()
         log.info("worker %s started: redis %s, pid %d, python %s, cloudpickle %s", self.name,
                  b.where, os.getpid(), serialize.PYTHON_VERSION, serialize.CLOUDPICKLE_VERSION)
@@ -198,6 +193,8 @@ class Worker:
             self._loop()
         finally:
             self.stopping.set()
+            # (bounded: a heartbeat stuck in a Redis call must not hold up the stop)
+            self._hb_thread.join(timeout=1.0)
             try:
                 with self._beat_lock:  # the last items into the throughput figures
                     last, self._uncounted = self._uncounted, 0
@@ -276,6 +273,16 @@ class Worker:
             except PyworkerConnectionError as exc:
                 log.error("worker %s: could not send a result: %s", self.name, exc)
 
+    def _info(self) -> dict:
+        """What the worker registers (status(), shared memory, hand-offs: queue._SUBMIT)."""
+        return {
+            "host": socket.gethostname(), "pid": os.getpid(), "started": f"{self._started:.3f}",
+            "done": self.done, "seen": f"{time.time():.3f}",
+            "python": serialize.PYTHON_VERSION, "cloudpickle": serialize.CLOUDPICKLE_VERSION,
+            "shm": self.shm.ident if self.shm is not None else "",
+            "handoff": "1",  # a submit may hand it a task instead of a token
+        }
+
     def _heartbeat_loop(self):
         last_reap = 0.0
         while not self.stopping.wait(self.settings.heartbeat_s):
@@ -294,6 +301,12 @@ class Worker:
                     for dead in self.broker.reap():
                         log.info("worker %s: worker %s missed its lease; its tasks were re-queued",
                                  self.name, dead)
+                    # A beat re-registers a worker Redis forgot, but with its lease alone: the
+                    # rest (host, shared memory, hand-offs) goes back here.
+                    if not self.stopping.is_set() and self.broker.registration_lost(self.name):
+                        self.broker.register_worker(self.name, self._info())
+                        log.warning("worker %s: Redis had lost this worker's registration (a "
+                                    "restart without persistence?); registered again", self.name)
             except PyworkerConnectionError as exc:
                 log.error("worker %s: heartbeat failed: %s", self.name, exc)
             except Exception:  # the heartbeat must outlive any surprise

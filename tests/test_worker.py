@@ -213,6 +213,16 @@ def test_worker_survives_a_redis_restart(make_cluster):
     wait_until(lambda: cluster.client.live_workers(max_age_s=0) == 1, 20,
                "the worker to come back after the restart")
     assert pyworker.pmap(abs, [-2, -3], client=cluster.client, timeout=30) == [2, 3]
+    # ... and registers again in full (a beat alone brings back only its lease): status() has
+    # its host again, and it takes hand-offs again (handoff=1: no token and dequeue).
+    r, keys = cluster.client.broker.redis, cluster.client.broker.keys
+    name = r.call("SMEMBERS", keys.workers)[0].decode()
+    wait_until(lambda: r.call("HGET", keys.info(name), "handoff") == b"1", 20,
+               "the worker's full registration")
+    info = r.call("HGETALL", keys.info(name))
+    info = dict(zip(info[::2], info[1::2]))
+    assert info[b"pid"] == str(cluster.workers[0].pid).encode() and info[b"host"], info
+    assert "registered again" in open(os.path.join(server.dir, "worker-0.log")).read()
 
 
 def test_function_travels_once_per_job_not_per_item(cluster):
