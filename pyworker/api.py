@@ -87,7 +87,8 @@ def _interactive() -> bool:
 
 class _Progress:
     """A notebook-aware tqdm bar that shows up only for jobs longer than about a second. It is
-    made only then: short calls (the common case in a loop) pay nothing for it."""
+    made only then: short calls (the common case in a loop) pay nothing for it. ``tick`` while
+    waiting: the bar then shows up (and its clock runs) before the first result comes."""
 
     DELAY_S = 1.0
 
@@ -111,6 +112,9 @@ class _Progress:
             self.bar = tqdm(total=self.total, initial=self.done, unit="item", desc="pmap",
                             dynamic_ncols=True)
             self.bar.start_t -= elapsed  # rates count from the job's start
+
+    def tick(self):
+        self.update(0)
 
     def close(self):
         if self.bar is not None:
@@ -181,13 +185,14 @@ def _first_result_wait(deadline) -> float | None:
     return wait if wait > 0.001 else None
 
 
-def _one(fn, item, mode, timeout, return_exceptions, client) -> list:
+def _one(fn, item, mode, timeout, progress, return_exceptions, client) -> list:
     """pmap of a single item, without _run's windows, batches and progress bar (one-item
     calls in a loop are where the caller's own time shows): one chunk, whose submit waits for
     the result in the same round trip. Raises JobLostError for pmap to start over with _run."""
     deadline = None if timeout is None else time.monotonic() + timeout
     job = client.job()
     finished = False
+    bar = _Progress(1, progress)
     try:
         sha = job.add_function(fn)
         wait = _first_result_wait(deadline)
@@ -195,16 +200,18 @@ def _one(fn, item, mode, timeout, return_exceptions, client) -> list:
         (chunk,) = job.submit(mode, sha, [(0, items)], wait,
                               0.0 if wait is None else min(client.spin_s, wait))
         while True:
-            result = job.next_result(deadline)
+            result = job.next_result(deadline, on_wait=bar.tick)
             if result is None:
                 raise TimeoutError(f"pmap timed out after {timeout:g} s with 0 of 1 items done; "
                                    "the job was cancelled")
             if result.chunk == chunk:
                 break
         values = _values(result, items, 0, return_exceptions)
+        bar.update(1)
         finished = True
         return values
     finally:
+        bar.close()
         # Finished normally: clean up with the next round trip; otherwise cancel now.
         job.close(now=not finished)
 
@@ -300,7 +307,7 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
             if not pending:
                 return
             try:
-                result = job.next_result(deadline, len(pending) - 1)
+                result = job.next_result(deadline, len(pending) - 1, on_wait=bar.tick)
             except JobLostError as exc:
                 relaunch(exc)
                 continue
@@ -336,8 +343,8 @@ def pmap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exc
         c = client or get_client()
         if c.live_workers() > 0:
             try:
-                return _one(fn, iterables[0][0], protocol.MODE_ONE, timeout, return_exceptions,
-                            c)
+                return _one(fn, iterables[0][0], protocol.MODE_ONE, timeout, progress,
+                            return_exceptions, c)
             except JobLostError as exc:  # Redis lost it: the general path sends it again
                 print(f"pyworker: {exc}; resubmitting the item as a new job", file=sys.stderr,
                       flush=True)

@@ -356,12 +356,14 @@ class Job:
                 raise self._lost()
             self._drop_segments((chunk,))
 
-    def next_result(self, deadline: float | None, more: int = 0) -> ChunkResult | None:
+    def next_result(self, deadline: float | None, more: int = 0,
+                    on_wait=None) -> ChunkResult | None:
         """The next result; None once the deadline passed. ``more``: how many other results
         the caller still expects; up to MAX_TAKE_AHEAD of those that are in Redis already come
-        in the same round trip (the next calls return them without one). Survives a short
-        Redis outage, and raises JobLostError when Redis no longer has the job (checked after
-        an outage and every LOST_CHECK_S without results)."""
+        in the same round trip (the next calls return them without one). ``on_wait()`` is
+        called about once a second while no result comes (a progress bar's clock). Survives a
+        short Redis outage, and raises JobLostError when Redis no longer has the job (checked
+        after an outage and every LOST_CHECK_S without results)."""
         client = self.client
         lost_since = None
         while True:
@@ -382,6 +384,8 @@ class Job:
                         else self._pop(wait, min(more, MAX_TAKE_AHEAD)))
                 if data is None:
                     client.maybe_reap()
+                    if on_wait is not None:
+                        on_wait()
                     continue
                 self._last_result = time.monotonic()
                 try:

@@ -189,6 +189,18 @@ def test_progress_bar_shows_for_long_jobs(cluster, capsys):
     assert "4/4" in capsys.readouterr().err
 
 
+def test_progress_bar_shows_before_the_first_result(cluster, capsys):
+    """A job whose first result takes long shows its bar (at 0) after about a second, not
+    only when a result comes; a one-item call too."""
+    import time
+    pmap(time.sleep, [1.6, 1.6], chunksize=1, progress=True)
+    err = capsys.readouterr().err
+    assert "0/2" in err and "2/2" in err, err
+    pmap(time.sleep, [1.6], progress=True)
+    err = capsys.readouterr().err
+    assert "0/1" in err and "1/1" in err, err
+
+
 def test_no_progress_bar_when_disabled(cluster, capsys):
     import time
     pmap(time.sleep, [0.7] * 4, chunksize=1, progress=False)
