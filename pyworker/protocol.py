@@ -50,6 +50,7 @@ and the file holds a protocol-5 pickle stream followed by its out-of-band buffer
     fn:     SIG PAYLOAD                                      (SIG over PAYLOAD alone)
 
 A message whose status carries no payload is never unpickled, so it needs no signature.
+Later versions may append fields to a task header or an ok result's; readers ignore them.
 """
 from __future__ import annotations
 
@@ -195,13 +196,26 @@ class TaskHeader(NamedTuple):  # a tuple: built for every task, cheaper than a d
 
 
 def parse_task_header(line: bytes) -> TaskHeader:
+    """Later versions may append fields: they are ignored here (so only a change to these
+    fields needs both sides upgraded)."""
     fields = line.decode().rstrip("\n").split(" ")
     if len(fields) == 6:  # a caller from before shared memory
         fields.append(NO_SHM)
-    jid, chunk, fn_sha, py, cp, where, shm = fields
+    if len(fields) < 7:
+        raise ValueError(f"{len(fields)} fields, not 7")
+    jid, chunk, fn_sha, py, cp, where, shm = fields[:7]
     if where not in (INLINE, BY_REF, SHARED):
         raise ValueError(f"bad payload flag {where!r}")
     return TaskHeader(jid, int(chunk), fn_sha, py, cp, where == BY_REF, where == SHARED, shm)
+
+
+def task_ids(line: bytes) -> tuple[str, int] | None:
+    """(jid, chunk) of a task header that parse_task_header cannot read, if those two are
+    there: enough to answer its caller."""
+    fields = line.decode(errors="replace").split(" ", 2)
+    if len(fields) >= 2 and fields[1].isdigit() and fields[0].isalnum():
+        return fields[0], int(fields[1])
+    return None
 
 
 def result_header(chunk: int, status: str, worker: str, detail: str = "") -> bytes:
@@ -232,6 +246,8 @@ class ResultHeader(NamedTuple):
 def parse_result_header(line: bytes) -> ResultHeader:
     parts = line.decode(errors="replace").rstrip("\n").split(" ", 3)
     detail = parts[3] if len(parts) > 3 else ""
+    if parts[1] == STATUS_OK:
+        detail = detail.split(" ", 1)[0]  # the flag; fields a later version appends: ignored
     return ResultHeader(int(parts[0]), parts[1], parts[2], detail)
 
 

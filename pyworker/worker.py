@@ -13,6 +13,7 @@ from functools import partial
 from typing import NamedTuple
 
 from . import protocol, serialize, shm
+from ._version import __version__
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
 from .errors import SignatureError
@@ -325,8 +326,19 @@ class Worker:
         try:
             line = protocol.header_line(task)
             header = protocol.parse_task_header(line)
-        except ValueError:
-            log.error("worker %s: dropped a malformed task", self.name)
+        except ValueError as exc:
+            ids = protocol.task_ids(task[:512])
+            if ids is None:
+                log.error("worker %s: dropped a malformed task (%s)", self.name, exc)
+                return None
+            # Most likely a caller with another pyworker version: say so to it, or it waits
+            # for a result that never comes.
+            reason = (f"worker {self.name} (pyworker {__version__}) cannot read the task's "
+                      f"header ({exc}): caller and workers must run the same pyworker version")
+            log.error("worker %s: refused chunk %d of job %s: %s", self.name, ids[1], ids[0],
+                      reason)
+            self._drop(protocol.TaskHeader(ids[0], ids[1], "", "", "", False),
+                       protocol.STATUS_MISMATCH, reason)
             return None
         payload = None
         if header.ref:

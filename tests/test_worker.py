@@ -191,6 +191,26 @@ def test_worker_refuses_other_python_or_cloudpickle_versions(cluster, monkeypatc
     assert serialize.CLOUDPICKLE_VERSION in text
 
 
+def test_a_task_header_with_fields_appended_by_a_later_version_still_runs(cluster,
+                                                                          monkeypatch):
+    from pyworker import client as client_module
+    original = protocol.task_header
+    monkeypatch.setattr(client_module.protocol, "task_header",
+                        lambda *a, **k: original(*a, **k)[:-1] + b" a-later-field\n")
+    assert pyworker.pmap(abs, [-1, -2], chunksize=1, timeout=20) == [1, 2]
+
+
+def test_a_task_header_this_worker_cannot_read_fails_the_call_saying_why(cluster, monkeypatch):
+    """A caller with another pyworker version whose header the worker cannot read gets an
+    answer (it used to wait for ever: the worker dropped the task)."""
+    from pyworker import client as client_module
+    original = protocol.task_header
+    monkeypatch.setattr(client_module.protocol, "task_header",
+                        lambda *a, **k: b" ".join(original(*a, **k).split(b" ")[:5]) + b"\n")
+    with pytest.raises(VersionMismatchError, match="same pyworker version"):
+        pyworker.pmap(abs, [-1], timeout=20)
+
+
 def test_worker_with_wrong_password_says_so_in_one_line(redis_server):
     env = {**os.environ, "PYWORKER_REDIS_URL": redis_server.url,
            "PYWORKER_REDIS_PASSWORD": "wrong", "PYWORKER_SECRET": "s"}
