@@ -186,9 +186,9 @@ def _first_result_wait(deadline) -> float | None:
 
 
 def _one(fn, item, mode, timeout, progress, return_exceptions, client) -> list:
-    """pmap of a single item, without _run's windows, batches and progress bar (one-item
-    calls in a loop are where the caller's own time shows): one chunk, whose submit waits for
-    the result in the same round trip. Raises JobLostError for pmap to start over with _run."""
+    """pmap of a single item, without _run's windows, batches and generator (one-item calls
+    in a loop are where the caller's own time shows): one chunk, whose submit waits for the
+    result in the same round trip. Raises JobLostError for pmap to start over with _run."""
     deadline = None if timeout is None else time.monotonic() + timeout
     job = client.job()
     finished = False
