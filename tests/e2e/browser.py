@@ -66,6 +66,16 @@ def wait_css(driver, css, timeout_s, what, visible=True):
         time.sleep(0.25)
 
 
+# A cell still not sent to the kernel this long after its run is run again (at most twice).
+RERUN_AFTER_S = 15
+
+
+def _first_prompt(driver):
+    """The first cell's input prompt: "[ ]:" not run, "[*]:" running or queued, "[1]:" done."""
+    found = driver.find_elements("css selector", ".jp-NotebookPanel .jp-Cell .jp-InputPrompt")
+    return found[0].text.strip() if found else ""
+
+
 def run_cell_in_new_notebook(base_url, token, code, marker, shot_name, timeout_s=180, log=print):
     """Open `base_url/lab?token=...`, create a notebook from the launcher, type `code` into its
     first cell, run it, and return the text of the output that contains `marker`.
@@ -91,14 +101,26 @@ def run_cell_in_new_notebook(base_url, token, code, marker, shot_name, timeout_s
         ActionChains(driver).send_keys(code).perform()
         ActionChains(driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
         deadline = time.monotonic() + timeout_s
+        sent, runs = time.monotonic(), 1
         while True:
             outs = [o.text for o in driver.find_elements("css selector", ".jp-OutputArea-output")]
             hit = [o for o in outs if marker in o]
             if hit:
                 break
             errors = [o for o in outs if "Traceback" in o or "Error" in o]
+            prompt = _first_prompt(driver)
             if errors or time.monotonic() > deadline:
-                raise AssertionError(f"the cell did not print {marker!r}; outputs: {outs}")
+                raise AssertionError(f"the cell did not print {marker!r} (its prompt: {prompt!r}, "
+                                     f"run {runs} time(s)); outputs: {outs}")
+            # Seen once in CI: the run left the cell at "[ ]" (never sent: the kernel's
+            # connection was not ready although the status bar said Idle). A cell that was
+            # sent shows "[*]" at once: only one still at "[ ]" is run again.
+            if prompt == "[ ]:" and time.monotonic() - sent > RERUN_AFTER_S and runs < 3:
+                driver.find_elements("css selector", ".jp-NotebookPanel .jp-Cell .cm-content")[0].click()
+                ActionChains(driver).key_down(Keys.CONTROL).send_keys(Keys.ENTER).key_up(
+                    Keys.CONTROL).perform()
+                sent, runs = time.monotonic(), runs + 1
+                log(f"browser: the cell was not sent to the kernel; run {runs}")
             time.sleep(0.5)
         log(f"browser: cell ran, output read after {time.monotonic() - t0:.1f} s")
         return hit[-1], shot
