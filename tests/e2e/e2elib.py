@@ -110,6 +110,11 @@ class K8s:
                                  "python", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=ROOT)
 
+    def lab_run(self, ns, release, code, check=True):
+        """`python -c code` in the release's Lab pod, waited for (kubectl's own time limit)."""
+        return self.kubectl(ns, "exec", self.lab_pod(ns, release), "-c", "lab", "--", "python",
+                            "-c", code, check=check)
+
     @contextlib.contextmanager
     def lab_job(self, ns, release, code):
         """lab_python as a with-block: the job is killed if the block leaves it running."""
@@ -177,11 +182,10 @@ def open_gate(k8s, ns, release, timeout_s=60):
     code = ("from pyworker.config import Settings; from pyworker.resp import Redis; "
             "s = Settings.from_env(); "
             f"Redis(s.redis_url, s.redis_password).call('SET', {GATE_KEY!r}, '1')")
-    last = []
+    last = [""]
 
     def attempt():
-        p = k8s.kubectl(ns, "exec", k8s.lab_pod(ns, release), "-c", "lab", "--", "python", "-c",
-                        code, check=False)
+        p = k8s.lab_run(ns, release, code, check=False)
         last[:] = [p.stderr[-1500:]]
         return p.returncode == 0
 
@@ -193,8 +197,7 @@ def live_worker_hosts(k8s, ns, release):
     the Lab pod sees them."""
     code = ("import json; from pyworker import status; "
             "print(json.dumps([w.get('host') for w in status().alive]))")
-    out = k8s.kubectl(ns, "exec", k8s.lab_pod(ns, release), "-c", "lab", "--", "python", "-c",
-                      code).stdout
+    out = k8s.lab_run(ns, release, code).stdout
     return set(json.loads(out.strip().splitlines()[-1]))
 
 
