@@ -140,6 +140,29 @@ def test_a_stalled_worker_cannot_add_a_second_result(make_cluster):
     assert box.get("result") == list(range(6))
 
 
+def test_a_task_longer_than_the_lease_keeps_its_worker_alive(make_cluster, tmp_path):
+    """Between tasks the main thread does the heartbeat's duties; inside a long task (here
+    pure Python, which holds the GIL) the heartbeat thread does them, so a lease of 1.5 s
+    does not end during a 4 s task: nobody reaps the worker, and each task runs once."""
+    cluster = make_cluster(2)
+    folder = str(tmp_path)
+
+    def spin(x):
+        import os
+        import time
+        open(os.path.join(folder, f"{x}-{os.getpid()}"), "w").close()
+        end, n = time.monotonic() + 4.0, 0
+        while time.monotonic() < end:
+            n += 1
+        return os.getpid()
+
+    pids = pyworker.pmap(spin, range(2), chunksize=1, client=cluster.client, timeout=60)
+    assert sorted(pids) == sorted(p.pid for p in cluster.workers), "one task on each worker"
+    runs = sorted(os.listdir(tmp_path))
+    assert len(runs) == 2, f"a task ran again (its worker's lease ended?): {runs}"
+    assert len(pyworker.status(cluster.client).alive) == 2
+
+
 def _queue_raw_task(cluster, jid, header, body):
     b = cluster.client.broker
     b.redis.pipeline([("HSET", b.keys.job(jid), "created", "0"),
