@@ -414,16 +414,20 @@ class Broker:
         trip. First, the ``ack`` oldest results taken before are acknowledged (the caller has
         them: they leave Redis)."""
         wait = max(timeout_s, 0.01)
-        commands = self._take_deferred()
+        take = self._take_result(jid, wait, more)
+        after = self._take_deferred()
+        # After the blocking move, not before it: a reply ahead of it would wake the caller
+        # once for nothing. The taken list gets its new results on the right, so the ``ack``
+        # on its left are still the old ones.
         if ack:
-            commands.append(("LPOP", self.keys.results_taken(jid), ack))
+            after.append(("LPOP", self.keys.results_taken(jid), ack))
         try:
-            replies = self.redis.pipeline(commands + self._take_result(jid, wait, more),
+            replies = self.redis.pipeline(take[:-1] + after + take[-1:],
                                           retry=False, timeout=wait + max(5.0, wait))
         except BaseException:
-            self._deferred[:0] = commands[:-1] if ack else commands  # not sent, or lost: again
+            self._deferred[:0] = after[:-1] if ack else after  # not sent, or lost: again
             raise
-        return [r for r in replies[len(commands):-1] if r is not None]
+        return [r for r in replies[:len(take) - 1] if r is not None]
 
     @translate_errors
     def taken_results(self, jid: str) -> list[bytes]:
