@@ -199,9 +199,32 @@ class LocalCluster:
         return proc
 
     def wait_for_workers(self, n: int, timeout_s: float = 30):
+        """Until n workers are registered. Once too few of this cluster's worker processes are
+        left running to get there (a worker that cannot import pyworker, a bad PYWORKER_*
+        setting, ...), fails at once, with the exit code and the end of the log of the last
+        one that exited, instead of waiting out timeout_s."""
         client = self.client
-        _wait(lambda: client.live_workers(max_age_s=0) >= n, timeout_s,
-              f"{n} pyworker worker(s)")
+
+        def ready():
+            if client.live_workers(max_age_s=0) >= n:
+                return True
+            if sum(p.poll() is None for p in self.workers) < n:
+                raise self._worker_exited(n)
+            return False
+
+        _wait(ready, timeout_s, f"{n} pyworker worker(s)")
+
+    def _worker_exited(self, n: int) -> PyworkerError:
+        i, proc = [(i, p) for i, p in enumerate(self.workers) if p.poll() is not None][-1]
+        log_path = os.path.join(self._log_dir, f"worker-{i}.log")
+        tail = ""
+        if os.path.exists(log_path):
+            with open(log_path, errors="replace") as f:
+                tail = "".join(f.readlines()[-15:])
+        return PyworkerError(
+            f"{n} pyworker worker(s) cannot start: worker {i} exited with {proc.returncode}"
+            + (f"; the end of its log ({log_path}):\n{tail}" if tail.strip() else
+               f" and wrote nothing to {log_path}"))
 
     def stop(self):
         from . import api

@@ -1,11 +1,10 @@
 """LocalCluster and its redis-server."""
 import os
-import subprocess
 
 import pytest
 
 import pyworker
-from pyworker.errors import ConfigurationError
+from pyworker.errors import ConfigurationError, PyworkerError
 from pyworker.local import LocalCluster, RedisServer
 
 
@@ -68,3 +67,12 @@ def test_the_callers_spin_may_come_from_the_environment_nothing_else(monkeypatch
     finally:
         cluster.stop()  # removes the folder its (unstarted) Redis was given
     assert settings.spin_s == 0 and settings.lease_s != 77
+
+
+def test_workers_that_cannot_start_fail_at_once_saying_why():
+    # Without the check, this waited out the 30 s and said only "not ready".
+    with pytest.raises(PyworkerError) as err:
+        LocalCluster(2, worker_env={"PYWORKER_LEASE_S": "-1"}).start()
+    msg = str(err.value)
+    assert "cannot start: worker" in msg and "exited with 1" in msg, msg
+    assert "PYWORKER_LEASE_S must be greater than 0" in msg, msg
