@@ -227,6 +227,34 @@ def test_an_idle_worker_is_handed_its_task_and_an_older_one_gets_a_token(redis_s
         broker.close()
 
 
+def test_a_task_handed_to_a_worker_comes_before_queued_ones_when_it_dequeues(redis_server):
+    """A worker on the idle stack is not always blocked on its wake list: here its wait has
+    just ended and it dequeues, while a submit hands it a task and another job has one
+    queued. The handed task (already in its active hash) must come first, or it waits there
+    until the worker next goes idle. The same holds for the task a finish takes."""
+    broker = _broker(redis_server)
+    r, k = broker.redis, broker.keys
+    try:
+        broker.register_worker("w", {"pid": "1", "handoff": "1"})
+        queued = b"big 0 fn 3.11 3 i -\n" + b"q" * 40
+        broker.submit("big", [queued], 0, meta={"created": "1"})
+        r.call("LPUSH", k.idle, "w")
+        handed = b"small 0 fn 3.11 3 i -\n" + b"h" * 40
+        broker.submit("small", [handed], 1, meta={"created": "1"})
+        assert r.call("LRANGE", k.worker_wake("w"), 0, -1) == [handed]
+        assert broker.dequeue("w") == handed
+        assert r.call("LLEN", k.worker_wake("w")) == 0
+        # a finish that takes the next task: the handed one first, then the queue
+        handed2 = b"small 1 fn 3.11 3 i -\n" + b"h" * 40
+        r.call("LPUSH", k.idle, "w")
+        broker.submit("small", [handed2], 1)
+        kept, tasks = broker.finish("w", "small", 0, b"0 ok w i\n", 2)
+        assert kept and tasks == [handed2, queued]
+        assert set(broker.held_tasks("w")) == {"small 1", "big 0"}
+    finally:
+        broker.close()
+
+
 def test_a_handed_task_adopted_from_the_active_hash_never_runs_twice(redis_server):
     """After a lost connection a worker adopts what Redis says it holds; a task handed over
     meanwhile also waits in its wake list, and must leave it (Worker._adopt)."""
