@@ -77,14 +77,17 @@ _BEAT = _BEAT_FN + "beat(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])"
 
 # ARGV: worker, "<jid> <chunk>", jid, result message, the beat's lease ms ('': no beat now),
 #       tasks to take (0, 1, or 2: the next and one to hold), the task's payload field ('' when
-#       the task was inline), result payload field ('' when the result is inline), and for the
-#       beat: seen, items, total
+#       the task was inline), result payload field ('' when the result is inline), for the
+#       beat: seen, items, total; and '1' if the worker holds a task it will run next (sent
+#       ahead), else '0' or nothing
 # The result is kept only if this worker still held the task: a worker that was declared dead
 # (and whose task was re-queued) and then came back cannot add a second result.
 # A second task (held while the first runs, so the worker's next finish need not be waited for)
 # is taken only while the job next in turn has at least as many tasks queued as there are
 # workers: near a job's end, every worker still gets one before any worker holds two.
-# A worker that asked for a task and got none joins the idle stack on top (see _SUBMIT).
+# A worker that asked for a task and got none joins the idle stack on top (see _SUBMIT), unless
+# it holds one it will run next: a submit would then hand it a task that waits behind that one,
+# while a worker really idle further down the stack waits for nothing.
 # Returns {1 if the result was kept else 0, the next task or '', the held task or ''}.
 _FINISH = _DEQUEUE_FN + _BEAT_FN + r"""
 local worker, field, jid, rfield = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
@@ -106,7 +109,7 @@ if ARGV[5] ~= '' then beat(worker, ARGV[5], ARGV[9], ARGV[10], ARGV[11]) end
 local take, nxt, held = tonumber(ARGV[6]), false, false
 if take > 0 then
   nxt = dequeue(worker)
-  if not nxt then  -- idle from now on: the first to wake for the next task
+  if not nxt and ARGV[12] ~= '1' then  -- idle from now on: the first to wake for the next task
     redis.call('LREM', K_IDLE, 0, worker)
     redis.call('LPUSH', K_IDLE, worker)
   end
@@ -538,7 +541,8 @@ class Broker:
     def task_payload(self, jid: str, chunk: int):
         return self.redis.call("HGET", self.keys.payloads(jid), chunk)
 
-    def _finish_call(self, name, jid, chunk, result, take, result_payload, had_payload, beat):
+    def _finish_call(self, name, jid, chunk, result, take, result_payload, had_payload, beat,
+                     holding=False):
         commands, rfield = [], ""
         if result_payload is not None:
             rfield = f"{chunk} {name}"
@@ -547,7 +551,8 @@ class Broker:
         if beat is not None:
             lease, seen, (n, total) = self._lease_ms, f"{time.time():.3f}", beat
         return commands, (name, f"{jid} {chunk}", jid, result, lease, take,
-                          chunk if had_payload else "", rfield, seen, n, total)
+                          chunk if had_payload else "", rfield, seen, n, total,
+                          "1" if holding else "0")
 
     @staticmethod
     def _finished(reply) -> tuple[bool, list[bytes]]:
@@ -557,23 +562,26 @@ class Broker:
     @translate_errors
     def finish(self, name: str, jid: str, chunk: int, result: bytes, take: int,
                result_payload: bytes | None = None, had_payload: bool = False,
-               beat: tuple[int, int] | None = None) -> tuple[bool, list[bytes]]:
+               beat: tuple[int, int] | None = None,
+               holding: bool = False) -> tuple[bool, list[bytes]]:
         """Report a task's result and take up to ``take`` tasks (0-2, see _FINISH) in the same
         step: (whether the result was kept, the tasks taken). A result is not kept when the
         worker no longer held the task or the job ended. With beat=(items, total), the worker's
-        beat goes in the same step (see heartbeat)."""
+        beat goes in the same step (see heartbeat). ``holding``: the worker has a task to run
+        next (it does not join the idle stack)."""
         commands, args = self._finish_call(name, jid, chunk, result, take, result_payload,
-                                           had_payload, beat)
+                                           had_payload, beat, holding)
         return self._finished(self._then_script(commands, self._finish, *args, retry=False))
 
     @translate_errors
     def finish_later(self, name: str, jid: str, chunk: int, result: bytes, take: int,
                      result_payload: bytes | None = None, had_payload: bool = False,
                      beat: tuple[int, int] | None = None):
-        """finish(), sent now and answered later: returns a function that waits for the answer
-        (the worker runs its held task meanwhile instead of waiting for Redis)."""
+        """finish() of a worker holding a task, sent now and answered later: returns a function
+        that waits for the answer (the worker runs its held task meanwhile instead of waiting
+        for Redis)."""
         commands, args = self._finish_call(name, jid, chunk, result, take, result_payload,
-                                           had_payload, beat)
+                                           had_payload, beat, holding=True)
         pending = self.redis.send(commands + [("EVALSHA", self._finish.sha, 0, *args)])
         return functools.partial(self._finish_answer, pending, args)
 

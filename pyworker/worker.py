@@ -517,7 +517,7 @@ class Worker:
                 else:
                     kept, tasks = self.broker.finish(self.name, h.jid, h.chunk, report.result,
                                                      take, report.payload, had_payload=h.ref,
-                                                     beat=beat)
+                                                     beat=beat, holding=bool(holding))
                 break
             except PyworkerConnectionError as exc:
                 wait, failed = None, True

@@ -255,6 +255,29 @@ def test_a_task_handed_to_a_worker_comes_before_queued_ones_when_it_dequeues(red
         broker.close()
 
 
+def test_a_worker_that_finds_no_task_goes_idle_unless_it_holds_one_to_run(redis_server):
+    """A finish sent ahead (the worker runs a task it holds meanwhile) that finds nothing must
+    not put the worker on the idle stack: a submit would hand it a task that waits behind the
+    held one, while a worker really idle waits for nothing."""
+    broker = _broker(redis_server)
+    r, k = broker.redis, broker.keys
+    try:
+        for name in ("busy", "idle"):
+            broker.register_worker(name, {"pid": "1", "handoff": "1"})
+        tasks = [f"job1 {i} fn 3.11 3 i -\n".encode() + b"x" * 40 for i in range(2)]
+        broker.submit("job1", tasks, 0, meta={"created": "1"})
+        assert broker.dequeue("idle") == tasks[0] and broker.dequeue("busy") == tasks[1]
+        broker.finish("idle", "job1", 0, b"0 ok idle i\n", 2)  # found nothing: idle
+        assert r.call("LRANGE", k.idle, 0, -1) == [b"idle"]
+        broker.finish("busy", "job1", 1, b"1 ok busy i\n", 1, holding=True)
+        assert r.call("LRANGE", k.idle, 0, -1) == [b"idle"], "a worker holding a task went idle"
+        new = b"job2 0 fn 3.11 3 i -\n" + b"n" * 40
+        broker.submit("job2", [new], 1, meta={"created": "1"})
+        assert broker.held_tasks("idle") == {"job2 0": new}, "the idle worker got it"
+    finally:
+        broker.close()
+
+
 def test_a_handed_task_adopted_from_the_active_hash_never_runs_twice(redis_server):
     """After a lost connection a worker adopts what Redis says it holds; a task handed over
     meanwhile also waits in its wake list, and must leave it (Worker._adopt)."""
