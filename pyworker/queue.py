@@ -15,10 +15,10 @@ from .errors import ConnectionError as PyworkerConnectionError
 # no task removes that job from the rotation, so the loop ends. (A job whose hash is gone has
 # no queue either: end_job deletes both, and they expire together.)
 # A task a submit handed to this worker comes first: a worker on the idle stack is not always
-# blocked on its wake list (its wait had just ended, or a finish that found nothing put it there
-# while it ran a task it held), and a queued task taken instead would leave the handed one
-# waiting, in its active hash, until the worker next went idle. Tokens there are dropped: the
-# worker is taking a task anyway.
+# blocked on its wake list (its wait has just ended and it is dequeuing; or, from a worker of an
+# earlier version, a finish sent ahead put it there while it still ran a held task), and a
+# queued task taken instead would leave the handed one waiting, in its active hash, until the
+# worker next went idle. Tokens there are dropped: the worker is taking a task anyway.
 # Each redis.call costs a few µs; these scripts run on every task, so they make few of them.
 _DEQUEUE_FN = r"""
 local function dequeue(worker)
