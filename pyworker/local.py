@@ -32,13 +32,20 @@ def _wait(predicate, timeout_s: float, what: str, proc=None, log_path=None):
             break
         time.sleep(pause)
         pause = min(pause * 1.5, 0.05)
-    detail = ""
-    if log_path and os.path.exists(log_path):
-        with open(log_path, errors="replace") as f:
-            detail = "\n" + "".join(f.readlines()[-15:])
+    tail = _log_tail(log_path) if log_path else ""
+    detail = "\n" + tail if tail else ""
     state = f"exited with {proc.returncode}" if proc is not None and proc.poll() is not None \
         else f"not ready after {timeout_s:g} s"
     raise PyworkerError(f"{what} {state}{detail}")
+
+
+def _log_tail(path: str, lines: int = 15) -> str:
+    """The last lines of a log file, or "" if it is missing or empty."""
+    if not os.path.exists(path):
+        return ""
+    with open(path, errors="replace") as f:
+        tail = "".join(f.readlines()[-lines:])
+    return tail if tail.strip() else ""
 
 
 class RedisServer:
@@ -201,8 +208,8 @@ class LocalCluster:
     def wait_for_workers(self, n: int, timeout_s: float = 30):
         """Until n workers are registered. Once too few of this cluster's worker processes are
         left running to get there (a worker that cannot import pyworker, a bad PYWORKER_*
-        setting, ...), fails at once, with the exit code and the end of the log of the last
-        one that exited, instead of waiting out timeout_s."""
+        setting, ...), fails at once, with the exit code and the end of the log of one that
+        exited, instead of waiting out timeout_s."""
         client = self.client
 
         def ready():
@@ -217,13 +224,10 @@ class LocalCluster:
     def _worker_exited(self, n: int) -> PyworkerError:
         i, proc = [(i, p) for i, p in enumerate(self.workers) if p.poll() is not None][-1]
         log_path = os.path.join(self._log_dir, f"worker-{i}.log")
-        tail = ""
-        if os.path.exists(log_path):
-            with open(log_path, errors="replace") as f:
-                tail = "".join(f.readlines()[-15:])
+        tail = _log_tail(log_path)
         return PyworkerError(
             f"{n} pyworker worker(s) cannot start: worker {i} exited with {proc.returncode}"
-            + (f"; the end of its log ({log_path}):\n{tail}" if tail.strip() else
+            + (f"; the end of its log ({log_path}):\n{tail}" if tail else
                f" and wrote nothing to {log_path}"))
 
     def stop(self):
