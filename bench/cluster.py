@@ -6,12 +6,14 @@ would), three repeats of:
   seed  the seed demo, 13 x sleep(1) -> wall time (ideal 2.0 s on 10 pods) and distinct pods,
   W1    20,000 no-op calls -> tasks/s (automatic chunking),
   W5    200 sequential one-item calls -> p50 / p99 latency,
-and prints a markdown table of the medians. The namespace is removed at the end.
+and prints a markdown table of the medians. The namespace is removed at the end, and so are the
+cluster and the Docker engine if this run started them (a cluster left running would take CPU from
+the next benchmark); --keep keeps all three.
 
     python -m bench.cluster [--workers 10] [--repeats 3] [--keep]
 
-Needs root, the cluster's cached binaries and the images: it runs `ci/cluster-up.sh` and
-`ci/build-image.sh all` itself (both only do what is missing). Only 127.0.0.1 and the cluster are
+Needs root: it runs `ci/cluster-up.sh`, `ci/start-dockerd.sh` and `ci/build-image.sh all` itself
+(each only does what is missing). Only 127.0.0.1 and the cluster are
 contacted.
 """
 import argparse
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))  # the e2e tests' kubectl/helm wrapper
 
 from bench import workloads  # noqa: E402
+from e2elib import CACHE  # noqa: E402
 
 # Runs in the Lab pod; the workload functions are shipped as source with it.
 IN_POD = '''
@@ -59,6 +62,32 @@ def log(msg):
 def sh(*cmd, timeout):
     log(" ".join(cmd))
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=timeout)
+
+
+def answers(cmd, expect=None):
+    """Whether a status command succeeds within 15 s (and prints ``expect``, if given)."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and (expect is None or r.stdout.strip() == expect)
+
+
+def stop_dockerd(timeout_s=60):
+    """SIGTERM to the Docker engine (it stops its own containerd), bounded wait for it to go."""
+    pids = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True).stdout.split()
+    if not pids:
+        return
+    log(f"stopping the Docker engine this run started (pid {' '.join(pids)})")
+    subprocess.run(["kill", "-TERM", *pids], check=False)
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        alive = [p for p in pids if Path(f"/proc/{p}/status").exists()
+                 and "\nState:\tZ" not in Path(f"/proc/{p}/status").read_text()]
+        if not alive:
+            return
+        time.sleep(0.5)
+    log(f"the Docker engine did not stop within {timeout_s} s (pids {' '.join(alive)})")
 
 
 def run_streaming(job, timeout_s):
@@ -118,20 +147,39 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--keep", action="store_true", help="keep the namespace afterwards")
+    ap.add_argument("--keep", action="store_true", help="keep the namespace, and the cluster and Docker engine this run started")
     args = ap.parse_args(argv)
     if args.workers < 1 or args.repeats < 1:
         ap.error("--workers and --repeats must be at least 1")
 
-    sh("bash", "ci/cluster-up.sh", timeout=900)
-    sh("bash", "ci/build-image.sh", "all", timeout=1800)
-    from e2elib import CACHE, IMG, REDIS_IMG, K8s, last_json, namespace_factory, remove_namespaces, run
-
     kubeconfig = os.environ.get("KUBECONFIG") or str(CACHE / "cluster" / "admin.conf")
+    kubectl = str(CACHE / "cluster" / "bin" / "kubectl")
+    cluster_was_up = answers([kubectl, "--kubeconfig", kubeconfig, "get", "--raw=/readyz"], "ok")
+    engine_was_up = answers(["docker", "info"])
+    try:
+        return bench(args, kubeconfig, kubectl)
+    finally:
+        if args.keep:
+            log("--keep: the cluster and the Docker engine keep running ('make cluster-down' stops "
+                "the cluster)")
+        else:
+            if not cluster_was_up:
+                log("stopping the cluster this run started (bash ci/cluster-down.sh)")
+                subprocess.run(["bash", "ci/cluster-down.sh"], cwd=ROOT, timeout=300, check=False)
+            if not engine_was_up:
+                stop_dockerd()
+
+
+def bench(args, kubeconfig, kubectl):
+    sh("bash", "ci/cluster-up.sh", timeout=900)
+    sh("bash", "ci/start-dockerd.sh", timeout=120)  # the image build needs an engine
+    sh("bash", "ci/build-image.sh", "all", timeout=1800)
+    from e2elib import IMG, REDIS_IMG, K8s, last_json, namespace_factory, remove_namespaces, run
+
     helm = [l.split("=", 1)[1] for l in run("bash", "ci/get-helm.sh").stdout.splitlines()
             if l.startswith("HELM=")][0]
     sh("bash", "ci/cluster-load-image.sh", IMG, REDIS_IMG, timeout=600)
-    k8s = K8s(str(CACHE / "cluster" / "bin" / "kubectl"), kubeconfig, helm)
+    k8s = K8s(kubectl, kubeconfig, helm)
     make, made = namespace_factory(k8s)
     ns = make("bench")
     try:
