@@ -32,7 +32,7 @@ bench: ## Benchmark pyworker against its peers and Redis itself (pip install -r 
 bench-scale: ## Scale benchmark: 1,000,000 items in one pmap, and 64 workers on one Redis (bench/README.md)
 	$(PYTHON) -m bench.scale
 
-bench-cluster: ## pyworker on the offline Kubernetes cluster: seed demo, W1 and W5 with 10 worker pods (root; bench/README.md)
+bench-cluster: ## pyworker on the offline Kubernetes cluster: seed demo, W1 and W5 with 10 worker pods; stops the cluster and Docker if it started them (root; bench/README.md)
 	$(PYTHON) -m bench.cluster
 
 ##@ Chart
