@@ -27,19 +27,16 @@ import sys
 import time
 
 from bench.backends import BACKENDS, pool_chunksize
+from bench.workloads import burn
 
 ITEMS, MS, WORKERS = 400, 5, 2
 PARTS = ("start", "gap1", "gaps", "inner", "preempted", "imbalance", "return")
 
 
 def burn_traced(ms):
-    """bench.workloads.burn, also returning its start and end (perf_counter) and its pid."""
+    """W3's item, also returning its start and end (perf_counter) and its pid."""
     t0 = time.perf_counter()
-    start = time.thread_time()
-    end = start + ms / 1000
-    while time.thread_time() < end:
-        pass
-    cpu = time.thread_time() - start
+    cpu = burn(ms)
     return cpu, t0, time.perf_counter(), os.getpid()
 
 
