@@ -13,8 +13,7 @@ the next benchmark); --keep keeps all three.
     python -m bench.cluster [--workers 10] [--repeats 3] [--keep]
 
 Needs root: it runs `ci/cluster-up.sh`, `ci/start-dockerd.sh` and `ci/build-image.sh all` itself
-(each only does what is missing). Only 127.0.0.1 and the cluster are
-contacted.
+(each only does what is missing). Only 127.0.0.1 and the cluster are contacted.
 """
 import argparse
 import inspect
@@ -147,7 +146,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--keep", action="store_true", help="keep the namespace, and the cluster and Docker engine this run started")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the namespace, and the cluster and Docker engine this run started")
     args = ap.parse_args(argv)
     if args.workers < 1 or args.repeats < 1:
         ap.error("--workers and --repeats must be at least 1")
