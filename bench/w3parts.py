@@ -17,7 +17,8 @@ and the start gap (the first item of the last worker to start, after the first w
 The backends take turns, job by job, in one process (the machine's slow drift then hits them
 alike); medians over the jobs.
 
-    python -m bench.w3parts [--jobs 20] [--backends pyworker,ProcessPoolExecutor,multiprocessing.Pool]
+    python -m bench.w3parts [--jobs 20]
+                            [--backends pyworker,ProcessPoolExecutor,multiprocessing.Pool]
 """
 import argparse
 import contextlib
