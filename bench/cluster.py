@@ -79,7 +79,7 @@ def stop_dockerd(timeout_s=60):
         return
     log(f"stopping the Docker engine this run started (pid {' '.join(pids)})")
     subprocess.run(["kill", "-TERM", *pids], check=False)
-    end = time.monotonic() + timeout_s
+    end, alive = time.monotonic() + timeout_s, pids
     while time.monotonic() < end:
         alive = [p for p in pids if Path(f"/proc/{p}/status").exists()
                  and "\nState:\tZ" not in Path(f"/proc/{p}/status").read_text()]

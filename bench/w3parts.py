@@ -41,7 +41,7 @@ def burn_traced(ms):
     return cpu, t0, time.perf_counter(), os.getpid()
 
 
-def breakdown(called, returned, out, chunksize):
+def breakdown(called, returned, out, chunksize, workers=WORKERS):
     """The parts of one job (see the module's docstring), in ms, from the items' returns."""
     by_pid = {}
     for index, (cpu, t0, t1, pid) in enumerate(out):
@@ -65,7 +65,7 @@ def breakdown(called, returned, out, chunksize):
     parts["return"] = returned - max(ends)
     parts = {k: v * 1e3 for k, v in parts.items()}
     parts["start gap"] = (max(starts) - min(starts)) * 1e3
-    parts["efficiency"] = sum(o[0] for o in out) / (len(by_pid) * (returned - called))
+    parts["efficiency"] = sum(o[0] for o in out) / (workers * (returned - called))
     return parts
 
 
