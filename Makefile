@@ -13,7 +13,7 @@ help: ## List every target with what it does
 	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
 
 ##@ Python package
-.PHONY: install demo test test-core bench bench-scale bench-cluster
+.PHONY: install demo test test-core bench bench-duel bench-scale bench-cluster
 install: ## Install pyworker and its test dependencies into the current Python (pip)
 	$(PYTHON) -m pip install -q -e '.[test,lab]'
 
@@ -28,6 +28,9 @@ test-core: ## Run only the package's tests (needs redis-server on PATH)
 
 bench: ## Benchmark pyworker against its peers and Redis itself (pip install -r bench/requirements.txt; not in `make test`)
 	$(PYTHON) -m bench
+
+bench-duel: ## Head to head: pyworker against ProcessPoolExecutor and Pool turn by turn in one process, with a sign test (about 5 min; bench/README.md)
+	$(PYTHON) -m bench.duel
 
 bench-scale: ## Scale benchmark: 1,000,000 items in one pmap, and 64 workers on one Redis (bench/README.md)
 	$(PYTHON) -m bench.scale

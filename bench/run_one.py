@@ -90,12 +90,16 @@ def main(backend, workloads, repeats):
             stack.close()
 
 
-if __name__ == "__main__":
-    # SIGTERM (the runner's time limit) unwinds the with-blocks, which stop the workers. A forked
-    # worker (Pool, ProcessPoolExecutor) inherits the handler: there it must end the process at
-    # once, as SIGTERM's default would (Pool.terminate relies on that), not raise SystemExit
-    # wherever the worker happens to be, which can leave it waiting on a lock forever.
+def unwind_on_sigterm():
+    """SIGTERM (the runner's time limit) unwinds the with-blocks, which stop the workers. A
+    forked worker (Pool, ProcessPoolExecutor) inherits the handler: there it must end the process
+    at once, as SIGTERM's default would (Pool.terminate relies on that), not raise SystemExit
+    wherever the worker happens to be, which can leave it waiting on a lock forever."""
     main_pid = os.getpid()
     signal.signal(signal.SIGTERM,
                   lambda *_: sys.exit(143) if os.getpid() == main_pid else os._exit(143))
+
+
+if __name__ == "__main__":
+    unwind_on_sigterm()
     main(sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]))

@@ -37,3 +37,60 @@ def test_w3_breakdown_splits_a_job_into_its_parts():
               "imbalance": 12, "return": 1, "start gap": 1}
     assert {k: round(parts[k], 6) for k in expect} == expect
     assert round(parts["efficiency"], 6) == round(24 / (2 * 23), 6)
+
+
+def test_sign_test_is_the_two_sided_binomial_tail():
+    from bench.duel import sign_test
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(5, 5) == 1.0
+    assert sign_test(4, 0) == 2 / 16           # all 4 one way: 2 x (1/2)^4
+    assert sign_test(0, 4) == 2 / 16
+    # 21 of 30: p = 0.043 (the smallest lead of 30 turns that counts); 20 of 30 does not
+    assert 0.04 < sign_test(21, 9) < 0.045 < 0.09 < sign_test(20, 10) < 0.1
+
+
+def test_duel_pairs_turns_and_says_ahead_only_when_significant():
+    from bench.duel import report
+    rows = []
+    for s in range(2):
+        for i in range(10):
+            rows += [  # W5: pyworker quicker in every turn; W3: level (5 of 10)
+                {"session": s, "pair": i, "workload": "W5", "backend": "pyworker",
+                 "value": 0.25},
+                {"session": s, "pair": i, "workload": "W5", "backend": "ProcessPoolExecutor",
+                 "value": 0.30},
+                {"session": s, "pair": i, "workload": "W3", "backend": "pyworker",
+                 "value": 0.99},
+                {"session": s, "pair": i, "workload": "W3", "backend": "ProcessPoolExecutor",
+                 "value": 0.98 if i % 2 else 0.995}]
+    # a turn the peer missed (its session ended) is left out, not paired with another
+    rows.append({"session": 2, "pair": 0, "workload": "W5", "backend": "pyworker", "value": 9})
+    out = report(rows, ["ProcessPoolExecutor", "multiprocessing.Pool"], ["W5", "W3"])
+    lines = out.splitlines()
+    assert lines[2].startswith("| W5 p50_ms | ProcessPoolExecutor | 0.250 | 0.300 | 0.833× "
+                               "| 20 of 20 | 1.9e-06 | **ahead** |"), lines[2]
+    assert "| W5 p50_ms | multiprocessing.Pool | — |" in out and "no turns" in out
+    w3 = [x for x in lines if x.startswith("| W3 efficiency | ProcessPoolExecutor |")][0]
+    assert "| 10 of 20 | 1 | **level** |" in w3
+    assert "ratios to Pool" not in out  # Pool never ran
+
+
+def test_duel_checks_pools_ratio_against_the_core_issues_target():
+    from bench.duel import report
+    rows = [{"session": 0, "pair": i, "workload": "W5", "backend": b, "value": v}
+            for i in range(6) for b, v in (("pyworker", 0.5), ("multiprocessing.Pool", 0.2))]
+    out = report(rows, ["multiprocessing.Pool"], ["W5"])
+    assert "0 of 6 | 0.031 | **behind** |" in out
+    assert "W5 2.50× (p50 ≤ 2× Pool: NOT met)" in out
+
+
+def test_duel_refuses_what_it_cannot_compare(capsys):
+    import pytest
+    from bench.duel import main
+    for argv in (["--workloads", "W2"], ["--peers", "pyworker"], ["--peers", "nope"],
+                 ["--pairs", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert "W2 sleeps" in err and "unknown peer(s) ['nope']" in err
