@@ -29,7 +29,7 @@ import time
 
 from bench.__main__ import BASELINE, FIGURES
 from bench.backends import BACKENDS
-from bench.run_one import Unavailable, enter, unwind_on_sigterm
+from bench.run_one import Unavailable, enter, reason, unwind_on_sigterm
 from bench.workloads import WORKLOADS, noop
 
 PEERS = "ProcessPoolExecutor,ProcessPoolExecutor-chunksize1,multiprocessing.Pool"
@@ -81,7 +81,10 @@ def report(rows, peers, workloads):
         for peer in peers:
             turns = turns_of(rows, peer, w)
             if not turns:
-                lines.append(f"| {w} {figure} | {peer} | — | — | — | — | — | no turns |")
+                why = next((f"{b}: {r[k]}" for r in rows for b in ("pyworker", peer)
+                            for k in ("unavailable", "error") if r.get("backend") == b
+                            and k in r and r.get("workload", w) == w), "no turns")
+                lines.append(f"| {w} {figure} | {peer} | — | — | — | — | — | {why} |")
                 continue
             c = compare(turns, higher)
             lines.append(
@@ -118,13 +121,22 @@ def session(number, backends, workloads, pairs):
             maps[b](noop, list(range(4 * WORKERS)))  # warm-up, as in bench.run_one
         if "pyworker" not in maps:
             return 1
-        names = list(maps)
+        names, failed = list(maps), set()
         t = time.monotonic()
         for i in range(pairs):
             for j, w in enumerate(workloads):
                 order = names if (i + j) % 2 == 0 else names[::-1]
                 for b in order:
-                    figures = WORKLOADS[w][0](maps[b], WORKERS)
+                    if (b, w) in failed:
+                        continue
+                    try:
+                        figures = WORKLOADS[w][0](maps[b], WORKERS)
+                    except Exception as exc:  # that pair leaves this session, the rest go on
+                        failed.add((b, w))
+                        emit(backend=b, workload=w, error=reason(exc))
+                        print(f"[duel] session {number + 1}: {w} failed on {b}: {reason(exc)}",
+                              file=sys.stderr, flush=True)
+                        continue
                     emit(pair=i, workload=w, backend=b, value=figures[FIGURES[w][0]])
             if time.monotonic() - t > 10 or i == pairs - 1:
                 print(f"[duel] session {number + 1}: {i + 1} of {pairs} turns",
@@ -191,6 +203,9 @@ def main(argv=None):
     for r in rows:
         if "unavailable" in r:
             print(f"[duel] {r['backend']}: {r['unavailable']}", file=sys.stderr)
+        elif "error" in r:
+            print(f"[duel] session {r['session'] + 1}: {r['workload']} failed on {r['backend']}: "
+                  f"{r['error']}", file=sys.stderr)
     load = os.getloadavg()
     print(f"\nMachine: {platform.platform()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; {datetime.date.today().isoformat()}; load average "

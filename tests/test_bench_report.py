@@ -65,11 +65,14 @@ def test_duel_pairs_turns_and_says_ahead_only_when_significant():
                  "value": 0.98 if i % 2 else 0.995}]
     # a turn the peer missed (its session ended) is left out, not paired with another
     rows.append({"session": 2, "pair": 0, "workload": "W5", "backend": "pyworker", "value": 9})
+    rows.append({"session": 0, "backend": "multiprocessing.Pool",
+                 "unavailable": "unavailable: OSError: no"})
     out = report(rows, ["ProcessPoolExecutor", "multiprocessing.Pool"], ["W5", "W3"])
     lines = out.splitlines()
     assert lines[2].startswith("| W5 p50_ms | ProcessPoolExecutor | 0.250 | 0.300 | 0.833× "
                                "| 20 of 20 | 1.9e-06 | **ahead** |"), lines[2]
-    assert "| W5 p50_ms | multiprocessing.Pool | — |" in out and "no turns" in out
+    assert ("| W5 p50_ms | multiprocessing.Pool | — | — | — | — | — | multiprocessing.Pool: "
+            "unavailable: OSError: no |") in out
     w3 = [x for x in lines if x.startswith("| W3 efficiency | ProcessPoolExecutor |")][0]
     assert "| 10 of 20 | 1 | **level** |" in w3
     assert "ratios to Pool" not in out  # Pool never ran
@@ -82,6 +85,9 @@ def test_duel_checks_pools_ratio_against_the_core_issues_target():
     out = report(rows, ["multiprocessing.Pool"], ["W5"])
     assert "0 of 6 | 0.031 | **behind** |" in out
     assert "W5 2.50× (p50 ≤ 2× Pool: NOT met)" in out
+    rows.append({"session": 0, "backend": "pyworker", "workload": "W4", "error": "E: numpy"})
+    assert "| W4 mb_per_s | multiprocessing.Pool | — | — | — | — | — | pyworker: E: numpy |" \
+        in report(rows, ["multiprocessing.Pool"], ["W5", "W4"])
 
 
 def test_duel_refuses_what_it_cannot_compare(capsys):
