@@ -2,7 +2,8 @@
 
   (a) one pmap(noop, 1,000,000 items) on 2 workers: wall time, and the caller's peak RSS beyond
       a baseline taken after building the input list and starting the cluster
-      (ru_maxrss of a fresh process), plus the size of the output list;
+      (ru_maxrss of a fresh process); of it, the output as allocated, and so the peak beyond
+      the input and the output;
   (b) 64 worker processes on one Redis, 640 x 0.1 s sleep tasks: wall vs the ideal 1.0 s.
 
     python -m bench.scale [--only a|b] [--items 1000000] [--workers 64]
@@ -23,7 +24,8 @@ from bench.workloads import nap, noop
 
 
 def rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process' peak resident set so far, in MB (10^6 bytes, like the output's size)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB on Linux
 
 
 def part_a(items):
@@ -38,9 +40,14 @@ def part_a(items):
     assert len(out) == items and out[-1] == items - 1
     list_mb = sys.getsizeof(out) / 1e6
     with_ints_mb = (sys.getsizeof(out) + sum(sys.getsizeof(x) for x in out)) / 1e6
+    # As allocated: Python's small-object allocator hands out blocks in steps of 16 bytes
+    # (an int of 28 bytes takes 32)
+    allocated_mb = (sys.getsizeof(out) + sum(-(-sys.getsizeof(x) // 16) * 16 for x in out)) / 1e6
     return {"part": "a", "items": items, "wall_s": wall, "tasks_per_s": items / wall,
             "baseline_rss_mb": baseline, "peak_rss_mb": peak, "peak_beyond_baseline_mb":
-            peak - baseline, "output_list_mb": list_mb, "output_with_ints_mb": with_ints_mb}
+            peak - baseline, "output_list_mb": list_mb, "output_with_ints_mb": with_ints_mb,
+            "output_allocated_mb": allocated_mb,
+            "peak_beyond_output_mb": peak - baseline - allocated_mb}
 
 
 def part_b(workers, tasks=640, seconds=0.1):
@@ -102,8 +109,11 @@ def report(a, b):
         f"| (a) caller peak RSS beyond baseline | {a['peak_beyond_baseline_mb']:.0f} MB "
         f"(baseline {a['baseline_rss_mb']:.0f} MB with the input list, peak "
         f"{a['peak_rss_mb']:.0f} MB) |",
-        f"| (a) output list | {a['output_list_mb']:.0f} MB the list, "
-        f"{a['output_with_ints_mb']:.0f} MB with its ints |"])
+        f"| (a) of which the output, as allocated | {a['output_allocated_mb']:.0f} MB "
+        f"({a['output_list_mb']:.0f} MB the list, {a['output_with_ints_mb']:.0f} MB with its "
+        f"ints by sys.getsizeof, each int in a 32-byte block) |",
+        f"| (a) peak beyond the input and the output | "
+        f"{a['peak_beyond_output_mb']:.1f} MB |"])
     rows(b, "(b) 64 workers", lambda b: [
         f"| (b) {b['workers']} workers on one Redis: start (to all registered) | "
         f"{b['start_s']:.1f} s |",

@@ -348,13 +348,21 @@ def pmap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exc
             except JobLostError as exc:  # Redis lost it: the general path sends it again
                 print(f"pyworker: {exc}; resubmitting the item as a new job", file=sys.stderr,
                       flush=True)
-    parts = {}
+    # Each chunk's values go into the output as they come, so that at no time are the results
+    # held twice (a list per chunk, then the output): in place when the length is sure (a
+    # __len__ elsewhere could be wrong); otherwise appended in order, with only chunks that
+    # came before an earlier one waiting aside.
+    n = _length(iterables) if all(type(it) in (list, tuple, range) for it in iterables) else None
+    out = [None] * n if n is not None else []
+    early = {}
     for first, values in _run(fn, iterables, chunksize, timeout, progress, return_exceptions,
                               client):
-        parts[first] = values
-    out = []
-    for first in sorted(parts):
-        out.extend(parts[first])
+        if n is not None:
+            out[first:first + len(values)] = values
+            continue
+        early[first] = values
+        while len(out) in early:
+            out.extend(early.pop(len(out)))
     return out
 
 

@@ -42,6 +42,42 @@ def test_any_sequence_or_iterator_gives_the_same_results_and_names_the_item(clus
     assert "item #13 (23)" in "\n".join(getattr(info.value, "__notes__", []))
 
 
+def test_pmap_holds_each_result_once(cluster):
+    # Results go into the output as chunks come back: at the end the caller's Python memory
+    # has not been at any time much above what it keeps (the output), whatever the length.
+    import tracemalloc
+    xs = list(range(200_000))
+    tracemalloc.start()
+    try:
+        out = pmap(abs, xs, chunksize=1000)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out == xs
+    one_copy = 8 * len(xs)  # the references of one list of the results: 1.6 MB
+    assert peak - kept < one_copy / 4, (peak - kept, kept)
+
+
+def test_results_of_an_iterator_in_order_when_a_later_chunk_ends_first(cluster):
+    import time
+
+    def slow_start(x):
+        if x < 5:
+            time.sleep(0.3)
+        return -x
+
+    assert pmap(slow_start, iter(range(20)), chunksize=5) == [-x for x in range(20)]
+
+    class Liar:  # its length is wrong: the results are those of what it yields
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            return iter(range(6))
+
+    assert pmap(abs, Liar(), chunksize=2) == list(range(6))
+
+
 def test_pmap_over_several_iterables_like_map(cluster):
     assert pmap(pow, [2, 3, 4], [5, 2, 1, 99]) == [32, 9, 4]
 
