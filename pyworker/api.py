@@ -15,11 +15,15 @@ from .errors import JobLostError, SignatureError, VersionMismatchError, WorkerLo
 _default: Client | None = None
 _default_lock = threading.Lock()
 MAX_AUTO_CHUNKSIZE = 10_000
-# Automatic chunks stay below about this many pickled bytes, and a batch of chunks sent in one
-# round trip too, so workers start on big items while the caller is still sending the rest.
 # A job that Redis loses (restart without persistence, flush) is sent again this many times.
 MAX_RELAUNCHES = 3
+# Automatic chunks stay below about this many pickled bytes, and a batch of chunks sent in one
+# round trip too, so workers start on big items while the caller is still sending the rest.
 CHUNK_TARGET_BYTES = 4 * 2**20
+# Items of unknown number (an iterator) are read ahead, for at most this long, to size chunks
+# as for a list; an iterator that is slower than that gets small chunks, so that its first
+# results do not wait for many more items.
+READ_AHEAD_S = 0.1
 # The last batch's submit waits this long for the first result in the same round trip (short
 # calls save a round trip; longer ones carry on waiting as usual).
 FIRST_RESULT_WAIT_S = 0.05
@@ -177,6 +181,26 @@ def _values(result: ChunkResult, items, first, return_exceptions) -> list:
     return values
 
 
+def _size_by_reading_ahead(source, head: list, workers: int, max_bytes_items: int):
+    """Chunk size for items of unknown number: reads ahead into ``head`` (which holds the first
+    item) until the iterator ends, or there are enough items for the largest chunks a list
+    would get (or as many as the in-flight byte budget allows), or READ_AHEAD_S has passed.
+    Returns (size, the number of items if the iterator ended, else None)."""
+    enough = max(1, min(4 * max(workers, 1) * MAX_AUTO_CHUNKSIZE, max_bytes_items))
+    deadline = time.monotonic() + READ_AHEAD_S
+    while len(head) < enough:
+        # Batches that double (1, 2, 4 ... 64 items) between looks at the clock: cheap for a
+        # quick iterator, and a slow one overruns the deadline by at most what it has taken.
+        want = min(len(head), 64, enough - len(head))
+        batch = list(islice(source, want))
+        head += batch
+        if len(batch) < want:
+            return auto_chunksize(len(head), workers), len(head)  # it ended: sized like a list
+        if time.monotonic() > deadline:  # slow: sized for what came so far
+            return auto_chunksize(len(head), workers), None
+    return MAX_AUTO_CHUNKSIZE, None  # as for a long list (the byte limit applies after)
+
+
 def _first_result_wait(deadline) -> float | None:
     """How long the last submit's round trip waits for the first result (None: not at all,
     the deadline is too near)."""
@@ -237,6 +261,9 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
               "the job waits until one starts", file=sys.stderr)
     size = chunksize or auto_chunksize(n, workers)
     item_bytes = 0
+    # Big items: enough in flight to keep every worker busy (one each, and half as many again
+    # waiting), not the whole window (which would park up to 4 chunks per worker in Redis).
+    budget = CHUNK_TARGET_BYTES * (max(workers, 1) * 3 // 2 + 2)
     if n != 1:  # (one item: one chunk, nothing to size)
         head = list(islice(source, 1))
         try:
@@ -245,13 +272,13 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
                 item_bytes = serialize.payload_size(serialize.dumps_data(head[0], oob), oob)
         except Exception:  # reported, naming the item, when its chunk is pickled
             pass
+        if n is None and chunksize is None and head:
+            size, n = _size_by_reading_ahead(source, head, workers,
+                                             budget // max(item_bytes, 1))
         if chunksize is None and item_bytes * size > CHUNK_TARGET_BYTES:
             size = max(1, CHUNK_TARGET_BYTES // item_bytes)
         source = chain(head, source)
     window = max(4 * max(workers, 1), 8) + 1
-    # Big items: enough in flight to keep every worker busy (one each, and half as many again
-    # waiting), not the whole window (which would park up to 4 chunks per worker in Redis).
-    budget = CHUNK_TARGET_BYTES * (max(workers, 1) * 3 // 2 + 2)
     in_flight = 0  # items queued or running
     job = client.job()
     sha = job.add_function(fn)

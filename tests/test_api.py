@@ -78,6 +78,73 @@ def test_results_of_an_iterator_in_order_when_a_later_chunk_ends_first(cluster):
     assert pmap(abs, Liar(), chunksize=2) == list(range(6))
 
 
+def _chunks_sent(monkeypatch):
+    """The number of items in each chunk the calls after this send."""
+    from pyworker.client import Job
+    sent, submit = [], Job.submit
+
+    def counting(self, mode, fn_sha, chunks, *args, **kwargs):
+        sent.extend(len(items) for _, items in chunks)
+        return submit(self, mode, fn_sha, chunks, *args, **kwargs)
+
+    monkeypatch.setattr(Job, "submit", counting)
+    return sent
+
+
+@pytest.mark.parametrize("n", [400, 100_000])
+def test_an_iterator_is_chunked_like_a_list_of_the_same_items(cluster, monkeypatch, n):
+    # Without its length, an iterator is read ahead to size its chunks (before, it got chunks
+    # of one item: 1,000x slower for a million no-ops than the same items in a list).
+    sent = _chunks_sent(monkeypatch)
+    assert pmap(abs, list(range(n))) == list(range(n))
+    as_list, sent[:] = list(sent), []
+    assert pmap(abs, (x for x in range(n))) == list(range(n))
+    assert sent == as_list and len(sent) >= 8, sent[:10]
+
+
+def test_reading_ahead_stops_at_the_end_at_enough_items_at_the_byte_budget_and_in_time():
+    from pyworker.api import MAX_AUTO_CHUNKSIZE, _size_by_reading_ahead
+    head = [0]
+    assert _size_by_reading_ahead(iter(range(1, 1000)), head, 2, 10**9) == (125, 1000)
+    assert head == list(range(1000))
+    head, rest = [0], iter(range(1, 10**6))
+    assert _size_by_reading_ahead(rest, head, 2, 10**9) == (MAX_AUTO_CHUNKSIZE, None)
+    assert head == list(range(8 * MAX_AUTO_CHUNKSIZE)) and next(rest) == 8 * MAX_AUTO_CHUNKSIZE
+    head, rest = [0], iter(range(1, 10**6))  # big items: only what the byte budget allows
+    assert _size_by_reading_ahead(rest, head, 2, 20) == (MAX_AUTO_CHUNKSIZE, None)
+    assert len(head) == 20
+
+    import time
+    made = []
+
+    def slow():  # 100 items, 20 ms each: reading ahead gives up long before its end
+        for i in range(100):
+            time.sleep(0.02)
+            made.append(i)
+            yield i
+
+    head, rest = [], slow()
+    head.append(next(rest))
+    size, n = _size_by_reading_ahead(rest, head, 2, 10**9)
+    assert n is None and len(head) == len(made) < 50 and size == max(1, len(head) // 8)
+
+
+def test_a_slow_iterators_first_results_come_before_it_ends(cluster):
+    import time
+    made = []
+
+    def slow():
+        for i in range(30):
+            time.sleep(0.02)
+            made.append(i)
+            yield i
+
+    results = imap(abs, slow())
+    assert next(results) == 0
+    assert len(made) < 30, "the first result waited for the whole iterator"
+    assert list(results) == list(range(1, 30))
+
+
 def test_pmap_over_several_iterables_like_map(cluster):
     assert pmap(pow, [2, 3, 4], [5, 2, 1, 99]) == [32, 9, 4]
 
