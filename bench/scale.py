@@ -1,9 +1,9 @@
 """`python -m bench.scale`: pyworker at scale (not part of `python -m bench`).
 
-  (a) one pmap(noop, 1,000,000 items) on 2 workers: wall time, and the caller's peak RSS beyond
-      a baseline taken after building the input list and starting the cluster
-      (ru_maxrss of a fresh process); of it, the output as allocated, and so the peak beyond
-      the input and the output;
+  (a) one pmap(noop, 1,000,000 items) on 2 workers: wall time (and that of the same items from a
+      generator, after the rest), and the caller's peak RSS beyond a baseline taken after
+      building the input list and starting the cluster (ru_maxrss of a fresh process); of it,
+      the output as allocated, and so the peak beyond the input and the output;
   (b) 64 worker processes on one Redis, 640 x 0.1 s sleep tasks: wall vs the ideal 1.0 s.
 
     python -m bench.scale [--only a|b] [--items 1000000] [--workers 64]
@@ -37,6 +37,12 @@ def part_a(items):
         out = pmap(noop, xs, progress=False, client=cluster.client)
         wall = time.perf_counter() - t
         peak = rss_mb()
+        # the same items from a generator, after the peak above was taken (wall time only)
+        t = time.perf_counter()
+        from_gen = pmap(noop, (x for x in xs), progress=False, client=cluster.client)
+        gen_wall = time.perf_counter() - t
+        assert from_gen == out
+        del from_gen
     assert len(out) == items and out[-1] == items - 1
     list_mb = sys.getsizeof(out) / 1e6
     with_ints_mb = (sys.getsizeof(out) + sum(sys.getsizeof(x) for x in out)) / 1e6
@@ -44,6 +50,7 @@ def part_a(items):
     # (an int of 28 bytes takes 32)
     allocated_mb = (sys.getsizeof(out) + sum(-(-sys.getsizeof(x) // 16) * 16 for x in out)) / 1e6
     return {"part": "a", "items": items, "wall_s": wall, "tasks_per_s": items / wall,
+            "generator_wall_s": gen_wall,
             "baseline_rss_mb": baseline, "peak_rss_mb": peak, "peak_beyond_baseline_mb":
             peak - baseline, "output_list_mb": list_mb, "output_with_ints_mb": with_ints_mb,
             "output_allocated_mb": allocated_mb,
@@ -106,6 +113,8 @@ def report(a, b):
     rows(a, "(a) 1M items", lambda a: [
         f"| (a) pmap(noop, {a['items']:,} items), 2 workers: wall | {a['wall_s']:.1f} s "
         f"({a['tasks_per_s']:,.0f} tasks/s) |",
+        f"| (a) the same items from a generator: wall | {a['generator_wall_s']:.1f} s "
+        f"({a['items'] / a['generator_wall_s']:,.0f} tasks/s) |",
         f"| (a) caller peak RSS beyond baseline | {a['peak_beyond_baseline_mb']:.0f} MB "
         f"(baseline {a['baseline_rss_mb']:.0f} MB with the input list, peak "
         f"{a['peak_rss_mb']:.0f} MB) |",
