@@ -260,6 +260,7 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
         print(f"pyworker: no workers are connected to Redis at {client.broker.where}; "
               "the job waits until one starts", file=sys.stderr)
     size = chunksize or auto_chunksize(n, workers)
+    ramp = None  # the next chunk's size while chunks start small (see below)
     item_bytes = 0
     # Big items: enough in flight to keep every worker busy (one each, and half as many again
     # waiting), not the whole window (which would park up to 4 chunks per worker in Redis).
@@ -275,6 +276,11 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
         if n is None and chunksize is None and head:
             size, n = _size_by_reading_ahead(source, head, workers,
                                              budget // max(item_bytes, 1))
+            if n is None:
+                # Items keep coming, of unknown cost: the first chunks are small and each is
+                # twice the one before, up to that size, so that the first results come soon
+                # however slow fn is (imap), for about log2(size) chunks more.
+                ramp = 1
         if chunksize is None and item_bytes * size > CHUNK_TARGET_BYTES:
             size = max(1, CHUNK_TARGET_BYTES // item_bytes)
         source = chain(head, source)
@@ -311,10 +317,12 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
                 batch = []
                 while len(pending) + len(batch) < window:
                     items = seq[next_index:next_index + size] if seq is not None else list(
-                        islice(source, size))
+                        islice(source, size if ramp is None else min(size, ramp)))
                     if not items:
                         exhausted = True
                         break
+                    if ramp is not None:
+                        ramp = ramp * 2 if ramp < size else None
                     batch.append((next_index, items))
                     next_index += len(items)
                     if item_bytes * (next_index - batch[0][0]) >= CHUNK_TARGET_BYTES:

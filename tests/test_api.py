@@ -91,15 +91,31 @@ def _chunks_sent(monkeypatch):
     return sent
 
 
-@pytest.mark.parametrize("n", [400, 100_000])
-def test_an_iterator_is_chunked_like_a_list_of_the_same_items(cluster, monkeypatch, n):
+def test_an_iterator_is_chunked_like_a_list_of_the_same_items(cluster, monkeypatch):
     # Without its length, an iterator is read ahead to size its chunks (before, it got chunks
     # of one item: 1,000x slower for a million no-ops than the same items in a list).
     sent = _chunks_sent(monkeypatch)
-    assert pmap(abs, list(range(n))) == list(range(n))
+    assert pmap(abs, list(range(5000))) == list(range(5000))
     as_list, sent[:] = list(sent), []
+    assert pmap(abs, (x for x in range(5000))) == list(range(5000))
+    assert sent == as_list and len(sent) >= 8 and as_list[0] > 100, sent[:10]
+
+
+def test_a_long_iterators_chunks_start_small_and_double(cluster, monkeypatch):
+    # Longer than its read-ahead: its end is unknown, and so is what fn costs; chunks of 1, 2,
+    # 4 ... items first, so that the first results come at once, then those of a long list.
+    from pyworker.api import MAX_AUTO_CHUNKSIZE
+    sent = _chunks_sent(monkeypatch)
+    n = 10 * MAX_AUTO_CHUNKSIZE
     assert pmap(abs, (x for x in range(n))) == list(range(n))
-    assert sent == as_list and len(sent) >= 8, sent[:10]
+    ramp = [2 ** k for k in range(20) if 2 ** k < MAX_AUTO_CHUNKSIZE]  # 1, 2, 4 ... 8192
+    assert sent[:len(ramp)] == ramp and sum(sent) == n, sent
+    assert set(sent[len(ramp):-1]) == {MAX_AUTO_CHUNKSIZE}, sent
+
+    sent[:] = []
+    results = imap(abs, (x for x in range(n)))
+    assert next(results) == 0 and sent[0] == 1
+    results.close()  # cancels the job
 
 
 def test_reading_ahead_stops_at_the_end_at_enough_items_at_the_byte_budget_and_in_time():
