@@ -433,7 +433,9 @@ class Executor(cf.Executor):
     def __init__(self, client: Client | None = None):
         self._client = client
         self._job: Job | None = None
-        self._futures: dict[int, tuple[cf.Future, str]] = {}
+        # chunk id -> (future, what the call was, or None for several items of a map: the first
+        # item's index, the items)
+        self._futures: dict[int, tuple[cf.Future, str | None, int, list | None]] = {}
         self._lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self._shutdown = False
@@ -443,6 +445,13 @@ class Executor(cf.Executor):
         return f"<pyworker.Executor {state}>"
 
     def submit(self, fn, /, *args, **kwargs) -> cf.Future:
+        name = getattr(fn, "__qualname__", "function")
+        return self._submit(fn, protocol.MODE_CALL, 0, [(args, kwargs)],
+                            f"{name}(*{serialize._describe(args)})")
+
+    def _submit(self, fn, mode, first: int, items: list, what: str | None) -> cf.Future:
+        """One task; what=None: several calls fn(*args) (items: args tuples, numbered from
+        first), whose future's result is their list of values, or the first item's exception."""
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -451,14 +460,39 @@ class Executor(cf.Executor):
             job = self._job
             sha = job.add_function(fn)
             future = cf.Future()
-            name = getattr(fn, "__qualname__", "function")
-            (chunk,) = job.submit(protocol.MODE_CALL, sha, [(0, [(args, kwargs)])])
-            self._futures[chunk] = (future, f"{name}(*{serialize._describe(args)})")
+            (chunk,) = job.submit(mode, sha, [(first, items)])
+            self._futures[chunk] = (future, what, first, None if what else items)
             if self._reader is None or not self._reader.is_alive():
                 self._reader = threading.Thread(target=self._read, args=(job,), daemon=True,
                                                 name="pyworker-executor")
                 self._reader.start()
             return future
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        """concurrent.futures' map. With chunksize > 1, each task runs that many items, as in
+        ProcessPoolExecutor: one round trip per chunk rather than per item (pmap and imap size
+        chunks themselves)."""
+        if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
+            raise ValueError(f"chunksize must be a positive integer, not {chunksize!r}")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        items, futures, first = zip(*iterables), [], 0
+        while batch := list(islice(items, chunksize)):
+            futures.append(self._submit(fn, protocol.MODE_STAR, first, batch, None))
+            first += len(batch)
+
+        def results():
+            try:
+                futures.reverse()  # popped from the end, in order: a done chunk is let go
+                while futures:
+                    future = futures.pop()
+                    yield from (future.result() if end is None
+                                else future.result(end - time.monotonic()))
+            finally:
+                for future in futures:
+                    future.cancel()
+        return results()
 
     def _read(self, job: Job):
         while True:
@@ -473,7 +507,9 @@ class Executor(cf.Executor):
                 with self._lock:
                     futures, self._futures = self._futures, {}
                     self._reader = None
-                for future, what in futures.values():
+                for future, what, first, items in futures.values():
+                    if what is None:
+                        what = f"items #{first}-{first + len(items) - 1} of a map"
                     if future.set_running_or_notify_cancel():
                         future.set_exception(
                             JobLostError(f"{exc}; the call {what} was lost with it: submit it "
@@ -485,10 +521,13 @@ class Executor(cf.Executor):
                 entry = self._futures.pop(result.chunk, None)
             if entry is None:
                 continue
-            future, what = entry
+            future, what, first, items = entry
             if not future.set_running_or_notify_cancel():
                 continue
             try:
+                if items is not None:  # several items of a map: their values, or the first error
+                    future.set_result(_values(result, items, first, False))
+                    continue
                 if result.status != protocol.STATUS_OK:
                     _raise_for_status(result, [what], 0, False)
                 if result.outputs:
@@ -507,7 +546,7 @@ class Executor(cf.Executor):
             self._shutdown = True
             job = self._job
             if cancel_futures:
-                for chunk, (future, _) in list(self._futures.items()):
+                for chunk, (future, *_) in list(self._futures.items()):
                     if future.cancel():
                         del self._futures[chunk]
         if job is not None and cancel_futures:

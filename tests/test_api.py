@@ -340,6 +340,40 @@ def test_executor_is_a_concurrent_futures_executor(cluster):
         assert kw.result(timeout=30) == 42
 
 
+def test_executor_map_sends_chunks_when_asked_like_process_pool_executor(cluster, monkeypatch):
+    sent = _chunks_sent(monkeypatch)
+    with Executor() as ex:
+        assert list(ex.map(pow, range(25), [2] * 30, chunksize=10)) == [
+            x ** 2 for x in range(25)]
+        assert sent == [10, 10, 5]
+        sent[:] = []
+        assert list(ex.map(abs, [-1, -2], timeout=30)) == [1, 2]
+        assert sent == [1, 1]  # chunksize 1: a task (and a future) per item, as before
+
+        def f(x):
+            if x == 23:
+                raise KeyError(x)
+            return x
+
+        results = ex.map(f, range(40), chunksize=10)
+        assert [next(results) for _ in range(20)] == list(range(20))
+        with pytest.raises(KeyError) as info:
+            next(results)
+        assert "item #23 ((23,))" in "\n".join(getattr(info.value, "__notes__", []))
+        for bad in (0, -1, 2.5, True):
+            with pytest.raises(ValueError, match="chunksize must be a positive integer"):
+                ex.map(abs, [1], chunksize=bad)
+
+
+def test_executor_map_in_chunks_keeps_its_timeout(cluster):
+    import time
+    with Executor() as ex:
+        results = ex.map(time.sleep, [0.0, 0.0, 1.5, 0.0], chunksize=2, timeout=0.5)
+        assert next(results) is None and next(results) is None
+        with pytest.raises(cf.TimeoutError):
+            next(results)
+
+
 def test_executor_future_carries_the_remote_exception(cluster):
     with Executor() as ex:
         f = ex.submit(int, "not a number")
