@@ -118,6 +118,35 @@ def test_a_long_iterators_chunks_start_small_and_double(cluster, monkeypatch):
     results.close()  # cancels the job
 
 
+def test_a_numpy_array_travels_in_slices_and_comes_back_item_by_item(cluster, monkeypatch):
+    import numpy as np
+    from pyworker.client import Job
+    kinds, submit = [], Job.submit
+
+    def recording(self, mode, fn_sha, chunks, *args, **kwargs):
+        kinds.extend(type(items) for _, items in chunks)
+        return submit(self, mode, fn_sha, chunks, *args, **kwargs)
+
+    monkeypatch.setattr(Job, "submit", recording)
+    flat, rows = np.arange(10, 40), np.arange(90.0).reshape(30, 3)
+    out = pmap(lambda x: x * 2, flat, chunksize=7)
+    assert out == [x * 2 for x in range(10, 40)] and type(out[0]) is np.int64
+    assert pmap(lambda r: r.sum(), rows) == [r.sum() for r in rows]
+    assert set(kinds) == {np.ndarray} and len(kinds) > 5
+
+    def f(x):
+        if x == 23:
+            raise KeyError(int(x))
+        return x
+
+    with pytest.raises(KeyError) as info:
+        pmap(f, flat, chunksize=7)
+    assert info.value.pyworker_index == 13
+    import re  # numpy 2 shows the item as np.int64(23), numpy 1 as 23
+    assert re.search(r"item #13 \((np\.int64\()?23\)?\)",
+                     "\n".join(getattr(info.value, "__notes__", [])))
+
+
 def test_reading_ahead_stops_at_the_end_at_enough_items_at_the_byte_budget_and_in_time():
     from pyworker.api import MAX_AUTO_CHUNKSIZE, _size_by_reading_ahead
     head = [0]
