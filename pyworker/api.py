@@ -15,6 +15,8 @@ from .errors import JobLostError, SignatureError, VersionMismatchError, WorkerLo
 _default: Client | None = None
 _default_lock = threading.Lock()
 MAX_AUTO_CHUNKSIZE = 10_000
+# Executor.map submits its tasks in round trips of at most this many.
+MAP_CHUNKS_PER_SUBMIT = 256
 # A job that Redis loses (restart without persistence, flush) is sent again this many times.
 MAX_RELAUNCHES = 3
 # Automatic chunks stay below about this many pickled bytes, and a batch of chunks sent in one
@@ -69,6 +71,16 @@ def _length(iterables) -> int | None:
         return len(iterables[0]) if len(iterables) == 1 else min(len(it) for it in iterables)
     except TypeError:
         return None
+
+
+def _pickled_size(item) -> int:
+    """About what an item weighs pickled (0 if it cannot be pickled: that is reported, naming
+    the item, when its chunk is)."""
+    try:
+        oob: list = []  # big buffers out of band: sizing an array copies nothing
+        return serialize.payload_size(serialize.dumps_data(item, oob), oob)
+    except Exception:
+        return 0
 
 
 def _sliceable(items) -> bool:
@@ -275,12 +287,8 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
     budget = CHUNK_TARGET_BYTES * (max(workers, 1) * 3 // 2 + 2)
     if n != 1:  # (one item: one chunk, nothing to size)
         head = list(islice(source, 1))
-        try:
-            oob: list = []  # big buffers out of band: sizing an array copies nothing
-            if head:
-                item_bytes = serialize.payload_size(serialize.dumps_data(head[0], oob), oob)
-        except Exception:  # reported, naming the item, when its chunk is pickled
-            pass
+        if head:
+            item_bytes = _pickled_size(head[0])
         if n is None and chunksize is None and head:
             size, n = _size_by_reading_ahead(source, head, workers,
                                              budget // max(item_bytes, 1))
@@ -454,12 +462,14 @@ class Executor(cf.Executor):
 
     def submit(self, fn, /, *args, **kwargs) -> cf.Future:
         name = getattr(fn, "__qualname__", "function")
-        return self._submit(fn, protocol.MODE_CALL, 0, [(args, kwargs)],
-                            f"{name}(*{serialize._describe(args)})")
+        (future,) = self._submit(fn, protocol.MODE_CALL, [(0, [(args, kwargs)])],
+                                 f"{name}(*{serialize._describe(args)})")
+        return future
 
-    def _submit(self, fn, mode, first: int, items: list, what: str | None) -> cf.Future:
-        """One task; what=None: several calls fn(*args) (items: args tuples, numbered from
-        first), whose future's result is their list of values, or the first item's exception."""
+    def _submit(self, fn, mode, chunks: list, what: str | None) -> list[cf.Future]:
+        """Tasks, in one round trip, and their futures. what=None: chunks of a map, each
+        (index of its first item, args tuples), whose future's result is the list of their
+        values, or the first failing item's exception."""
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -467,28 +477,40 @@ class Executor(cf.Executor):
                 self._job = (self._client or get_client()).job()
             job = self._job
             sha = job.add_function(fn)
-            future = cf.Future()
-            (chunk,) = job.submit(mode, sha, [(first, items)])
-            self._futures[chunk] = (future, what, first, None if what else items)
+            futures = [cf.Future() for _ in chunks]
+            for future, chunk, (first, items) in zip(futures, job.submit(mode, sha, chunks),
+                                                    chunks):
+                self._futures[chunk] = (future, what, first, None if what else items)
             if self._reader is None or not self._reader.is_alive():
                 self._reader = threading.Thread(target=self._read, args=(job,), daemon=True,
                                                 name="pyworker-executor")
                 self._reader.start()
-            return future
+            return futures
 
     def map(self, fn, *iterables, timeout=None, chunksize=1):
-        """concurrent.futures' map. With chunksize > 1, each task runs that many items, as in
-        ProcessPoolExecutor: one round trip per chunk rather than per item (pmap and imap size
-        chunks themselves)."""
+        """concurrent.futures' map: every item is submitted now, results come in order. The
+        tasks go in round trips of many (not one per item, as a submit would), and with
+        chunksize > 1 each task runs that many items, as in ProcessPoolExecutor (pmap and imap
+        size chunks themselves)."""
         if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
             raise ValueError(f"chunksize must be a positive integer, not {chunksize!r}")
-        if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
         end = None if timeout is None else time.monotonic() + timeout
-        items, futures, first = zip(*iterables), [], 0
-        while batch := list(islice(items, chunksize)):
-            futures.append(self._submit(fn, protocol.MODE_STAR, first, batch, None))
-            first += len(batch)
+        items, futures, first, item_bytes = zip(*iterables), [], 0, None
+        while True:
+            batch = []  # chunks for one round trip: at most about CHUNK_TARGET_BYTES of items
+            while len(batch) < MAP_CHUNKS_PER_SUBMIT:
+                chunk = list(islice(items, chunksize))
+                if not chunk:
+                    break
+                if item_bytes is None:
+                    item_bytes = _pickled_size(chunk[0])
+                batch.append((first, chunk))
+                first += len(chunk)
+                if item_bytes * (first - batch[0][0]) >= CHUNK_TARGET_BYTES:
+                    break
+            if not batch:
+                break
+            futures += self._submit(fn, protocol.MODE_STAR, batch, None)
 
         def results():
             try:

@@ -394,6 +394,26 @@ def test_executor_map_sends_chunks_when_asked_like_process_pool_executor(cluster
                 ex.map(abs, [1], chunksize=bad)
 
 
+def test_executor_map_submits_many_tasks_per_round_trip(cluster, monkeypatch):
+    from pyworker.api import CHUNK_TARGET_BYTES, MAP_CHUNKS_PER_SUBMIT
+    from pyworker.client import Job
+    calls, submit = [], Job.submit
+
+    def counting(self, mode, fn_sha, chunks, *args, **kwargs):
+        calls.append(len(chunks))
+        return submit(self, mode, fn_sha, chunks, *args, **kwargs)
+
+    monkeypatch.setattr(Job, "submit", counting)
+    with Executor() as ex:
+        n = 2 * MAP_CHUNKS_PER_SUBMIT + 88
+        assert list(ex.map(abs, range(-n, 0))) == list(range(n, 0, -1))
+        assert calls == [MAP_CHUNKS_PER_SUBMIT, MAP_CHUNKS_PER_SUBMIT, 88]
+        calls[:] = []
+        big = [bytes([i]) * (CHUNK_TARGET_BYTES // 3) for i in range(7)]  # 3 per round trip
+        assert list(ex.map(len, big)) == [CHUNK_TARGET_BYTES // 3] * 7
+        assert calls == [3, 3, 1], calls
+
+
 def test_executor_map_in_chunks_keeps_its_timeout(cluster):
     import time
     with Executor() as ex:
