@@ -1,7 +1,6 @@
 """The caller's side of a job when Redis loses it: restarted without persistence, flushed, or its
 keys evicted. pmap/imap resubmit what had not come back; an Executor fails its pending futures
 with a clear error. Real redis-server, real workers."""
-import concurrent.futures as cf
 import time
 
 import pytest
