@@ -60,6 +60,11 @@ def test_executor_fails_pending_futures_when_redis_loses_the_job(make_cluster):
                 f.result(timeout=30)
         # The executor is still usable: the next submit starts a new job.
         assert ex.submit(slow_square, 4).result(timeout=30) == 16
+        results = ex.map(time.sleep, [0, 0, 5, 5], chunksize=2)  # so are maps, alike
+        assert next(results) is None
+        cluster.client.broker.redis.call("FLUSHALL")
+        with pytest.raises(JobLostError, match="items #2-3 of a map was lost"):
+            list(results)
 
 
 def test_a_result_whose_answer_is_lost_is_found_again(make_cluster):
