@@ -62,7 +62,7 @@ def _lab_answers(url: str) -> bool:
 
 
 def _local(args) -> int:
-    from .local import LocalCluster, _wait, free_port
+    from .local import LocalCluster, _wait, free_port, with_parent
     from .startup import write_startup_file
     if args.lab and shutil.which("jupyter") is None and not _has_module("jupyterlab"):
         print("pyworker local --lab needs JupyterLab: pip install 'pyworker[lab]'", file=sys.stderr)
@@ -86,7 +86,7 @@ def _local(args) -> int:
             startup = write_startup_file(cluster.redis.dir)
             env = {**os.environ, **cluster.env, "JUPYTER_TOKEN": token, "PYTHONSTARTUP": startup}
             log = open(os.path.join(cluster.redis.dir, "lab.log"), "w")
-            lab = subprocess.Popen(
+            lab = subprocess.Popen(with_parent(
                 [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
                  f"--ServerApp.port={port}", f"--ServerApp.root_dir={args.notebook_dir}",
                  # No outside calls: no news feed, no PyPI update check.
@@ -94,7 +94,7 @@ def _local(args) -> int:
                  "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
                 # root (containers, CI): Jupyter refuses without this; it stays on loopback
                 # behind a token either way.
-                + (["--allow-root"] if os.geteuid() == 0 else []),
+                + (["--allow-root"] if os.geteuid() == 0 else [])),
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             print("  starting JupyterLab...", flush=True)
             _wait(lambda: _lab_answers(f"http://127.0.0.1:{port}/api"), 90, "JupyterLab", lab,

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from .config import Settings
@@ -37,6 +38,18 @@ def _wait(predicate, timeout_s: float, what: str, proc=None, log_path=None):
     state = f"exited with {proc.returncode}" if proc is not None and proc.poll() is not None \
         else f"not ready after {timeout_s:g} s"
     raise PyworkerError(f"{what} {state}{detail}")
+
+
+def with_parent(cmd: list[str]) -> list[str]:
+    """The command, made to get SIGTERM when this process dies, however it dies (SIGKILL, a
+    notebook kernel restarted): otherwise a killed caller leaves its redis-server and workers
+    running for ever. It is Linux's parent-death signal, set by setpriv (util-linux) before
+    the exec; the signal is tied to the thread that starts the child, so it is set only from
+    the main thread (a thread that ends would take the cluster with it)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return cmd
+    return [setpriv, "--pdeathsig", "TERM", "--", *cmd]
 
 
 def _log_tail(path: str, lines: int = 15) -> str:
@@ -97,7 +110,7 @@ class RedisServer:
                        if self.has_socket else "")
                     + "protected-mode yes\ndaemonize no\nlogfile redis.log\n")
         os.chmod(conf, 0o600)
-        self.proc = subprocess.Popen([self.exe, conf], stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(with_parent([self.exe, conf]), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         return self
 
@@ -199,7 +212,7 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "pyworker", "worker"]
         if self.quiet:
             cmd.append("--quiet")
-        proc = subprocess.Popen(cmd, env=wenv, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(with_parent(cmd), env=wenv, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         log.close()
         self.workers.append(proc)

@@ -1,11 +1,17 @@
 """LocalCluster and its redis-server."""
+import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
 import pyworker
 from pyworker.errors import ConfigurationError, PyworkerError
 from pyworker.local import LocalCluster, RedisServer
+
+from support import need, wait_until
 
 
 def test_local_cluster_is_the_default_backend_inside_its_block():
@@ -76,3 +82,37 @@ def test_workers_that_cannot_start_fail_at_once_saying_why():
     msg = str(err.value)
     assert "cannot start: worker" in msg and "exited with 1" in msg, msg
     assert "PYWORKER_LEASE_S must be greater than 0" in msg, msg
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie nobody has reaped yet is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_caller_takes_its_redis_and_workers_with_it(tmp_path):
+    # A notebook kernel killed (restarted) never runs LocalCluster.stop: its processes must not
+    # outlive it.
+    need(shutil.which("setpriv"), "setpriv is missing (apt-get install util-linux)")
+    pids = tmp_path / "pids"
+    script = ("import json, sys, time\nfrom pyworker import LocalCluster, pmap\n"
+              "c = LocalCluster(2).start()\nassert pmap(abs, [-1]) == [1]\n"
+              "open(sys.argv[1], 'w').write(json.dumps([c.redis.proc.pid]"
+              " + [w.pid for w in c.workers]))\ntime.sleep(120)\n")
+    caller = subprocess.Popen([sys.executable, "-c", script, str(pids)])
+    try:
+        wait_until(lambda: pids.exists() and pids.read_text(), 60, "the cluster to start")
+        started = json.loads(pids.read_text())
+        assert len(started) == 3 and all(_alive(p) for p in started)
+    finally:
+        caller.kill()
+        caller.wait(10)
+    try:
+        wait_until(lambda: not any(_alive(p) for p in started), 20,
+                   "redis-server and the workers to stop after their caller was killed")
+    finally:
+        for pid in filter(_alive, started):  # (when they did not: no orphans from the test)
+            os.kill(pid, 9)
