@@ -272,8 +272,11 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
     source = iter(iterables[0]) if mode == protocol.MODE_ONE else zip(*iterables)
     # A list, tuple, range or numpy array is cut into chunks by slicing, not item by item (W1:
     # 0.4 ms for 20,000 items); a range's chunks are ranges, pickled in a few bytes, an array's
-    # are arrays (one buffer, not a pickled numpy scalar or row per item).
-    seq = iterables[0] if mode == protocol.MODE_ONE and _sliceable(iterables[0]) else None
+    # are arrays (one buffer, not a pickled numpy scalar or row per item). Several of them
+    # travel as a slice of each, side by side (zipped on the worker).
+    seq = None
+    if all(_sliceable(it) for it in iterables):
+        seq = iterables[0] if mode == protocol.MODE_ONE else serialize.Zipped(iterables)
     workers = client.live_workers()
     if workers == 0 and not client._warned_no_workers:
         client._warned_no_workers = True

@@ -194,6 +194,35 @@ def test_pmap_over_several_iterables_like_map(cluster):
     assert pmap(pow, [2, 3, 4], [5, 2, 1, 99]) == [32, 9, 4]
 
 
+def test_several_sequences_travel_as_slices_side_by_side(cluster, monkeypatch):
+    import numpy as np
+    from pyworker.client import Job
+    from pyworker.serialize import Zipped
+    kinds, submit = [], Job.submit
+
+    def recording(self, mode, fn_sha, chunks, *args, **kwargs):
+        kinds.extend(type(items) for _, items in chunks)
+        return submit(self, mode, fn_sha, chunks, *args, **kwargs)
+
+    monkeypatch.setattr(Job, "submit", recording)
+    xs, ys = list(range(100)), np.arange(1000, 1090)  # zip stops at the shorter
+    assert pmap(lambda a, b, c: a + b + c, xs, ys, range(5, 500), chunksize=8) == [
+        a + b + c for a, b, c in zip(xs, ys, range(5, 500))]
+    assert set(kinds) == {Zipped} and len(kinds) == 12  # 90 items in chunks of 8
+
+    def f(a, b):
+        if a == 23:
+            raise KeyError(a)
+        return a
+
+    with pytest.raises(KeyError) as info:
+        pmap(f, range(40), tuple(range(40)), chunksize=7)
+    assert info.value.pyworker_index == 23
+    assert "item #23 ((23, 23))" in "\n".join(getattr(info.value, "__notes__", []))
+    kinds[:] = []
+    assert pmap(pow, [2, 3], iter([3, 2])) == [8, 9] and set(kinds) == {list}  # iterator: zip
+
+
 def test_pmap_closure_and_notebook_function(cluster):
     offset = 1000
 
