@@ -78,26 +78,33 @@ def test_results_of_an_iterator_in_order_when_a_later_chunk_ends_first(cluster):
     assert pmap(abs, Liar(), chunksize=2) == list(range(6))
 
 
-def _chunks_sent(monkeypatch):
-    """The number of items in each chunk the calls after this send."""
+def _submits(monkeypatch):
+    """What each submit (one round trip) after this sends: a list of its chunks' items."""
     from pyworker.client import Job
-    sent, submit = [], Job.submit
+    calls, submit = [], Job.submit
 
-    def counting(self, mode, fn_sha, chunks, *args, **kwargs):
-        sent.extend(len(items) for _, items in chunks)
+    def recording(self, mode, fn_sha, chunks, *args, **kwargs):
+        calls.append([items for _, items in chunks])
         return submit(self, mode, fn_sha, chunks, *args, **kwargs)
 
-    monkeypatch.setattr(Job, "submit", counting)
-    return sent
+    monkeypatch.setattr(Job, "submit", recording)
+    return calls
+
+
+def _sizes(calls) -> list[int]:
+    """The number of items in each chunk those submits sent."""
+    return [len(items) for call in calls for items in call]
 
 
 def test_an_iterator_is_chunked_like_a_list_of_the_same_items(cluster, monkeypatch):
     # Without its length, an iterator is read ahead to size its chunks (before, it got chunks
     # of one item: 1,000x slower for a million no-ops than the same items in a list).
-    sent = _chunks_sent(monkeypatch)
+    calls = _submits(monkeypatch)
     assert pmap(abs, list(range(5000))) == list(range(5000))
-    as_list, sent[:] = list(sent), []
+    as_list = _sizes(calls)
+    calls.clear()
     assert pmap(abs, (x for x in range(5000))) == list(range(5000))
+    sent = _sizes(calls)
     assert sent == as_list and len(sent) >= 8 and as_list[0] > 100, sent[:10]
 
 
@@ -105,33 +112,28 @@ def test_a_long_iterators_chunks_start_small_and_double(cluster, monkeypatch):
     # Longer than its read-ahead: its end is unknown, and so is what fn costs; chunks of 1, 2,
     # 4 ... items first, so that the first results come at once, then those of a long list.
     from pyworker.api import MAX_AUTO_CHUNKSIZE
-    sent = _chunks_sent(monkeypatch)
+    calls = _submits(monkeypatch)
     n = 10 * MAX_AUTO_CHUNKSIZE
     assert pmap(abs, (x for x in range(n))) == list(range(n))
+    sent = _sizes(calls)
     ramp = [2 ** k for k in range(20) if 2 ** k < MAX_AUTO_CHUNKSIZE]  # 1, 2, 4 ... 8192
     assert sent[:len(ramp)] == ramp and sum(sent) == n, sent
     assert set(sent[len(ramp):-1]) == {MAX_AUTO_CHUNKSIZE}, sent
 
-    sent[:] = []
+    calls.clear()
     results = imap(abs, (x for x in range(n)))
-    assert next(results) == 0 and sent[0] == 1
+    assert next(results) == 0 and _sizes(calls)[0] == 1
     results.close()  # cancels the job
 
 
 def test_a_numpy_array_travels_in_slices_and_comes_back_item_by_item(cluster, monkeypatch):
     import numpy as np
-    from pyworker.client import Job
-    kinds, submit = [], Job.submit
-
-    def recording(self, mode, fn_sha, chunks, *args, **kwargs):
-        kinds.extend(type(items) for _, items in chunks)
-        return submit(self, mode, fn_sha, chunks, *args, **kwargs)
-
-    monkeypatch.setattr(Job, "submit", recording)
+    calls = _submits(monkeypatch)
     flat, rows = np.arange(10, 40), np.arange(90.0).reshape(30, 3)
     out = pmap(lambda x: x * 2, flat, chunksize=7)
     assert out == [x * 2 for x in range(10, 40)] and type(out[0]) is np.int64
     assert pmap(lambda r: r.sum(), rows) == [r.sum() for r in rows]
+    kinds = [type(items) for call in calls for items in call]
     assert set(kinds) == {np.ndarray} and len(kinds) > 5
 
     def f(x):
@@ -196,19 +198,16 @@ def test_pmap_over_several_iterables_like_map(cluster):
 
 def test_several_sequences_travel_as_slices_side_by_side(cluster, monkeypatch):
     import numpy as np
-    from pyworker.client import Job
     from pyworker.serialize import Zipped
-    kinds, submit = [], Job.submit
+    calls = _submits(monkeypatch)
 
-    def recording(self, mode, fn_sha, chunks, *args, **kwargs):
-        kinds.extend(type(items) for _, items in chunks)
-        return submit(self, mode, fn_sha, chunks, *args, **kwargs)
+    def kinds():
+        return [type(items) for call in calls for items in call]
 
-    monkeypatch.setattr(Job, "submit", recording)
     xs, ys = list(range(100)), np.arange(1000, 1090)  # zip stops at the shorter
     assert pmap(lambda a, b, c: a + b + c, xs, ys, range(5, 500), chunksize=8) == [
         a + b + c for a, b, c in zip(xs, ys, range(5, 500))]
-    assert set(kinds) == {Zipped} and len(kinds) == 12  # 90 items in chunks of 8
+    assert set(kinds()) == {Zipped} and len(kinds()) == 12  # 90 items in chunks of 8
 
     def f(a, b):
         if a == 23:
@@ -219,8 +218,8 @@ def test_several_sequences_travel_as_slices_side_by_side(cluster, monkeypatch):
         pmap(f, range(40), tuple(range(40)), chunksize=7)
     assert info.value.pyworker_index == 23
     assert "item #23 ((23, 23))" in "\n".join(getattr(info.value, "__notes__", []))
-    kinds[:] = []
-    assert pmap(pow, [2, 3], iter([3, 2])) == [8, 9] and set(kinds) == {list}  # iterator: zip
+    calls.clear()
+    assert pmap(pow, [2, 3], iter([3, 2])) == [8, 9] and set(kinds()) == {list}  # iterator: zip
 
 
 def test_pmap_closure_and_notebook_function(cluster):
@@ -399,14 +398,14 @@ def test_executor_is_a_concurrent_futures_executor(cluster):
 
 
 def test_executor_map_sends_chunks_when_asked_like_process_pool_executor(cluster, monkeypatch):
-    sent = _chunks_sent(monkeypatch)
+    calls = _submits(monkeypatch)
     with Executor() as ex:
         assert list(ex.map(pow, range(25), [2] * 30, chunksize=10)) == [
             x ** 2 for x in range(25)]
-        assert sent == [10, 10, 5]
-        sent[:] = []
+        assert _sizes(calls) == [10, 10, 5]
+        calls.clear()
         assert list(ex.map(abs, [-1, -2], timeout=30)) == [1, 2]
-        assert sent == [1, 1]  # chunksize 1: a task (and a future) per item, as before
+        assert _sizes(calls) == [1, 1]  # chunksize 1: a task (and a future) per item
 
         def f(x):
             if x == 23:
@@ -425,22 +424,15 @@ def test_executor_map_sends_chunks_when_asked_like_process_pool_executor(cluster
 
 def test_executor_map_submits_many_tasks_per_round_trip(cluster, monkeypatch):
     from pyworker.api import CHUNK_TARGET_BYTES, MAP_CHUNKS_PER_SUBMIT
-    from pyworker.client import Job
-    calls, submit = [], Job.submit
-
-    def counting(self, mode, fn_sha, chunks, *args, **kwargs):
-        calls.append(len(chunks))
-        return submit(self, mode, fn_sha, chunks, *args, **kwargs)
-
-    monkeypatch.setattr(Job, "submit", counting)
+    calls = _submits(monkeypatch)
     with Executor() as ex:
         n = 2 * MAP_CHUNKS_PER_SUBMIT + 88
         assert list(ex.map(abs, range(-n, 0))) == list(range(n, 0, -1))
-        assert calls == [MAP_CHUNKS_PER_SUBMIT, MAP_CHUNKS_PER_SUBMIT, 88]
-        calls[:] = []
+        assert [len(call) for call in calls] == [MAP_CHUNKS_PER_SUBMIT] * 2 + [88]
+        calls.clear()
         big = [bytes([i]) * (CHUNK_TARGET_BYTES // 3) for i in range(7)]  # 3 per round trip
         assert list(ex.map(len, big)) == [CHUNK_TARGET_BYTES // 3] * 7
-        assert calls == [3, 3, 1], calls
+        assert [len(call) for call in calls] == [3, 3, 1]
 
 
 def test_executor_map_in_chunks_keeps_its_timeout(cluster):
