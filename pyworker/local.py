@@ -2,6 +2,7 @@
 password, N worker processes, optionally a JupyterLab. Used by laptops, scripts and the tests."""
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -46,10 +47,25 @@ def with_parent(cmd: list[str]) -> list[str]:
     running for ever. It is Linux's parent-death signal, set by setpriv (util-linux) before
     the exec; the signal is tied to the thread that starts the child, so it is set only from
     the main thread (a thread that ends would take the cluster with it)."""
-    setpriv = shutil.which("setpriv")
+    setpriv = _setpriv()
     if setpriv is None or threading.current_thread() is not threading.main_thread():
         return cmd
     return [setpriv, "--pdeathsig", "TERM", "--", *cmd]
+
+
+@functools.lru_cache(maxsize=1)
+def _setpriv() -> str | None:
+    """setpriv, if it has --pdeathsig (util-linux 2.33 on): an older one would make every
+    child fail to start."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    try:
+        ok = subprocess.run([setpriv, "--pdeathsig", "TERM", "--", "true"], timeout=10,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return setpriv if ok else None
 
 
 def _log_tail(path: str, lines: int = 15) -> str:

@@ -116,3 +116,19 @@ def test_a_killed_caller_takes_its_redis_and_workers_with_it(tmp_path):
     finally:
         for pid in filter(_alive, started):  # (when they did not: no orphans from the test)
             os.kill(pid, 9)
+
+
+def test_a_setpriv_without_pdeathsig_is_not_used(tmp_path, monkeypatch):
+    from pyworker import local
+    old = tmp_path / "setpriv"  # util-linux before 2.33: no --pdeathsig
+    old.write_text("#!/bin/sh\necho 'setpriv: unrecognized option' >&2\nexit 1\n")
+    old.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    local._setpriv.cache_clear()
+    try:
+        assert local.with_parent(["redis-server", "x.conf"]) == ["redis-server", "x.conf"]
+    finally:
+        monkeypatch.undo()
+        local._setpriv.cache_clear()
+    need(shutil.which("setpriv"), "setpriv is missing (apt-get install util-linux)")
+    assert local.with_parent(["true"])[1:] == ["--pdeathsig", "TERM", "--", "true"]
