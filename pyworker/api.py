@@ -10,7 +10,8 @@ from itertools import chain, islice
 from . import protocol, serialize
 from .client import ChunkResult, Client, Job
 from .config import Settings
-from .errors import JobLostError, SignatureError, VersionMismatchError, WorkerLostError
+from .errors import (JobLostError, SignatureError, TaskExitError, TaskTimeoutError,
+                     VersionMismatchError, WorkerLostError)
 
 _default: Client | None = None
 _default_lock = threading.Lock()
@@ -178,6 +179,25 @@ def _raise_for_status(result: ChunkResult, items, first_index, return_exceptions
     raise RuntimeError(f"unknown result status {result.status!r} from worker {result.worker}")
 
 
+def _check_task_timeout(task_timeout):
+    if task_timeout is not None and (isinstance(task_timeout, bool) or not isinstance(
+            task_timeout, (int, float)) or not task_timeout > 0):
+        raise ValueError(f"task_timeout must be a number of seconds > 0, or None, not "
+                         f"{task_timeout!r}")
+
+
+# Errors that pyworker raises for one item, on the worker: their message gets the item in front.
+_ITEM_ERRORS = (WorkerLostError, TaskExitError, TaskTimeoutError)
+
+
+def _item_exception(packed, index, item, worker):
+    label = f"item #{index} ({serialize._describe(item)})"
+    exc = serialize.unpack_exception(packed, label, index=index, item=item, worker=worker)
+    if isinstance(exc, _ITEM_ERRORS) and len(exc.args) == 1:
+        exc.args = (f"{label} {exc.args[0]}",)
+    return exc
+
+
 def _values(result: ChunkResult, items, first, return_exceptions) -> list:
     """A chunk's values from its result: what it printed is shown, an item that raised
     re-raises here (or takes its exception's place), a result without values raises."""
@@ -191,10 +211,7 @@ def _values(result: ChunkResult, items, first, return_exceptions) -> list:
         values = [None] * len(items)
         errors = {offset: errors[-1] for offset in range(len(items))}
     for offset in sorted(errors):
-        index = first + offset
-        exc = serialize.unpack_exception(
-            errors[offset], f"item #{index} ({serialize._describe(items[offset])})",
-            index=index, item=items[offset], worker=result.worker)
+        exc = _item_exception(errors[offset], first + offset, items[offset], result.worker)
         if not return_exceptions:
             raise exc
         values[offset] = exc
@@ -229,12 +246,12 @@ def _first_result_wait(deadline) -> float | None:
     return wait if wait > 0.001 else None
 
 
-def _one(fn, item, mode, timeout, progress, return_exceptions, client) -> list:
+def _one(fn, item, mode, timeout, progress, return_exceptions, client, task_timeout=None) -> list:
     """pmap of a single item, without _run's windows, batches and generator (one-item calls
     in a loop are where the caller's own time shows): one chunk, whose submit waits for the
     result in the same round trip. Raises JobLostError for pmap to start over with _run."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    job = client.job()
+    job = client.job(task_timeout)
     finished = False
     bar = _Progress(1, progress)
     try:
@@ -260,12 +277,14 @@ def _one(fn, item, mode, timeout, progress, return_exceptions, client) -> list:
         job.close(now=not finished)
 
 
-def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client):
+def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client,
+         task_timeout=None):
     """Yields (first index, values) per chunk in the order chunks finish."""
     if not iterables:
         raise TypeError("pmap() needs at least one iterable of items")
     if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
         raise ValueError(f"chunksize must be a positive integer or None, not {chunksize!r}")
+    _check_task_timeout(task_timeout)
     client = client or get_client()
     mode = protocol.MODE_ONE if len(iterables) == 1 else protocol.MODE_STAR
     n = _length(iterables)
@@ -305,7 +324,7 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
         source = chain(head, source)
     window = max(4 * max(workers, 1), 8) + 1
     in_flight = 0  # items queued or running
-    job = client.job()
+    job = client.job(task_timeout)
     sha = job.add_function(fn)
     deadline = None if timeout is None else time.monotonic() + timeout
     pending: dict[int, tuple[int, list]] = {}
@@ -325,7 +344,7 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
         print(f"pyworker: {exc}. {done} items had come back; resubmitting the other {items} "
               f"as a new job (lost job {relaunches} of at most {MAX_RELAUNCHES})",
               file=sys.stderr, flush=True)
-        job = client.job()
+        job = client.job(task_timeout)
         sha = job.add_function(fn)
         pending = dict(zip(job.submit(mode, sha, entries), entries)) if entries else {}
 
@@ -386,19 +405,22 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client)
 
 
 def pmap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exceptions=False,
-         client: Client | None = None) -> list:
+         client: Client | None = None, task_timeout=None) -> list:
     """``list(map(fn, *iterables))``, computed by the workers; results in input order.
 
     A task that raises re-raises here as its original type (remote traceback as ``__cause__``),
-    unless ``return_exceptions=True`` puts exceptions in place of results.
+    unless ``return_exceptions=True`` puts exceptions in place of results. ``timeout``: the
+    whole call's limit (it is cancelled, running tasks included); ``task_timeout``: each
+    item's, an item over it is stopped and fails with TaskTimeoutError.
     """
     if len(iterables) == 1 and type(iterables[0]) in (list, tuple) and len(iterables[0]) == 1 \
             and (chunksize is None or isinstance(chunksize, int) and chunksize >= 1):
+        _check_task_timeout(task_timeout)
         c = client or get_client()
         if c.live_workers() > 0:
             try:
                 return _one(fn, iterables[0][0], protocol.MODE_ONE, timeout, progress,
-                            return_exceptions, c)
+                            return_exceptions, c, task_timeout)
             except JobLostError as exc:  # Redis lost it: the general path sends it again
                 print(f"pyworker: {exc}; resubmitting the item as a new job", file=sys.stderr,
                       flush=True)
@@ -410,7 +432,7 @@ def pmap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exc
     out = [None] * n if n is not None else []
     early = {}
     for first, values in _run(fn, iterables, chunksize, timeout, progress, return_exceptions,
-                              client):
+                              client, task_timeout):
         if n is not None:
             out[first:first + len(values)] = values
             continue
@@ -421,12 +443,12 @@ def pmap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exc
 
 
 def imap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exceptions=False,
-         client: Client | None = None):
+         client: Client | None = None, task_timeout=None):
     """Yields results in input order as they arrive; stopping the iteration cancels the job."""
     buffered = {}
     expected = 0
     for first, values in _run(fn, iterables, chunksize, timeout, progress, return_exceptions,
-                              client):
+                              client, task_timeout):
         buffered[first] = values
         while expected in buffered:
             values = buffered.pop(expected)
@@ -435,9 +457,10 @@ def imap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exc
 
 
 def imap_unordered(fn, *iterables, chunksize=None, timeout=None, progress=None,
-                   return_exceptions=False, client: Client | None = None):
+                   return_exceptions=False, client: Client | None = None, task_timeout=None):
     """Yields results as they arrive, in any order."""
-    for _, values in _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client):
+    for _, values in _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client,
+                          task_timeout):
         yield from values
 
 
@@ -449,8 +472,10 @@ class Executor(cf.Executor):
 
     Nothing touches Redis until the first submit; the executor's tasks form one job."""
 
-    def __init__(self, client: Client | None = None):
+    def __init__(self, client: Client | None = None, task_timeout=None):
+        _check_task_timeout(task_timeout)
         self._client = client
+        self._task_timeout = task_timeout
         self._job: Job | None = None
         # chunk id -> (future, what the call was, or None for several items of a map: the first
         # item's index, the items)
@@ -477,7 +502,7 @@ class Executor(cf.Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._job is None or not self._job.live:
-                self._job = (self._client or get_client()).job()
+                self._job = (self._client or get_client()).job(self._task_timeout)
             job = self._job
             sha = job.add_function(fn)
             futures = [cf.Future() for _ in chunks]
@@ -567,8 +592,11 @@ class Executor(cf.Executor):
                     _show_outputs(result, 0)
                 if result.errors:
                     packed = result.errors.get(0, result.errors.get(-1))
-                    future.set_exception(serialize.unpack_exception(
-                        packed, f"call {what}", item=what, worker=result.worker))
+                    exc = serialize.unpack_exception(packed, f"call {what}", item=what,
+                                                     worker=result.worker)
+                    if isinstance(exc, _ITEM_ERRORS) and len(exc.args) == 1:
+                        exc.args = (f"call {what} {exc.args[0]}",)
+                    future.set_exception(exc)
                 else:
                     future.set_result(result.values[0])
             except Exception as exc:

@@ -19,7 +19,7 @@ DEFAULT_HEARTBEAT_FILE = "/tmp/pyworker-heartbeat"
 
 
 def _worker(args) -> int:
-    from .worker import main as worker_main
+    from .supervisor import main as worker_main
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)

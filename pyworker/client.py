@@ -103,13 +103,13 @@ class Client:
     def forget_workers(self):
         self._workers_seen = None
 
-    def job(self) -> "Job":
+    def job(self, task_timeout: float | None = None) -> "Job":
         if self.shm is not None:
             now = time.monotonic()
             if self._last_sweep is None or now - self._last_sweep > SHM_SWEEP_EVERY_S:
                 self._last_sweep = now
                 self.shm.sweep()
-        job = Job(self)
+        job = Job(self, task_timeout)
         with self._lock:
             self._jobs.add(job)
             # The keeper sets _keeper to None under this lock when it ends (it catches everything
@@ -193,8 +193,9 @@ class Client:
 class Job:
     """A job id in Redis with its chunks; results come back through next_result()."""
 
-    def __init__(self, client: Client):
+    def __init__(self, client: Client, task_timeout: float | None = None):
         self.client = client
+        self.task_timeout = task_timeout or 0.0  # each item's time limit on the workers
         self.jid = os.urandom(10).hex()  # secrets.token_hex(10), without its two calls
         self.live = True
         self.created = False
@@ -243,13 +244,15 @@ class Job:
                 self._segments[chunk] = (mode, fn_sha, first, items, desc.name)
                 header = protocol.task_header(self.jid, chunk, fn_sha, serialize.PYTHON_VERSION,
                                               serialize.CLOUDPICKLE_VERSION,
-                                              where=protocol.SHARED, shm=tag)
+                                              where=protocol.SHARED, shm=tag,
+                                              timeout=self.task_timeout)
                 return client.signer.seal(header, desc.encode()), None
         if oob:  # big buffers were out of band, but this payload goes through Redis
             payload = serialize.dumps_chunk(mode, items, first, client.limit_bytes)
         inline = len(payload) <= protocol.INLINE_MAX_BYTES
         header = protocol.task_header(self.jid, chunk, fn_sha, serialize.PYTHON_VERSION,
-                                      serialize.CLOUDPICKLE_VERSION, ref=not inline, shm=tag)
+                                      serialize.CLOUDPICKLE_VERSION, ref=not inline, shm=tag,
+                                      timeout=self.task_timeout)
         return client.signer.seal(header, payload, inline), None if inline else payload
 
     def submit(self, mode: int, fn_sha: str, chunks: list[tuple[int, list]],

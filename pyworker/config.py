@@ -39,6 +39,10 @@ class Settings:
     spin_s: float = 0.002
     # Idle workers wake at least this often to check for work and stop requests.
     idle_wait_s: float = 1.0
+    # A worker replaces its executor (the process that runs tasks) between tasks once it has
+    # run this many tasks, or once its resident memory passed this many MiB (0: never).
+    max_tasks_per_child: int = 0
+    max_memory_mb: float = 0.0
     worker_name: str = field(default_factory=_default_worker_name)
     heartbeat_file: str | None = None
     # Payloads over protocol.INLINE_MAX_BYTES travel through files in shm_dir/pyworker-<uid>
@@ -56,6 +60,10 @@ class Settings:
         if not self.spin_s >= 0:
             raise ConfigurationError(f"{ENV_PREFIX}SPIN_S must be 0 (off) or more, "
                                      f"not {self.spin_s!r}")
+        for name in ("max_tasks_per_child", "max_memory_mb"):
+            if not getattr(self, name) >= 0:
+                raise ConfigurationError(f"{ENV_PREFIX}{name.upper()} must be 0 (off) or more, "
+                                         f"not {getattr(self, name)!r}")
         if self.max_retries < 0:
             raise ConfigurationError(f"{ENV_PREFIX}MAX_RETRIES must be 0 or more, "
                                      f"not {self.max_retries!r}")

@@ -33,7 +33,17 @@ class VersionMismatchError(PyworkerError):
 
 
 class WorkerLostError(PyworkerError):
-    """The workers running an item died more times than the retry limit allows."""
+    """The workers running an item died more times than the retry limit allows, or the item
+    killed the executor process running it that often (it exited, crashed, was OOM-killed)."""
+
+
+class TaskExitError(PyworkerError):
+    """An item's task raised SystemExit, KeyboardInterrupt or GeneratorExit (``sys.exit()``,
+    ``argparse`` ...): that item failed; the worker went on. The original is ``__cause__``."""
+
+
+class TaskTimeoutError(PyworkerError, TimeoutError):
+    """An item ran longer than its ``task_timeout`` and was stopped."""
 
 
 class JobLostError(PyworkerError):

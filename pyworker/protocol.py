@@ -39,7 +39,7 @@ segment's descriptor, ``<file name> <sha256 of the file> <stream length> [<buffe
 and the file holds a protocol-5 pickle stream followed by its out-of-band buffers, each on a
 64-byte boundary. SHM is ``-`` or the caller's ``<directory identity>.<pid namespace>.<pid>``::
 
-    task:   "<jid> <chunk> <fn_sha> <python major.minor> <cloudpickle version> <i|r|s> <SHM>\\n" SIG [PAYLOAD]
+    task:   "<jid> <chunk> <fn_sha> <python major.minor> <cloudpickle version> <i|r|s> <SHM>[ <T>]\\n" SIG [PAYLOAD]
     result: "<chunk> ok <worker> <i|r|s>\\n" SIG [PAYLOAD]
             "<chunk> lost <worker> <attempts>\\n"            (written by Redis, no payload)
             "<chunk> rejected <worker> <reason...>\\n"       (bad signature, no payload)
@@ -49,6 +49,7 @@ and the file holds a protocol-5 pickle stream followed by its out-of-band buffer
                                                              again through Redis; no payload)
     fn:     SIG PAYLOAD                                      (SIG over PAYLOAD alone)
 
+T, when there, is each item's time limit in seconds (pmap's task_timeout).
 A message whose status carries no payload is never unpickled, so it needs no signature.
 Later versions may append fields to a task header or an ok result's; readers ignore them.
 """
@@ -178,9 +179,12 @@ local function k_stats(s) return P .. ':stats:' .. s end
 
 
 def task_header(jid: str, chunk: int, fn_sha: str, py: str, cp: str, ref: bool = False,
-                where: str | None = None, shm: str = NO_SHM) -> bytes:
-    """``where`` (INLINE, BY_REF, SHARED) overrides ``ref``; ``shm`` is the caller's tag."""
+                where: str | None = None, shm: str = NO_SHM, timeout: float = 0.0) -> bytes:
+    """``where`` (INLINE, BY_REF, SHARED) overrides ``ref``; ``shm`` is the caller's tag;
+    ``timeout`` is each item's time limit in seconds (0: none; then the field is left out)."""
     where = where or (BY_REF if ref else INLINE)
+    if timeout:
+        return f"{jid} {chunk} {fn_sha} {py} {cp} {where} {shm} {timeout:g}\n".encode()
     return f"{jid} {chunk} {fn_sha} {py} {cp} {where} {shm}\n".encode()
 
 
@@ -193,6 +197,7 @@ class TaskHeader(NamedTuple):  # a tuple: built for every task, cheaper than a d
     ref: bool
     shared: bool = False
     shm: str = NO_SHM
+    timeout: float = 0.0  # each item's time limit in seconds (0: none)
 
 
 def parse_task_header(line: bytes) -> TaskHeader:
@@ -206,7 +211,14 @@ def parse_task_header(line: bytes) -> TaskHeader:
     jid, chunk, fn_sha, py, cp, where, shm = fields[:7]
     if where not in (INLINE, BY_REF, SHARED):
         raise ValueError(f"bad payload flag {where!r}")
-    return TaskHeader(jid, int(chunk), fn_sha, py, cp, where == BY_REF, where == SHARED, shm)
+    timeout = 0.0
+    if len(fields) > 7:
+        try:
+            timeout = max(float(fields[7]), 0.0)
+        except ValueError:  # a field of a later version, not ours
+            pass
+    return TaskHeader(jid, int(chunk), fn_sha, py, cp, where == BY_REF, where == SHARED, shm,
+                      timeout)
 
 
 def task_ids(line: bytes) -> tuple[str, int] | None:

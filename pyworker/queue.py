@@ -181,6 +181,21 @@ end
 return len
 """
 
+# A supervisor's beat (supervisor.py): renew the worker's lease and say it is alive (re-adding
+# it if it was reaped meanwhile), but not the items done, which its executor counts (_BEAT_FN).
+# ARGV[4...]: the jobs of tasks its executor runs; returns those that no longer exist
+# (cancelled, timed out or abandoned: their running tasks are stopped).
+_KEEP = r"""
+redis.call('SET', k_hb(ARGV[1]), '1', 'PX', ARGV[2])
+redis.call('HSET', k_info(ARGV[1]), 'seen', ARGV[3])
+redis.call('SADD', K_WORKERS, ARGV[1])
+local gone = {}
+for i = 4, #ARGV do
+  if redis.call('EXISTS', k_job(ARGV[i])) == 0 then gone[#gone + 1] = ARGV[i] end
+end
+return gone
+"""
+
 # The shared-memory identity ('' for none) of every worker with a live lease, in one step.
 _LIVE = r"""
 local out = {}
@@ -305,6 +320,7 @@ class Broker:
         self._finish = resp.Script(prelude + _FINISH)
         self._submit = resp.Script(prelude + _SUBMIT)
         self._beat = resp.Script(prelude + _BEAT)
+        self._keep = resp.Script(prelude + _KEEP)
         self._reap = resp.Script(prelude + _REAP)
         self._live = resp.Script(prelude + _LIVE)
         self._submit_loaded = False  # whether Redis is known to have the submit script
@@ -500,6 +516,25 @@ class Broker:
     def heartbeat(self, name: str, n: int = 0, total: int = 0) -> None:
         """The worker's beat (see _BEAT_FN): lease, liveness, and n more items done."""
         self.redis.run(self._beat, name, self._lease_ms, f"{time.time():.3f}", n, total)
+
+    @translate_errors
+    def keep(self, name: str, jids=()) -> list[str]:
+        """A supervisor's beat (see _KEEP): of ``jids``, those whose job no longer exists."""
+        gone = self.redis.run(self._keep, name, self._lease_ms, f"{time.time():.3f}", *jids)
+        return [_s(j) for j in gone or []]
+
+    @translate_errors
+    def set_worker_info(self, name: str, **info) -> None:
+        self.redis.call("HSET", self.keys.info(name), *[x for kv in info.items() for x in kv])
+
+    @translate_errors
+    def forget_tasks(self, name: str, jid: str) -> int:
+        """Take a job's tasks out of a worker's active hash (the job is gone: nobody wants
+        them run, and nothing may re-queue them); how many there were."""
+        fields = [f for f in self.held_tasks(name) if f.split(" ", 1)[0] == jid]
+        if fields:
+            self.redis.call("HDEL", self.keys.active(name), *fields)
+        return len(fields)
 
     @translate_errors
     def deregister_worker(self, name: str) -> None:

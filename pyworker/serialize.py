@@ -220,13 +220,24 @@ def loads(data, buffers=None):
 
 
 def pack_exception(exc: BaseException) -> tuple:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    """(pickle or None, type name, message, traceback text) of a task's exception. Nothing the
+    exception does may fail this: its ``__str__``, ``__repr__`` or pickling may raise, and the
+    worker still has to say what happened."""
+    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        message = str(exc)
+    except BaseException as err:  # noqa: B036 - user code, whatever it raises
+        message = f"<str() of the exception failed: {type(err).__name__}>"
+    try:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException:  # noqa: B036
+        tb = "".join(traceback.format_tb(exc.__traceback__)) + f"{type_name}: {message}\n"
     try:
         blob = cloudpickle.dumps(exc, protocol=PROTOCOL)
         pickle.loads(blob)  # an exception that pickles but cannot be rebuilt is sent as text
-    except Exception:
+    except BaseException:  # noqa: B036
         blob = None
-    return (blob, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), tb)
+    return (blob, type_name, message, tb)
 
 
 def unpack_exception(packed: tuple, where: str, index=None, item=None, worker=None):

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -12,15 +12,17 @@ from collections import OrderedDict, deque
 from functools import partial
 from typing import NamedTuple
 
-from . import protocol, serialize, shm
+from . import board, protocol, serialize, shm
 from ._version import __version__
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
-from .errors import SignatureError
+from .board import Board
+from .errors import SignatureError, TaskExitError
 from .queue import Broker
 
 log = logging.getLogger("pyworker.worker")
 FUNCTION_CACHE_SIZE = 16
+FUNCTION_CACHE_BYTES = 256 * 2**20  # pickled
 # A worker whose tasks take less than this holds the next one while it runs the current one,
 # so it can send a result without waiting for Redis' answer (see _loop). Longer tasks gain
 # nothing from it, and a held task would wait behind them.
@@ -38,17 +40,36 @@ class _Report(NamedTuple):
     segment: str | None  # the result's shared-memory segment, if it has one
 
 
-class _OutputCapture:
-    """Collects what items print, tagged with the item's offset in the chunk."""
+OUTPUT_CAP_BYTES = 1 << 20  # what one task may print; the rest is counted, not kept
 
-    def __init__(self):
+
+class _OutputCapture:
+    """Collects what items print, tagged with the item's offset in the chunk, up to
+    OUTPUT_CAP_BYTES a task (then "... N bytes dropped"). Bytes are taken too, through
+    ``.buffer`` or ``write``, as a real stdout's buffer would: a task that writes them must not
+    fail its chunk (decoded as UTF-8, bad bytes replaced)."""
+
+    encoding = "utf-8"
+    errors = "replace"
+
+    def __init__(self, cap: int = OUTPUT_CAP_BYTES):
         self.offset = 0
         self.parts: dict[int, list[str]] = {}
+        self.room = cap
+        self.dropped = 0
+        self.buffer = self  # sys.stdout.buffer.write(b"...") lands here too
 
     def write(self, text):
+        if not isinstance(text, str):
+            text = bytes(text).decode("utf-8", "replace")
+        n = len(text)
+        if n > self.room:
+            self.dropped += n - max(self.room, 0)
+            text = text[:max(self.room, 0)]
         if text:
+            self.room -= len(text)
             self.parts.setdefault(self.offset, []).append(text)
-        return len(text)
+        return n
 
     def flush(self):
         pass
@@ -56,14 +77,38 @@ class _OutputCapture:
     def isatty(self):
         return False
 
+    def fileno(self):
+        raise OSError("a pyworker task's output is captured; it has no file descriptor")
+
     def texts(self) -> dict[int, str]:
-        return {k: "".join(v) for k, v in self.parts.items()}
+        out = {k: "".join(v) for k, v in self.parts.items()}
+        if self.dropped:
+            last = max(out) if out else 0
+            out[last] = out.get(last, "") + f"\n... {self.dropped} bytes dropped (a task prints " \
+                f"at most {OUTPUT_CAP_BYTES} bytes)\n"
+        return out
 
 
-def run_chunk(fn, mode: int, items: list, capture: bool):
+def _exit_error(exc: BaseException) -> Exception:
+    """What a task's SystemExit, KeyboardInterrupt or GeneratorExit becomes: an error of its
+    item, which re-raised in the caller must not exit or interrupt the caller itself."""
+    err = TaskExitError(f"raised {type(exc).__name__}({', '.join(repr(a) for a in exc.args)}) "
+                        "(sys.exit() or argparse in the task?): it failed alone, its worker "
+                        "went on")
+    err.__cause__ = exc
+    err.__traceback__ = exc.__traceback__
+    return err
+
+
+def run_chunk(fn, mode: int, items, capture: bool, board=None, failed=None):
     """Apply fn to every item; exceptions are caught per item so one bad item loses no others.
     The loop carries nothing it does not need (a chunk of no-ops is mostly loop): the call is
-    chosen once per chunk, and an exception resumes the loop after its item."""
+    chosen once per chunk, and an exception resumes the loop after its item.
+
+    ``board`` (board.Board): the task is watched, each item's start is written there, so that
+    a supervisor can tell which item killed its executor or overran its time limit.
+    ``failed``: offset -> packed exception, for items that are not run again (they killed
+    executors too often, or overran their time limit)."""
     values = [None] * len(items)
     errors = {}
     out = _OutputCapture() if capture else None
@@ -82,7 +127,17 @@ def run_chunk(fn, mode: int, items: list, capture: bool):
     try:
         while offset < n:
             try:
-                if out is None:
+                if board is not None or failed:
+                    for offset in range(offset, n):
+                        if failed and offset in failed:
+                            errors[offset] = failed[offset]
+                            continue
+                        if out is not None:
+                            out.offset = offset
+                        if board is not None:
+                            board.item(offset)
+                        values[offset] = call(items[offset])
+                elif out is None:
                     for offset in range(offset, n):
                         values[offset] = call(items[offset])
                 else:
@@ -93,8 +148,13 @@ def run_chunk(fn, mode: int, items: list, capture: bool):
             except Exception as exc:
                 errors[offset] = serialize.pack_exception(exc)
                 offset += 1
+            except BaseException as exc:  # the task's own sys.exit(), not the worker's stop
+                errors[offset] = serialize.pack_exception(_exit_error(exc))
+                offset += 1
     finally:
         sys.stdout, sys.stderr = saved
+    if board is not None:
+        board.item(n)  # past the items: the results are being pickled
     return values, errors, (out.texts() if out is not None else {})
 
 
@@ -120,8 +180,24 @@ def pack_results(values, errors, outputs, buffers: list | None = None) -> bytes:
     return serialize.dumps_data((values, errors, outputs), buffers)
 
 
+class TaskPlan:
+    """What a supervisor tells the next executor about a task that killed the one before:
+    watch it item by item, and which items not to run again (they failed for good)."""
+
+    def __init__(self):
+        self.watch = False
+        self.failed: dict[int, tuple] = {}  # offset (-1: the whole chunk) -> packed exception
+        self.deaths: dict[int, int] = {}  # offset (-1: outside any item) -> executors it killed
+
+
 class Worker:
-    def __init__(self, settings: Settings, broker: Broker | None = None):
+    """The executor: takes tasks from Redis, runs them, sends the results back. It runs user
+    code, so it runs in a process of its own that its supervisor (supervisor.py) forks and
+    replaces when it dies; the supervisor registers the worker, keeps its lease and reaps.
+    Both use the worker's one name in Redis."""
+
+    def __init__(self, settings: Settings, broker: Broker | None = None,
+                 board: Board | None = None, plans: dict[str, TaskPlan] | None = None):
         self.settings = settings
         self.name = protocol.check_name("worker name", settings.worker_name)
         self.broker = broker or Broker(settings)
@@ -129,108 +205,100 @@ class Worker:
         self.limit_bytes = int(settings.max_message_mb * 2**20)
         self.shm = shm.Store.open(settings)
         self.functions: OrderedDict[str, object] = OrderedDict()
+        self._function_bytes: dict[str, int] = {}
         self.stopping = threading.Event()
+        self.board = board if board is not None else Board()
+        self.plans = plans if plans is not None else {}
         self.done = 0
-        # The worker beats (lease, liveness, items done) at most once per heartbeat interval:
-        # with a result when it has one, else from the heartbeat thread. Beating with every
-        # result would cost every task several Redis calls, and a heartbeat thread that talks
-        # to Redis while tasks run takes the GIL from them twice a beat.
+        self.tasks_run = 0
+        self.recycle_reason: str | None = None
+        self._rss_every = 0.0
+        self._statm = None
+        self._cwd = os.getcwd()
+        self._on_term = None
+        # Items done go to Redis (throughput, status()) at most once per heartbeat interval,
+        # with a result when there is one: with every result would cost every task Redis calls.
         self._uncounted = 0
         self._beat_at = 0.0
         self._beat_lock = threading.Lock()
-        self._hb_thread = None
-        # The rest of a heartbeat's duties (see _duties) run between tasks, in the main thread;
-        # the heartbeat thread steps in only when they are overdue.
-        self._duty_lock = threading.Lock()
-        self._duty_at = 0.0
-        self._reap_at = 0.0
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def install_signal_handlers(self):
         def on_term(signum, frame):
             if self.stopping.is_set():
-                raise SystemExit(128 + signum)  # a second signal: stop now, the task is re-run
+                os._exit(128 + signum)  # a second signal: stop now; the supervisor gives back
             log.info("worker %s: %s received, stopping after the current task",
                      self.name, signal.Signals(signum).name)
             self.stopping.set()
 
+        self._on_term = on_term
         signal.signal(signal.SIGTERM, on_term)
-        signal.signal(signal.SIGINT, on_term)
-
-    def _wait_for_redis(self):
-        """Redis may start after the workers (pods start in any order; LocalCluster starts
-        both at once): retry for reconnect_s, every 20 ms at first and then less often, up to
-        every second; one log line per attempt once it has taken a second; a wrong password
-        fails at once."""
-        start = time.monotonic()
-        deadline = start + self.settings.reconnect_s
-        pause = 0.02
-        while True:
-            try:
-                return self.broker.ping()
-            except PyworkerConnectionError as exc:
-                if not exc.retryable or time.monotonic() >= deadline or self.stopping.is_set():
-                    raise
-                if time.monotonic() - start >= 1.0:
-                    log.warning("worker %s: %s; retrying", self.name, exc)
-                self.stopping.wait(pause)
-                pause = min(pause * 2, 1.0)
+        # Ctrl-C in a terminal reaches the whole process group: the supervisor decides.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def run(self) -> int:
-        b = self.broker
-        self._wait_for_redis()
-        # A worker restarted under the same name first puts back what its last life held.
-        b.reap(force_name=self.name)
-        if self.shm is not None:
-            swept = self.shm.sweep()
-            if swept:
-                log.info("worker %s: removed %d shared-memory segment(s) of callers that are gone",
-                         self.name, swept)
-        self._started = time.time()
-        b.register_worker(self.name, self._info())
-        self._touch_heartbeat_file()
-        self._duty_at = self._reap_at = time.monotonic()
-        log.info("worker %s started: redis %s, pid %d, python %s, cloudpickle %s", self.name,
-                 b.where, os.getpid(), serialize.PYTHON_VERSION, serialize.CLOUDPICKLE_VERSION)
-        self._hb_thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
-                                           name="pyworker-heartbeat")
-        self._hb_thread.start()
-        try:
-            self._loop()
-        finally:
-            self.stopping.set()
-            # (bounded: a heartbeat stuck in a Redis call must not hold up the stop)
-            self._hb_thread.join(timeout=1.0)
-            try:
-                with self._beat_lock:  # the last items into the throughput figures
-                    last, self._uncounted = self._uncounted, 0
-                if last:
-                    b.heartbeat(self.name, last, self.done)
-                b.deregister_worker(self.name)
-            except PyworkerConnectionError as exc:
-                log.error("worker %s: could not deregister: %s", self.name, exc)
-            log.info("worker %s stopped: %d items done", self.name, self.done)
+        """Run tasks until stopped, or due to be replaced (recycling). What the worker holds in
+        Redis is run first: tasks the executor before this one had taken."""
+        self._loop(deque(self._adopt_held()))
+        self.board.end(board.RECYCLING if self.recycle_reason else board.STOPPING)
         return 0
 
-    def _loop(self):
+    def _adopt_held(self) -> list[bytes]:
+        mine = self.broker.held_tasks(self.name)
+        first = [t for f, t in mine.items() if f in self.plans]  # the one that killed
+        return self._adopt(first + [t for f, t in mine.items() if f not in self.plans])
+
+    def _recycle_due(self) -> bool:
+        """Between tasks: has this executor run its share of tasks, or grown past the memory
+        limit (PYWORKER_MAX_TASKS_PER_CHILD, PYWORKER_MAX_MEMORY_MB)?"""
+        s = self.settings
+        if s.max_tasks_per_child and self.tasks_run >= s.max_tasks_per_child:
+            self.recycle_reason = f"it ran {self.tasks_run} tasks (PYWORKER_MAX_TASKS_PER_CHILD)"
+            return True
+        if s.max_memory_mb:
+            now = time.monotonic()
+            if now < self._rss_every:  # at most every 10 ms: a task of µs pays nothing
+                return False
+            self._rss_every = now + 0.01
+            rss = self._rss()
+            if rss > s.max_memory_mb * 2**20:
+                self.recycle_reason = (f"its memory ({rss / 2**20:.0f} MiB resident) passed "
+                                       f"PYWORKER_MAX_MEMORY_MB={s.max_memory_mb:g}")
+                return True
+        return False
+
+    def _rss(self) -> int:
+        if self._statm is None:
+            self._statm = os.open("/proc/self/statm", os.O_RDONLY)
+        return int(os.pread(self._statm, 100, 0).split()[1]) * mmap.PAGESIZE
+
+    def _restore(self):
+        """What a task may have changed for the tasks after it: the working directory, and the
+        handler that lets the worker stop gracefully."""
+        if os.getcwd() != self._cwd:
+            os.chdir(self._cwd)
+        if self._on_term is not None and signal.getsignal(signal.SIGTERM) is not self._on_term:
+            signal.signal(signal.SIGTERM, self._on_term)
+
+    def _loop(self, held: deque):
         """Run tasks until stopped. While tasks are quick, the worker holds one more than it
         runs (finish takes it, see queue._FINISH): it then sends each result and runs the
         held task at once, reading Redis' answer (the next task to hold) after that task, so
         no round trip stands between two tasks. A held task stays in the worker's active hash
         like the one it runs, so a worker that dies loses neither, and one that stops gives
         back what it had not started (deregister_worker)."""
-        held: deque[bytes] = deque()
         answer = None  # settles a result sent ahead: its answer is (kept, tasks taken)
         resync = False  # after a lost connection: what does Redis say this worker holds?
         last_failure = float("-inf")
-        first = self.broker.dequeue(self.name)
-        if first is not None:
-            held.append(first)
+        if not held:
+            first = self.broker.dequeue(self.name)
+            if first is not None:
+                held.append(first)
         while not self.stopping.is_set():
             try:
-                if time.monotonic() - self._duty_at >= self.settings.heartbeat_s:
-                    self._duties(beat=not held)  # a busy worker beats with its results
+                if not held and self._uncounted:
+                    self._count_done()
                 if resync and answer is None:
                     # A dequeue whose answer was lost may have run: its task is in Redis as
                     # this worker's, and nobody else would ever run it.
@@ -250,6 +318,8 @@ class Worker:
                     continue
                 started = time.monotonic()
                 report = self._process(held[0])
+                self.board.end()
+                self._restore()
                 ran = held.popleft()
                 if answer is not None:
                     answer, settle = None, answer
@@ -257,6 +327,9 @@ class Worker:
                     held.extend(settle(holding=(ran, *held)))
                 if report is None:
                     continue
+                self.tasks_run += 1
+                if self._recycle_due():
+                    self.stopping.set()
                 quick = time.monotonic() - started < LOOKAHEAD_MAX_S
                 if self.stopping.is_set():
                     self._report(report, 0)
@@ -278,74 +351,24 @@ class Worker:
                 last_failure = now
         if answer is not None:
             try:
-                answer()  # what it took stays held in Redis: deregistering gives it back
-            except PyworkerConnectionError as exc:
+                answer()  # what it took stays held in Redis: the next executor runs it, or
+            except PyworkerConnectionError as exc:  # deregistering gives it back
                 log.error("worker %s: could not send a result: %s", self.name, exc)
-
-    def _info(self) -> dict:
-        """What the worker registers (status(), shared memory, hand-offs: queue._SUBMIT)."""
-        return {
-            "host": socket.gethostname(), "pid": os.getpid(), "started": f"{self._started:.3f}",
-            "done": self.done, "seen": f"{time.time():.3f}",
-            "python": serialize.PYTHON_VERSION, "cloudpickle": serialize.CLOUDPICKLE_VERSION,
-            "shm": self.shm.ident if self.shm is not None else "",
-            "handoff": "1",  # a submit may hand it a task instead of a token
-        }
-
-    def _heartbeat_loop(self):
-        """Does the heartbeat's duties when the main thread has not for a while: it is inside a
-        long task (or stuck). Waking only then matters: each time this thread runs while a
-        task does, the two pass the GIL back and forth, every few ms, at every system call
-        (measured: about 0.8 ms of CPU a second, and the task preempted each time)."""
-        overdue = self.settings.heartbeat_s * 1.5
-        while not self.stopping.wait(max(0.0, self._duty_at + overdue - time.monotonic())):
-            if time.monotonic() - self._duty_at >= overdue:
-                self._duties()
-
-    def _duties(self, beat: bool = True):
-        """Every heartbeat: beat (unless beat=False: the results carry the beats), touch the
-        heartbeat file; every lease/2, also reap the workers whose lease ended and register
-        again if Redis lost this worker's registration. Whichever thread comes first does them;
-        the other skips them."""
-        if not self._duty_lock.acquire(blocking=False):
-            return
-        try:
-            now = self._duty_at = time.monotonic()
-            due = self._due_beat(0) if beat else None
-            if due is not None:
-                try:
-                    self.broker.heartbeat(self.name, *due)
-                except BaseException:
-                    self._missed_beat(due)
-                    raise
-            self._touch_heartbeat_file()
-            if now - self._reap_at >= self.settings.lease_s / 2:
-                self._reap_at = now
-                for dead in self.broker.reap():
-                    log.info("worker %s: worker %s missed its lease; its tasks were re-queued",
-                             self.name, dead)
-                # A beat re-registers a worker Redis forgot, but with its lease alone: the
-                # rest (host, shared memory, hand-offs) goes back here.
-                if not self.stopping.is_set() and self.broker.registration_lost(self.name):
-                    self.broker.register_worker(self.name, self._info())
-                    log.warning("worker %s: Redis had lost this worker's registration (a "
-                                "restart without persistence?); registered again", self.name)
-        except PyworkerConnectionError as exc:
-            log.error("worker %s: heartbeat failed: %s", self.name, exc)
-        except Exception:  # the heartbeat must outlive any surprise
-            log.exception("worker %s: heartbeat error", self.name)
-        finally:
-            self._duty_lock.release()
-
-    def _touch_heartbeat_file(self):
-        """The liveness probe reads the file's mtime: one system call, after the first."""
-        path = self.settings.heartbeat_file
-        if path:
+        if self._uncounted:
             try:
-                os.utime(path)
-            except FileNotFoundError:
-                with open(path, "w") as f:
-                    f.write(f"{self.name}\n")
+                self._count_done(force=True)
+            except PyworkerConnectionError:
+                pass
+
+    def _count_done(self, force: bool = False):
+        """Items done since the last beat go into Redis' figures (an idle worker's last ones)."""
+        due = self._due_beat(0, force)
+        if due is not None:
+            try:
+                self.broker.heartbeat(self.name, *due)
+            except BaseException:
+                self._missed_beat(due)
+                raise
 
     # --- one task ------------------------------------------------------------------------------
 
@@ -368,6 +391,9 @@ class Worker:
             self._drop(protocol.TaskHeader(ids[0], ids[1], "", "", "", False),
                        protocol.STATUS_MISMATCH, reason)
             return None
+        field = f"{header.jid} {header.chunk}"
+        plan = self.plans.get(field)
+        self.board.begin(field, header.timeout)
         payload = None
         if header.ref:
             payload = self.broker.task_payload(header.jid, header.chunk)
@@ -406,8 +432,13 @@ class Worker:
                 self._drop(header, protocol.STATUS_RESEND, f"{type(exc).__name__}: {exc}")
                 return None
         try:
+            if plan is not None and -1 in plan.failed:
+                raise _Failed(plan.failed[-1])
             fn = self._function(header.fn_sha)
             mode, items = serialize.loads(payload, buffers)
+        except _Failed as failed:
+            values, errors, outputs = [], {-1: failed.packed}, {}
+            items = ()
         except SignatureError as exc:
             log.error("worker %s: rejected function of job %s without unpickling it: %s",
                       self.name, header.jid, exc)
@@ -418,7 +449,10 @@ class Worker:
             values, errors, outputs = [], {-1: serialize.pack_exception(exc)}, {}
             items = ()
         else:
-            values, errors, outputs = run_chunk(fn, mode, items, self.settings.forward_output)
+            watch = header.timeout > 0 or (plan is not None and plan.watch)
+            values, errors, outputs = run_chunk(
+                fn, mode, items, self.settings.forward_output,
+                self.board if watch else None, plan.failed if plan is not None else None)
         del payload, buffers  # the task's memory can go before the result is written
         # Big buffers out of band only if the result may go back through shared memory.
         oob = [] if self.shm is not None and header.shm != protocol.NO_SHM else None
@@ -464,14 +498,14 @@ class Worker:
             raise shm.SegmentTampered("the segment belongs to another task")
         return self.shm.read(desc, self.limit_bytes)
 
-    def _due_beat(self, n_items: int):
+    def _due_beat(self, n_items: int, force: bool = False):
         """Add n_items to the items done; (items not yet counted in Redis, total) when a beat
-        is due (a heartbeat interval since the last), else None."""
+        is due (a heartbeat interval since the last, or ``force``), else None."""
         with self._beat_lock:
             self.done += n_items
             self._uncounted += n_items
             now = time.monotonic()
-            if now - self._beat_at < self.settings.heartbeat_s:
+            if now - self._beat_at < self.settings.heartbeat_s and not force:
                 return None
             beat, self._uncounted, self._beat_at = (self._uncounted, self.done), 0, now
             return beat
@@ -566,8 +600,14 @@ class Worker:
             raise LookupError(f"function {sha} is no longer in Redis (its job expired)")
         fn = serialize.loads(self.signer.open_blob(blob))
         self.functions[sha] = fn
-        while len(self.functions) > FUNCTION_CACHE_SIZE:
-            self.functions.popitem(last=False)
+        # Bounded by count and by size: 16 closures that each hold a 200 MB model would
+        # otherwise stay in memory together.
+        self._function_bytes[sha] = len(blob)
+        while len(self.functions) > 1 and (
+                len(self.functions) > FUNCTION_CACHE_SIZE
+                or sum(self._function_bytes.values()) > FUNCTION_CACHE_BYTES):
+            old, _ = self.functions.popitem(last=False)
+            self._function_bytes.pop(old, None)
         return fn
 
 
@@ -580,7 +620,9 @@ def _field(task: bytes) -> str | None:
     return f"{h.jid} {h.chunk}"
 
 
-def main(settings: Settings) -> int:
-    worker = Worker(settings)
-    worker.install_signal_handlers()
-    return worker.run()
+class _Failed(Exception):
+    """A task whose whole chunk failed for good (it killed executors outside any item)."""
+
+    def __init__(self, packed):
+        super().__init__()
+        self.packed = packed

@@ -28,6 +28,15 @@ def wait_until(predicate, timeout_s, what, interval_s=0.05):
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def executors(cluster) -> dict[int, tuple[str, object]]:
+    """Each live worker's executor pid (the process its tasks run in: os.getpid() in a task)
+    -> (worker name, the worker's process in cluster.workers)."""
+    import pyworker
+    procs = {p.pid: p for p in cluster.workers}
+    return {int(w["executor"]): (w["name"], procs.get(int(w["pid"])))
+            for w in pyworker.status(cluster.client).alive if w.get("executor")}
+
+
 def redis_keys(cluster, pattern):
     return sorted(k.decode() for k in cluster.client.broker.redis.call("KEYS", pattern))
 

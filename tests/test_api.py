@@ -10,7 +10,7 @@ import pyworker
 from pyworker import Executor, RemoteError, SerializationError, imap, imap_unordered, pmap
 from pyworker.api import auto_chunksize
 
-from support import redis_keys, wait_until
+from support import executors, redis_keys, wait_until
 
 
 def test_pmap_returns_results_in_input_order(cluster):
@@ -234,7 +234,7 @@ def test_pmap_closure_and_notebook_function(cluster):
 def test_pmap_runs_on_the_workers_not_the_caller(cluster):
     pids = set(pmap(lambda _: os.getpid(), range(40), chunksize=1))
     assert os.getpid() not in pids
-    assert pids <= {p.pid for p in cluster.workers}
+    assert pids <= set(executors(cluster))
 
 
 def test_pmap_of_nothing_and_of_a_generator(cluster):

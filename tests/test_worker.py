@@ -13,7 +13,7 @@ import pyworker
 from pyworker import WorkerLostError, protocol, serialize
 from pyworker.errors import SignatureError, VersionMismatchError
 
-from support import redis_keys, shm_cluster, shm_files, wait_until
+from support import executors, redis_keys, shm_cluster, shm_files, wait_until
 
 
 def _run_in_thread(fn, *args, **kwargs):
@@ -95,11 +95,16 @@ def test_killed_worker_shared_memory_task_runs_again_and_no_segment_is_left(make
 
 
 def test_task_whose_workers_keep_dying_fails_naming_the_item(make_cluster):
+    """The whole worker dies (its supervisor, the task's parent, is killed), not only the
+    executor (tests/test_supervisor.py has those): its lease ends, and the task runs again
+    elsewhere until it has cost more workers than the retry limit allows."""
     cluster = make_cluster(3, max_retries=1)
 
     def deadly(x):
         import os
+        import signal
         if x == 3:
+            os.kill(os.getppid(), signal.SIGKILL)
             os._exit(1)
         return x
 
@@ -114,15 +119,16 @@ def test_sigterm_finishes_the_current_task_then_exits_and_leaves_the_rest(make_c
                             range(8), chunksize=1, client=cluster.client)
     busy = wait_until(lambda: _busy_workers(cluster), 20, "a worker to start a task")
     victim = next(p for p in cluster.workers if p.pid == int(busy[0]["pid"]))
+    execs = {proc: pid for pid, (_, proc) in executors(cluster).items()}
     victim.send_signal(signal.SIGTERM)
     assert victim.wait(10) == 0
     t.join(60)
     assert "error" not in box, box.get("error")
     pids = box["result"]
     assert len(pids) == 8
-    assert pids.count(victim.pid) >= 1, "the task it was running came back"
-    assert pids.count(victim.pid) <= 2  # it took nothing new after SIGTERM
-    survivor = next(p.pid for p in cluster.workers if p is not victim)
+    assert pids.count(execs[victim]) >= 1, "the task it was running came back"
+    assert pids.count(execs[victim]) <= 2  # it took nothing new after SIGTERM
+    survivor = next(pid for proc, pid in execs.items() if proc is not victim)
     assert pids.count(survivor) >= 6
 
 
@@ -141,9 +147,8 @@ def test_a_stalled_worker_cannot_add_a_second_result(make_cluster):
 
 
 def test_a_task_longer_than_the_lease_keeps_its_worker_alive(make_cluster, tmp_path):
-    """Between tasks the main thread does the heartbeat's duties; inside a long task (here
-    pure Python, which holds the GIL) the heartbeat thread does them, so a lease of 1.5 s
-    does not end during a 4 s task: nobody reaps the worker, and each task runs once."""
+    """The supervisor renews the lease while the executor runs a 4 s task (pure Python):
+    nobody reaps the worker during it, and each task runs once."""
     cluster = make_cluster(2)
     folder = str(tmp_path)
 
@@ -157,7 +162,7 @@ def test_a_task_longer_than_the_lease_keeps_its_worker_alive(make_cluster, tmp_p
         return os.getpid()
 
     pids = pyworker.pmap(spin, range(2), chunksize=1, client=cluster.client, timeout=60)
-    assert sorted(pids) == sorted(p.pid for p in cluster.workers), "one task on each worker"
+    assert sorted(pids) == sorted(executors(cluster)), "one task on each worker"
     runs = sorted(os.listdir(tmp_path))
     assert len(runs) == 2, f"a task ran again (its worker's lease ended?): {runs}"
     assert len(pyworker.status(cluster.client).alive) == 2
@@ -404,12 +409,10 @@ def test_an_idle_worker_that_died_delays_a_task_but_loses_nothing(make_cluster):
     cluster = make_cluster(2, lease_s=3.0)
     r, keys = cluster.client.broker.redis, cluster.client.broker.keys
     victim = pyworker.pmap(lambda x: os.getpid(), [0], client=cluster.client, timeout=30)[0]
-    name = next(n.decode() for n in r.call("SMEMBERS", keys.workers)
-                if r.call("HGET", keys.info(n.decode()), "pid") == str(victim).encode())
+    name, proc = executors(cluster)[victim]
     wait_until(lambda: r.call("LINDEX", keys.idle, 0) == name.encode(), 10,
                "the worker to go idle, on top of the stack")
-    proc = next(p for p in cluster.workers if p.pid == victim)
-    proc.kill()  # its lease still runs: the next task is handed to it
+    proc.kill()  # its lease still runs: the next task is handed to it (its executor dies too)
     proc.wait(10)
     job = cluster.client.job()
     sha = job.add_function(lambda x: (x, os.getpid()))

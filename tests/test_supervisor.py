@@ -1,0 +1,243 @@
+"""Workers that survive user code: a task that exits, crashes, holds the GIL, leaks or hangs
+fails its own item, and the same worker processes go on to run the next call correctly."""
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+import pyworker
+from pyworker import WorkerLostError
+from pyworker.errors import TaskExitError, TaskTimeoutError
+
+from support import wait_until
+
+
+def _alive(cluster):
+    return [p.poll() is None for p in cluster.workers]
+
+
+def _executors(cluster) -> set[int]:
+    """The executor pids the workers registered (status info 'executor')."""
+    return {int(w["executor"]) for w in pyworker.status(cluster.client).alive if w.get("executor")}
+
+
+def _pid_gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_exit_crash_and_odd_exceptions_fail_their_item_and_no_worker(make_cluster, capsys):
+    def _bad(x):
+        import ctypes
+        import os
+        import sys
+        if x == 1:
+            sys.exit(3)
+        if x == 2:
+            os._exit(7)
+        if x == 3:
+            ctypes.string_at(0)  # SIGSEGV
+        if x == 4:
+            class Weird(Exception):
+                def __str__(self):
+                    raise RuntimeError("no str for you")
+            raise Weird()
+        if x == 5:
+            sys.stdout.write(b"raw bytes\xff\n")
+            sys.stdout.buffer.write(b"more bytes\n")
+        if x == 6:
+            raise KeyboardInterrupt("from the task")
+        if x == 7:
+            os.chdir("/")
+            import signal
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return x * 10
+
+    cluster = make_cluster(2, max_retries=1)
+    supervisors = [p.pid for p in cluster.workers]
+    out = pyworker.pmap(_bad, range(12), return_exceptions=True, client=cluster.client,
+                        timeout=60)
+    assert [out[i] for i in (0, 5, 7, 8, 9, 10, 11)] == [0, 50, 70, 80, 90, 100, 110]
+    assert isinstance(out[1], TaskExitError) and "item #1 (1) raised SystemExit(3)" in str(out[1])
+    assert isinstance(out[6], TaskExitError) and "KeyboardInterrupt" in str(out[6])
+    assert isinstance(out[2], WorkerLostError)
+    assert "item #2 (2) killed the executor" in str(out[2]) and "exited with code 7" in str(out[2])
+    assert isinstance(out[3], WorkerLostError) and "SIGSEGV" in str(out[3])
+    assert "Weird" in type(out[4]).__name__ or "Weird" in str(out[4])
+    assert "raw bytes" in capsys.readouterr().out
+    # the same worker processes, alive, and the next calls are correct
+    assert [p.pid for p in cluster.workers] == supervisors and all(_alive(cluster))
+    assert pyworker.pmap(abs, range(-20, 0), client=cluster.client, timeout=20) == \
+        list(range(20, 0, -1))
+    # what item 7 changed in its executor does not reach the next task
+    cwds = pyworker.pmap(lambda _: os.getcwd(), range(8), chunksize=1, client=cluster.client,
+                         timeout=20)
+    assert set(cwds) == {os.getcwd()}
+    assert len(pyworker.status(cluster.client).alive) == 2
+
+
+def test_a_poisoned_item_uses_no_neighbours_retries(make_cluster):
+    """One chunk of 8 items, one of which kills its executor every time: only that item
+    fails; the others in its chunk come back."""
+    cluster = make_cluster(1, max_retries=2)
+
+    def poison(x):
+        import os
+        if x == 5:
+            os._exit(1)
+        return -x
+
+    out = pyworker.pmap(poison, range(8), chunksize=8, return_exceptions=True,
+                        client=cluster.client, timeout=60)
+    assert [v for i, v in enumerate(out) if i != 5] == [0, -1, -2, -3, -4, -6, -7]
+    assert isinstance(out[5], WorkerLostError) and "3 times" in str(out[5])
+    with pytest.raises(WorkerLostError, match=r"item #5 \(5\) killed the executor"):
+        pyworker.pmap(poison, range(8), chunksize=8, client=cluster.client, timeout=60)
+    assert all(_alive(cluster))
+
+
+def test_a_task_holding_the_gil_past_the_lease_runs_once(make_cluster, tmp_path):
+    """libc's sleep called through PyDLL keeps the GIL for 5 s; the lease is 2 s. The lease
+    is renewed by the supervisor, another process: nobody declares the worker dead, the task
+    runs once and returns its value."""
+    cluster = make_cluster(2, lease_s=2.0, max_retries=1)
+    folder = str(tmp_path)
+
+    def hold(x):
+        import ctypes
+        import os
+        open(os.path.join(folder, f"run-{x}-{os.getpid()}"), "w").close()
+        ctypes.PyDLL(None).sleep(5)
+        return x + 1
+
+    assert pyworker.pmap(hold, [41], client=cluster.client, timeout=60) == [42]
+    assert len(os.listdir(folder)) == 1, os.listdir(folder)
+    assert all(_alive(cluster)) and len(pyworker.status(cluster.client).alive) == 2
+
+
+def test_cancelling_stops_running_tasks(make_cluster, tmp_path):
+    """A call that times out stops what its workers were running (three 40 s sleeps), and
+    the next call does not wait behind them."""
+    cluster = make_cluster(3)
+    folder = str(tmp_path)
+
+    def nap(x):
+        import os
+        import time
+        open(os.path.join(folder, str(os.getpid())), "w").close()
+        time.sleep(40)
+        return x
+
+    with pytest.raises(TimeoutError):
+        pyworker.pmap(nap, range(3), chunksize=1, client=cluster.client, timeout=2)
+    pids = [int(p) for p in os.listdir(folder)]
+    assert pids
+    wait_until(lambda: all(_pid_gone(p) for p in pids), 5, "the cancelled tasks to stop")
+    assert pyworker.pmap(lambda x: x * 2, range(6), chunksize=1, client=cluster.client,
+                         timeout=10) == [0, 2, 4, 6, 8, 10]
+    assert all(_alive(cluster))
+
+
+def test_leaving_an_imap_loop_stops_its_running_tasks(make_cluster, tmp_path):
+    cluster = make_cluster(2)
+    folder = str(tmp_path)
+
+    def nap(x):
+        import os
+        import time
+        if x:
+            open(os.path.join(folder, str(os.getpid())), "w").close()
+            time.sleep(40)
+        return x
+
+    for value in pyworker.imap(nap, range(3), chunksize=1, client=cluster.client):
+        assert value == 0
+        wait_until(lambda: len(os.listdir(folder)) == 2, 10, "both workers in a long task")
+        break
+    pids = [int(p) for p in os.listdir(folder)]
+    wait_until(lambda: all(_pid_gone(p) for p in pids), 5, "the abandoned tasks to stop")
+    assert pyworker.pmap(abs, [-1, -2], client=cluster.client, timeout=10) == [1, 2]
+
+
+def test_task_timeout_stops_the_item_and_names_it(make_cluster):
+    cluster = make_cluster(2)
+
+    def nap(s):
+        import time
+        time.sleep(s)
+        return s
+
+    started = time.monotonic()
+    out = pyworker.pmap(nap, [0.1, 30, 0.2, 0.1], chunksize=4, task_timeout=1,
+                        return_exceptions=True, client=cluster.client, timeout=30)
+    assert time.monotonic() - started < 15
+    assert out[0] == 0.1 and out[2:] == [0.2, 0.1]
+    assert isinstance(out[1], TaskTimeoutError) and isinstance(out[1], TimeoutError)
+    assert "item #1 (30) ran longer than its task_timeout of 1 s" in str(out[1])
+    with pytest.raises(ValueError, match="task_timeout"):
+        pyworker.pmap(nap, [1], task_timeout=0, client=cluster.client)
+    assert all(_alive(cluster))
+
+
+def test_executor_is_replaced_after_max_tasks_per_child(make_cluster):
+    cluster = make_cluster(1, worker_env={"PYWORKER_MAX_TASKS_PER_CHILD": "2"})
+    pids = pyworker.pmap(lambda _: os.getpid(), range(6), chunksize=1, client=cluster.client,
+                         timeout=30)
+    assert len(set(pids)) == 3 and pids[0] == pids[1] and pids[2] == pids[3], pids
+    assert cluster.workers[0].pid not in pids and all(_alive(cluster))
+
+
+def test_executor_that_grew_past_max_memory_is_replaced_between_tasks(make_cluster):
+    cluster = make_cluster(1, worker_env={"PYWORKER_MAX_MEMORY_MB": "200"})
+
+    def grow(mb):
+        import os
+        import sys
+        keep = sys.modules.setdefault("_leak", type(sys)("_leak"))
+        keep.__dict__.setdefault("blocks", []).append(bytearray(mb * 2**20))
+        return os.getpid()
+
+    first = pyworker.pmap(grow, [1], client=cluster.client, timeout=30)[0]
+    assert pyworker.pmap(grow, [1], client=cluster.client, timeout=30)[0] == first
+    leaked = pyworker.pmap(grow, [300], client=cluster.client, timeout=30)[0]
+    assert leaked == first  # the task that went past the limit ran to its end
+    after = pyworker.pmap(grow, [1], client=cluster.client, timeout=30)[0]
+    assert after != first, "the executor past its memory limit was not replaced"
+    assert all(_alive(cluster))
+
+
+def test_status_shows_each_workers_executor(make_cluster):
+    cluster = make_cluster(2)
+    execs = _executors(cluster)
+    assert len(execs) == 2 and not execs & {p.pid for p in cluster.workers}
+    pids = set(pyworker.pmap(lambda _: os.getpid(), range(20), chunksize=1,
+                             client=cluster.client, timeout=30))
+    assert pids <= execs
+
+
+def test_sigterm_mid_task_finishes_it_and_the_worker_leaves(make_cluster, tmp_path):
+    cluster = make_cluster(1)
+    folder = str(tmp_path)
+
+    def slow(x):
+        import os
+        import time
+        open(os.path.join(folder, "started"), "w").close()
+        time.sleep(1.0)
+        return x
+
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=pyworker.pmap(
+        slow, [7], client=cluster.client, timeout=30)), daemon=True)
+    t.start()
+    wait_until(lambda: os.path.exists(os.path.join(folder, "started")), 10, "the task")
+    cluster.workers[0].send_signal(signal.SIGTERM)
+    assert cluster.workers[0].wait(15) == 0
+    t.join(20)
+    assert box.get("r") == [7]
