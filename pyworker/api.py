@@ -351,7 +351,10 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client,
     try:
         while True:
             # Fill the window, in round trips of at most CHUNK_TARGET_BYTES, before waiting.
-            while not exhausted and len(pending) < window and item_bytes * in_flight < budget:
+            # Whatever the bytes, a chunk for every worker and one more stay in flight: items
+            # of 16 MiB on 3 workers must keep all 3 busy, not the 2 the budget would allow.
+            while not exhausted and len(pending) < window and (
+                    item_bytes * in_flight < budget or len(pending) <= max(workers, 1)):
                 batch = []
                 while len(pending) + len(batch) < window:
                     items = seq[next_index:next_index + size] if seq is not None else list(

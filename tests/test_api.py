@@ -531,3 +531,26 @@ def test_a_one_item_call_whose_job_redis_lost_is_sent_again(make_cluster, capsys
     t.join(60)
     assert box.get("out") == [1.0]
     assert "resubmitting the item as a new job" in capsys.readouterr().err
+
+
+def test_big_items_keep_every_worker_busy(make_cluster, tmp_path):
+    """Items of 16 MiB on 3 workers: the in-flight byte budget still lets a chunk per worker
+    (and one more) be in flight, so 3 tasks run at once, not 2."""
+    cluster = make_cluster(3)
+    folder = str(tmp_path)
+
+    def hold(blob):
+        import os
+        import time
+        start = time.monotonic()
+        time.sleep(1.0)
+        with open(os.path.join(folder, f"{os.getpid()}-{start}"), "w") as f:
+            f.write(f"{start} {time.monotonic()} {len(blob)}")
+        return len(blob)
+
+    items = [bytes(16 * 2**20) for _ in range(6)]
+    assert pyworker.pmap(hold, items, client=cluster.client, timeout=60) == [16 * 2**20] * 6
+    spans = [tuple(map(float, open(os.path.join(folder, n)).read().split()[:2]))
+             for n in os.listdir(folder)]
+    most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert most == 3, f"at most {most} of the 3 workers ran at once: {sorted(spans)}"
