@@ -104,9 +104,12 @@ def _local(args) -> int:
         else:
             print("\nIn Python:  from pyworker import pmap; pmap(lambda x: x * x, range(10))")
         print("Press Ctrl-C to stop everything.", flush=True)
-        while all(p.poll() is None for p in cluster.workers) and (lab is None or lab.poll() is None):
+        # A worker that dies is replaced by the cluster (and says so); only Redis or the Lab
+        # going away ends this.
+        while cluster.redis.proc.poll() is None and (lab is None or lab.poll() is None):
             time.sleep(0.5)
-        print("pyworker local: a process exited unexpectedly; stopping", file=sys.stderr)
+        what = "redis-server" if cluster.redis.proc.poll() is not None else "JupyterLab"
+        print(f"pyworker local: {what} exited unexpectedly; stopping", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nstopping...", flush=True)

@@ -41,14 +41,16 @@ def _wait(predicate, timeout_s: float, what: str, proc=None, log_path=None):
     raise PyworkerError(f"{what} {state}{detail}")
 
 
-def with_parent(cmd: list[str]) -> list[str]:
+def with_parent(cmd: list[str], thread_outlives_child: bool = False) -> list[str]:
     """The command, made to get SIGTERM when this process dies, however it dies (SIGKILL, a
     notebook kernel restarted): otherwise a killed caller leaves its redis-server and workers
     running for ever. It is Linux's parent-death signal, set by setpriv (util-linux) before
     the exec; the signal is tied to the thread that starts the child, so it is set only from
-    the main thread (a thread that ends would take the cluster with it)."""
+    the main thread (a thread that ends would take the cluster with it), or from a thread that
+    lives as long as the child should (``thread_outlives_child``)."""
     setpriv = _setpriv()
-    if setpriv is None or threading.current_thread() is not threading.main_thread():
+    if setpriv is None or not (thread_outlives_child
+                               or threading.current_thread() is threading.main_thread()):
         return cmd
     return [setpriv, "--pdeathsig", "TERM", "--", *cmd]
 
@@ -177,6 +179,11 @@ class LocalCluster:
         self.worker_env = worker_env or {}
         self.quiet = quiet
         self.workers: list[subprocess.Popen] = []
+        self._worker_args: list[tuple] = []  # (name, env) each worker was started with
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.replaced = 0  # workers that died and were replaced
+        self.watched = 0  # the watcher's looks at the workers so far
         self.client = None
         self._previous_default = None
         self._log_dir = None
@@ -218,21 +225,63 @@ class LocalCluster:
             raise
         self._previous_default = api._default
         api._set_default(self.client)
+        self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                         name="pyworker-local-watch")
+        self._watcher.start()
         return self
 
     def add_worker(self, name: str | None = None, env: dict | None = None) -> subprocess.Popen:
+        self._worker_args.append((name, env))
+        self.workers.append(self._start_worker(len(self.workers), from_watcher=False))
+        return self.workers[-1]
+
+    def _start_worker(self, i: int, from_watcher: bool) -> subprocess.Popen:
+        name, env = self._worker_args[i]
         wenv = {**os.environ, **self.env, **self.worker_env, **(env or {})}
         if name:
             wenv["PYWORKER_WORKER_NAME"] = name
-        log = open(os.path.join(self._log_dir, f"worker-{len(self.workers)}.log"), "w")
-        cmd = [sys.executable, "-m", "pyworker", "worker"]
-        if self.quiet:
-            cmd.append("--quiet")
-        proc = subprocess.Popen(with_parent(cmd), env=wenv, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        log.close()
-        self.workers.append(proc)
-        return proc
+        with open(self._worker_log(i), "a") as log:
+            cmd = [sys.executable, "-m", "pyworker", "worker"]
+            if self.quiet:
+                cmd.append("--quiet")
+            return subprocess.Popen(with_parent(cmd, thread_outlives_child=from_watcher),
+                                    env=wenv, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    def _worker_log(self, i: int) -> str:
+        return os.path.join(self._log_dir, f"worker-{i}.log")
+
+    def _watch(self):
+        """Replaces a worker that died (exited with an error or a signal) while the cluster
+        runs, and says so: at once if it had run a while, else after a back-off that doubles
+        (0.5 s up to 30 s), so a worker that cannot start does not spin. A worker that exited
+        cleanly (code 0) was stopped on purpose (SIGTERM) and is left stopped."""
+        started = {i: time.monotonic() for i in range(len(self.workers))}
+        delay: dict[int, float] = {}
+        due: dict[int, float] = {}
+        while not self._stopping.wait(0.2):
+            self.watched += 1
+            for i, proc in enumerate(list(self.workers)):
+                code = proc.poll()
+                if code is None or code == 0:
+                    continue
+                now = time.monotonic()
+                if i not in due:
+                    lived = now - started.get(i, now)
+                    delay[i] = 0.0 if lived > 30 else min(max(2 * delay.get(i, 0.25), 0.5), 30)
+                    due[i] = now + delay[i]
+                    how = f"code {code}" if code > 0 else f"signal {-code}"
+                    print(f"pyworker: worker {i} (pid {proc.pid}) exited with {how}; starting "
+                          f"another" + (f" in {delay[i]:g} s" if delay[i] else "")
+                          + f" (log: {self._worker_log(i)})", file=sys.stderr, flush=True)
+                if now < due[i]:
+                    continue
+                del due[i]
+                if self._stopping.is_set():
+                    return
+                self.workers[i] = self._start_worker(i, from_watcher=True)
+                started[i] = time.monotonic()
+                self.replaced += 1
 
     def wait_for_workers(self, n: int, timeout_s: float = 30):
         """Until n workers are registered. Once too few of this cluster's worker processes are
@@ -252,7 +301,7 @@ class LocalCluster:
 
     def _worker_exited(self, n: int) -> PyworkerError:
         i, proc = [(i, p) for i, p in enumerate(self.workers) if p.poll() is not None][-1]
-        log_path = os.path.join(self._log_dir, f"worker-{i}.log")
+        log_path = self._worker_log(i)
         tail = _log_tail(log_path)
         return PyworkerError(
             f"{n} pyworker worker(s) cannot start: worker {i} exited with {proc.returncode}"
@@ -261,6 +310,9 @@ class LocalCluster:
 
     def stop(self):
         from . import api
+        self._stopping.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(5)
         for proc in self.workers:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

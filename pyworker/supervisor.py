@@ -49,6 +49,7 @@ POLL_S = 0.2  # how often the board is read while a task runs (time limits)
 # with an error rather than look alive while doing nothing.
 MAX_IDLE_DEATHS = 5
 HEALTHY_AFTER_S = 10.0
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _CRASHES = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE}
 
 
@@ -168,6 +169,10 @@ class Supervisor:
     def _spawn(self):
         self.board.reset()
         parent = os.getpid()
+        # Stop signals wait while it forks: one that came between the fork and the executor's
+        # own handlers would run the supervisor's handler in the executor (and be lost there);
+        # blocked, it is delivered to whichever process it was sent to once that is ready.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the executor
             code = 1
@@ -178,6 +183,7 @@ class Supervisor:
             finally:
                 os._exit(code)
         self.pid, self._born = pid, time.monotonic()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         try:
             self._pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):  # no pidfd (Linux before 5.3): waits poll instead
@@ -365,9 +371,9 @@ class Supervisor:
 def _executor(settings: Settings, board: Board, plans: dict, parent: int) -> int:
     """The executor's life, in the forked child."""
     _die_with(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker = Worker(settings, board=board, plans=plans)
     worker.install_signal_handlers()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     code = worker.run()
     if worker.recycle_reason:
         log.info("worker %s: executor %d replaced: %s", worker.name, os.getpid(),

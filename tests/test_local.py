@@ -132,3 +132,26 @@ def test_a_setpriv_without_pdeathsig_is_not_used(tmp_path, monkeypatch):
         local._setpriv.cache_clear()
     need(shutil.which("setpriv"), "setpriv is missing (apt-get install util-linux)")
     assert local.with_parent(["true"])[1:] == ["--pdeathsig", "TERM", "--", "true"]
+
+
+def test_a_worker_that_dies_is_replaced_and_says_so(make_cluster, capfd):
+    import pyworker
+    cluster = make_cluster(2)
+    victim = cluster.workers[0]
+    victim.kill()
+    wait_until(lambda: cluster.replaced == 1 and cluster.workers[0] is not victim
+               and len(pyworker.status(cluster.client).alive) >= 2, 20,
+               "the dead worker to be replaced")
+    assert cluster.workers[0].poll() is None
+    assert "worker 0 (pid %d) exited with signal 9; starting another" % victim.pid in \
+        capfd.readouterr().err
+    assert pyworker.pmap(abs, range(-4, 0), client=cluster.client, timeout=20) == [4, 3, 2, 1]
+
+
+def test_a_worker_stopped_on_purpose_is_not_replaced(make_cluster):
+    cluster = make_cluster(1)
+    cluster.workers[0].terminate()
+    assert cluster.workers[0].wait(10) == 0
+    looked = cluster.watched
+    wait_until(lambda: cluster.watched >= looked + 2, 10, "the watcher to look twice")
+    assert cluster.replaced == 0 and cluster.workers[0].poll() == 0
