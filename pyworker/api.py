@@ -7,11 +7,11 @@ import threading
 import time
 from itertools import chain, islice
 
-from . import protocol, serialize
+from . import config, protocol, serialize
 from .client import ChunkResult, Client, Job
 from .config import Settings
-from .errors import (JobLostError, SignatureError, TaskExitError, TaskTimeoutError,
-                     VersionMismatchError, WorkerLostError)
+from .errors import (JobLostError, SerializationError, SignatureError, TaskExitError,
+                     TaskTimeoutError, VersionMismatchError, WorkerLostError)
 
 _default: Client | None = None
 _default_lock = threading.Lock()
@@ -187,7 +187,7 @@ def _check_task_timeout(task_timeout):
 
 
 # Errors that pyworker raises for one item, on the worker: their message gets the item in front.
-_ITEM_ERRORS = (WorkerLostError, TaskExitError, TaskTimeoutError)
+_ITEM_ERRORS = (WorkerLostError, TaskExitError, TaskTimeoutError, SerializationError)
 
 
 def _item_exception(packed, index, item, worker):
@@ -304,6 +304,8 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client,
     size = chunksize or auto_chunksize(n, workers)
     ramp = None  # the next chunk's size while chunks start small (see below)
     item_bytes = 0
+    out_bytes = 0.0  # the most a result has weighed per item, pickled
+    out_target = min(CHUNK_TARGET_BYTES, client.limit_bytes // 2)  # a chunk's results
     # Big items: enough in flight to keep every worker busy (one each, and half as many again
     # waiting), not the whole window (which would park up to 4 chunks per worker in Redis).
     budget = CHUNK_TARGET_BYTES * (max(workers, 1) * 3 // 2 + 2)
@@ -395,6 +397,24 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client,
             if entry is None:
                 continue  # a task that ran twice: its first result already counted
             first, items = entry
+            ran = result.rest if result.rest is not None and 0 < result.rest < len(items) \
+                else len(items)
+            if chunksize is None and result.nbytes and ran:
+                # Chunks are sized by what their results weigh too, once that is known: small
+                # inputs with big results must not fill a worker's memory.
+                out_bytes = max(out_bytes, result.nbytes / ran)
+                if out_bytes * size > out_target:
+                    size = max(1, int(out_target // out_bytes))
+            if ran < len(items):
+                # The worker ran only the items before rest: their results filled its message
+                # limit. The others go again, in chunks sized by what the results weigh.
+                step = size if chunksize is None else len(items) - ran
+                again = [(first + i, items[i:i + step]) for i in range(ran, len(items), step)]
+                items = items[:ran]
+                try:
+                    pending.update(zip(job.submit(mode, sha, again), again))
+                except JobLostError as exc:
+                    relaunch(exc, again)
             in_flight -= len(items)
             values = _values(result, items, first, return_exceptions)
             done += len(items)
@@ -407,6 +427,34 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client,
         job.close(now=not (exhausted and not pending))
 
 
+def _nested(client) -> bool:
+    """A pmap inside a task, on the workers' own cluster: it runs here, in the task, one item
+    after another. Sent to the workers it could wait for ever: every worker may be busy in a
+    task that waits for the others (said once per process)."""
+    if not config.IN_EXECUTOR or client is not None:
+        return False
+    if not _nested_said:
+        _nested_said.append(1)
+        print("pyworker: pmap/imap inside a task runs in that task, item by item (a task that "
+              "waited for the workers' other tasks could wait for ever)", file=sys.stderr)
+    return True
+
+
+_nested_said: list = []
+
+
+def _in_task(fn, iterables, return_exceptions):
+    if not iterables:
+        raise TypeError("pmap() needs at least one iterable of items")
+    for args in zip(*iterables):
+        try:
+            yield fn(*args)
+        except Exception as exc:
+            if not return_exceptions:
+                raise
+            yield exc
+
+
 def pmap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exceptions=False,
          client: Client | None = None, task_timeout=None) -> list:
     """``list(map(fn, *iterables))``, computed by the workers; results in input order.
@@ -416,6 +464,8 @@ def pmap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exc
     whole call's limit (it is cancelled, running tasks included); ``task_timeout``: each
     item's, an item over it is stopped and fails with TaskTimeoutError.
     """
+    if _nested(client):
+        return list(_in_task(fn, iterables, return_exceptions))
     if len(iterables) == 1 and type(iterables[0]) in (list, tuple) and len(iterables[0]) == 1 \
             and (chunksize is None or isinstance(chunksize, int) and chunksize >= 1):
         _check_task_timeout(task_timeout)
@@ -448,6 +498,9 @@ def pmap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exc
 def imap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exceptions=False,
          client: Client | None = None, task_timeout=None):
     """Yields results in input order as they arrive; stopping the iteration cancels the job."""
+    if _nested(client):
+        yield from _in_task(fn, iterables, return_exceptions)
+        return
     buffered = {}
     expected = 0
     for first, values in _run(fn, iterables, chunksize, timeout, progress, return_exceptions,
@@ -462,6 +515,9 @@ def imap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exc
 def imap_unordered(fn, *iterables, chunksize=None, timeout=None, progress=None,
                    return_exceptions=False, client: Client | None = None, task_timeout=None):
     """Yields results as they arrive, in any order."""
+    if _nested(client):
+        yield from _in_task(fn, iterables, return_exceptions)
+        return
     for _, values in _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client,
                           task_timeout):
         yield from values
@@ -492,6 +548,13 @@ class Executor(cf.Executor):
         return f"<pyworker.Executor {state}>"
 
     def submit(self, fn, /, *args, **kwargs) -> cf.Future:
+        if _nested(self._client):  # inside a task: run here, now (see _nested)
+            future = cf.Future()
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except Exception as exc:
+                future.set_exception(exc)
+            return future
         name = getattr(fn, "__qualname__", "function")
         (future,) = self._submit(fn, protocol.MODE_CALL, [(0, [(args, kwargs)])],
                                  f"{name}(*{serialize._describe(args)})")
@@ -519,6 +582,8 @@ class Executor(cf.Executor):
             return futures
 
     def map(self, fn, *iterables, timeout=None, chunksize=1):
+        if _nested(self._client):
+            return iter(list(_in_task(fn, iterables, False)))
         """concurrent.futures' map: every item is submitted now, results come in order. The
         tasks go in round trips of many (not one per item, as a submit would), and with
         chunksize > 1 each task runs that many items, as in ProcessPoolExecutor (pmap and imap
@@ -587,6 +652,11 @@ class Executor(cf.Executor):
                 continue
             try:
                 if items is not None:  # several items of a map: their values, or the first error
+                    if result.rest is not None and result.rest < len(items):
+                        raise SerializationError(
+                            f"items #{first + result.rest}-{first + len(items) - 1} of a map "
+                            "were not run: the results of their chunk would have passed the "
+                            "message limit (PYWORKER_MAX_MESSAGE_MB); pass a smaller chunksize")
                     future.set_result(_values(result, items, first, False))
                     continue
                 if result.status != protocol.STATUS_OK:

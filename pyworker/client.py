@@ -11,7 +11,7 @@ import weakref
 from . import protocol, serialize, shm
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
-from .errors import JobLostError, SignatureError
+from .errors import JobLostError, SerializationError, SignatureError
 from .queue import Broker
 
 MAX_WAKE_TOKENS = 256
@@ -23,9 +23,11 @@ SHM_SWEEP_EVERY_S = 10.0  # orphaned segments are looked for at most this often,
 
 
 class ChunkResult:
-    __slots__ = ("chunk", "status", "worker", "detail", "values", "errors", "outputs")
+    __slots__ = ("chunk", "status", "worker", "detail", "values", "errors", "outputs", "rest",
+                 "nbytes")
 
-    def __init__(self, chunk, status, worker, detail="", values=None, errors=None, outputs=None):
+    def __init__(self, chunk, status, worker, detail="", values=None, errors=None, outputs=None,
+                 rest=None, nbytes=0):
         self.chunk = chunk
         self.status = status
         self.worker = worker
@@ -33,6 +35,10 @@ class ChunkResult:
         self.values = values
         self.errors = errors or {}
         self.outputs = outputs or {}
+        # None, or the offset of the first item the worker did not run: the chunk's results
+        # would have been over the message limit, so the rest is for the caller to send again
+        self.rest = rest
+        self.nbytes = nbytes  # the result's size pickled (the caller sizes chunks by it)
 
 
 def _cores() -> int:
@@ -457,8 +463,11 @@ class Job:
         buffers = None
         if h.shared:
             payload, buffers = self._read_result_segment(h, payload)
-        values, errors, outputs = serialize.loads(payload, buffers)
-        return ChunkResult(h.chunk, h.status, h.worker, "", values, errors, outputs)
+        nbytes = serialize.payload_size(payload, buffers)
+        body = serialize.loads(payload, buffers)
+        values, errors, outputs = body[:3]
+        rest = body[3] if len(body) > 3 else None
+        return ChunkResult(h.chunk, h.status, h.worker, "", values, errors, outputs, rest, nbytes)
 
     def _read_result_segment(self, h, descriptor):
         self._used_shm = True
@@ -471,6 +480,11 @@ class Job:
         except shm.SegmentTampered as exc:
             raise SignatureError(f"a result for job {self.jid} from worker {h.worker} was not "
                                  f"unpickled: {exc}") from None
+        except ValueError:  # over this caller's limit (the worker's may be higher)
+            raise SerializationError(
+                f"the result of chunk {h.chunk} from worker {h.worker} is over this caller's "
+                f"limit of {self.client.limit_bytes / 2**20:g} MiB (PYWORKER_MAX_MESSAGE_MB); "
+                "use the same limit on the workers and the caller") from None
         except OSError as exc:
             raise RuntimeError(f"the result of chunk {h.chunk} from worker {h.worker} could not "
                                f"be read from shared memory: {exc}") from None

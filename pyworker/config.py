@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from .errors import ConfigurationError
 
 ENV_PREFIX = "PYWORKER_"
+# True in a worker's executor, the process that runs tasks (supervisor.py): a pmap there runs
+# in the task itself (api._nested).
+IN_EXECUTOR = False
 
 
 def _default_worker_name() -> str:

@@ -169,7 +169,7 @@ class LocalCluster:
 
     def __init__(self, n_workers: int = 2, *, lease_s: float | None = None,
                  max_retries: int | None = None, worker_env: dict | None = None,
-                 quiet: bool = True):
+                 quiet: bool = True, replace_workers: bool = True):
         if not isinstance(n_workers, int) or n_workers < 0:
             raise ValueError(f"n_workers must be a non-negative integer, not {n_workers!r}")
         self.n_workers = n_workers
@@ -182,6 +182,7 @@ class LocalCluster:
         self._worker_args: list[tuple] = []  # (name, env) each worker was started with
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.replace_workers = replace_workers  # start another when a worker dies (_watch)
         self.replaced = 0  # workers that died and were replaced
         self.watched = 0  # the watcher's looks at the workers so far
         self.client = None
@@ -225,9 +226,10 @@ class LocalCluster:
             raise
         self._previous_default = api._default
         api._set_default(self.client)
-        self._watcher = threading.Thread(target=self._watch, daemon=True,
-                                         name="pyworker-local-watch")
-        self._watcher.start()
+        if self.replace_workers:
+            self._watcher = threading.Thread(target=self._watch, daemon=True,
+                                             name="pyworker-local-watch")
+            self._watcher.start()
         return self
 
     def add_worker(self, name: str | None = None, env: dict | None = None) -> subprocess.Popen:

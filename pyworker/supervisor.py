@@ -34,7 +34,7 @@ import socket
 import time
 
 from . import board as boards
-from . import protocol, serialize, shm
+from . import config, protocol, serialize, shm
 from .board import Board
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
@@ -371,6 +371,7 @@ class Supervisor:
 def _executor(settings: Settings, board: Board, plans: dict, parent: int) -> int:
     """The executor's life, in the forked child."""
     _die_with(parent)
+    config.IN_EXECUTOR = True
     worker = Worker(settings, board=board, plans=plans)
     worker.install_signal_handlers()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)

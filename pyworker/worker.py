@@ -100,7 +100,24 @@ def _exit_error(exc: BaseException) -> Exception:
     return err
 
 
-def run_chunk(fn, mode: int, items, capture: bool, board=None, failed=None):
+def _approx_bytes(value) -> int:
+    """About how many bytes a result takes pickled: exact for arrays, bytes and strings, a
+    pickle of it otherwise (only a sample of a chunk's results is measured)."""
+    nbytes = getattr(value, "nbytes", None)
+    if type(nbytes) is int:
+        return nbytes
+    if isinstance(value, (bytes, bytearray, str)):
+        return len(value)
+    try:
+        return len(serialize.dumps_data(value))
+    except Exception:
+        return 0  # unpicklable: pack_results says so for its item
+
+
+CHECK_EVERY_MAX = 1024  # items between two looks at the size of a chunk's results
+
+
+def run_chunk(fn, mode: int, items, capture: bool, board=None, failed=None, budget: int = 0):
     """Apply fn to every item; exceptions are caught per item so one bad item loses no others.
     The loop carries nothing it does not need (a chunk of no-ops is mostly loop): the call is
     chosen once per chunk, and an exception resumes the loop after its item.
@@ -108,7 +125,15 @@ def run_chunk(fn, mode: int, items, capture: bool, board=None, failed=None):
     ``board`` (board.Board): the task is watched, each item's start is written there, so that
     a supervisor can tell which item killed its executor or overran its time limit.
     ``failed``: offset -> packed exception, for items that are not run again (they killed
-    executors too often, or overran their time limit)."""
+    executors too often, or overran their time limit).
+    ``budget``: about how many bytes the chunk's results may take. After items 1, 2, 4 ... (at
+    most CHECK_EVERY_MAX apart) the size of the last result, times the items since the last
+    look, is added up; past the budget the chunk stops there, and the items not run go back to
+    the caller (returned as ``rest``, their offset), so that small inputs with big results do
+    not run a worker out of memory.
+
+    Returns (values, errors, outputs, rest): rest is None, or the offset of the first item not
+    run (values then has that many entries)."""
     values = [None] * len(items)
     errors = {}
     out = _OutputCapture() if capture else None
@@ -123,12 +148,14 @@ def run_chunk(fn, mode: int, items, capture: bool, board=None, failed=None):
     else:
         def call(item):
             return fn(*item[0], **item[1])
-    n, offset = len(items), 0
+    n, offset, stop = len(items), 0, len(items)
+    look, step, looked, size = (1, 1, 0, 0) if budget else (n, n, 0, 0)
     try:
-        while offset < n:
+        while offset < stop:
             try:
+                end = min(look, stop)
                 if board is not None or failed:
-                    for offset in range(offset, n):
+                    for offset in range(offset, end):
                         if failed and offset in failed:
                             errors[offset] = failed[offset]
                             continue
@@ -138,13 +165,20 @@ def run_chunk(fn, mode: int, items, capture: bool, board=None, failed=None):
                             board.item(offset)
                         values[offset] = call(items[offset])
                 elif out is None:
-                    for offset in range(offset, n):
+                    for offset in range(offset, end):
                         values[offset] = call(items[offset])
                 else:
-                    for offset in range(offset, n):
+                    for offset in range(offset, end):
                         out.offset = offset
                         values[offset] = call(items[offset])
-                offset = n
+                offset = end
+                if offset == look and offset < stop:
+                    size += _approx_bytes(values[offset - 1]) * (offset - looked)
+                    looked = offset
+                    if size > budget:
+                        stop = offset
+                    step = min(step * 2, CHECK_EVERY_MAX)
+                    look = offset + step
             except Exception as exc:
                 errors[offset] = serialize.pack_exception(exc)
                 offset += 1
@@ -154,14 +188,19 @@ def run_chunk(fn, mode: int, items, capture: bool, board=None, failed=None):
     finally:
         sys.stdout, sys.stderr = saved
     if board is not None:
-        board.item(n)  # past the items: the results are being pickled
-    return values, errors, (out.texts() if out is not None else {})
+        board.item(-1)  # past the items: the results are being pickled
+    if stop < n:
+        del values[stop:]
+        return values, errors, (out.texts() if out is not None else {}), stop
+    return values, errors, (out.texts() if out is not None else {}), None
 
 
-def pack_results(values, errors, outputs, buffers: list | None = None) -> bytes:
-    """The pickled (values, errors, outputs); with a ``buffers`` list, big buffers out of band."""
+def pack_results(values, errors, outputs, buffers: list | None = None, rest=None) -> bytes:
+    """The pickled (values, errors, outputs), and rest when the chunk came back in part; with a
+    ``buffers`` list, big buffers out of band."""
+    body = (values, errors, outputs) if rest is None else (values, errors, outputs, rest)
     try:
-        return serialize.dumps_data((values, errors, outputs), buffers)
+        return serialize.dumps_data(body, buffers)
     except Exception:
         if buffers:
             del buffers[:]
@@ -177,7 +216,42 @@ def pack_results(values, errors, outputs, buffers: list | None = None) -> bytes:
             )
             errors[offset] = serialize.pack_exception(wrapped)
             values[offset] = None
-    return serialize.dumps_data((values, errors, outputs), buffers)
+    body = (values, errors, outputs) if rest is None else (values, errors, outputs, rest)
+    return serialize.dumps_data(body, buffers)
+
+
+def fit_results(values, errors, outputs, rest, limit: int):
+    """Results whose message is over ``limit`` bytes: an item whose own result is over it fails
+    with SerializationError (on every transport alike); if the rest are still over it
+    together, only the leading items that fit are sent, and the others go back to the caller
+    to be run again in a chunk of their own (rest). Returns (values, errors, outputs, rest)."""
+    sizes = []
+    for offset, value in enumerate(values):
+        size = 0
+        if offset not in errors:
+            try:
+                size = serialize.payload_size(serialize.dumps_data(value, oob := []), oob)
+            except Exception:
+                size = 0  # pack_results says why it cannot go
+        if size > limit:
+            errors[offset] = serialize.pack_exception(serialize.SerializationError(
+                f"returned a result of {size / 2**20:.1f} MiB pickled, over the limit of "
+                f"{limit / 2**20:g} MiB (PYWORKER_MAX_MESSAGE_MB); return less (a file path, "
+                "a smaller array) or raise the limit on the workers and the caller"))
+            values[offset], size = None, 0
+        sizes.append(size)
+    total, keep = 0, len(values)
+    for offset, size in enumerate(sizes):
+        total += size
+        if total > limit * 0.9 and offset > 0:  # (room for the errors and outputs)
+            keep = offset
+            break
+    if keep < len(values):
+        del values[keep:]
+        errors = {k: v for k, v in errors.items() if k < keep}
+        outputs = {k: v for k, v in outputs.items() if k < keep}
+        rest = keep if rest is None else min(rest, keep)
+    return values, errors, outputs, rest
 
 
 class TaskPlan:
@@ -446,18 +520,25 @@ class Worker:
             return None
         except Exception as exc:
             # The whole chunk fails alike (offset -1): say why, for every item, to the caller.
-            values, errors, outputs = [], {-1: serialize.pack_exception(exc)}, {}
+            values, errors, outputs, rest = [], {-1: serialize.pack_exception(exc)}, {}, None
             items = ()
         else:
             watch = header.timeout > 0 or (plan is not None and plan.watch)
-            values, errors, outputs = run_chunk(
+            values, errors, outputs, rest = run_chunk(
                 fn, mode, items, self.settings.forward_output,
-                self.board if watch else None, plan.failed if plan is not None else None)
+                self.board if watch else None, plan.failed if plan is not None else None,
+                self.limit_bytes)
         del payload, buffers  # the task's memory can go before the result is written
         # Big buffers out of band only if the result may go back through shared memory.
         oob = [] if self.shm is not None and header.shm != protocol.NO_SHM else None
-        body = pack_results(values, errors, outputs, oob)
+        body = pack_results(values, errors, outputs, oob, rest)
         size = serialize.payload_size(body, oob)
+        if size > self.limit_bytes:
+            values, errors, outputs, rest = fit_results(values, errors, outputs, rest,
+                                                        self.limit_bytes)
+            oob = [] if oob is not None else None
+            body = pack_results(values, errors, outputs, oob, rest)
+            size = serialize.payload_size(body, oob)
         segment = None
         owner = self._shm_owner(header) if size > protocol.INLINE_MAX_BYTES else None
         if oob is not None and owner is not None:
@@ -467,7 +548,7 @@ class Worker:
                 log.warning("worker %s: shared memory failed (%s); the result goes through Redis",
                             self.name, exc)
         if segment is None and oob:
-            body = pack_results(values, errors, outputs)  # in-band, for Redis
+            body = pack_results(values, errors, outputs, None, rest)  # in-band, for Redis
             size = len(body)
         if segment is not None:
             flag, body, inline = protocol.SHARED, segment.encode(), True
@@ -477,7 +558,8 @@ class Worker:
         result = self.signer.seal(
             protocol.result_header(header.chunk, protocol.STATUS_OK, self.name, flag), body,
             inline)
-        return _Report(header, result, len(items), None if inline else body,
+        return _Report(header, result, len(values) if rest is not None else len(items),
+                       None if inline else body,
                        segment.name if segment is not None else None)
 
     def _shm_owner(self, header) -> str | None:

@@ -554,3 +554,21 @@ def test_big_items_keep_every_worker_busy(make_cluster, tmp_path):
              for n in os.listdir(folder)]
     most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
     assert most == 3, f"at most {most} of the 3 workers ran at once: {sorted(spans)}"
+
+
+def test_chunks_shrink_once_results_turn_out_big(make_cluster, monkeypatch):
+    """Small inputs (ints) with results of 256 KiB each, under a 1 MiB message limit: the
+    first chunks (16 items, sized by the input alone) come back in part, and what they did
+    not run goes again in chunks sized by the results (2 items: half the limit)."""
+    import dataclasses
+    cluster = make_cluster(1, worker_env={"PYWORKER_MAX_MESSAGE_MB": "1"})
+    client = pyworker.Client(dataclasses.replace(cluster.settings(), max_message_mb=1))
+    calls = _submits(monkeypatch)
+    try:
+        out = pmap(lambda x: bytes([x]) * 2**18, range(64), client=client, timeout=120)
+    finally:
+        client.close()
+    assert [(len(v), v[0]) for v in out] == [(2**18, x) for x in range(64)]
+    sizes = _sizes(calls)
+    assert sizes[0] == 16, sizes
+    assert len(sizes) > 4 and max(sizes[4:]) <= 2, sizes

@@ -214,8 +214,9 @@ def test_executor_that_grew_past_max_memory_is_replaced_between_tasks(make_clust
 
 def test_status_shows_each_workers_executor(make_cluster):
     cluster = make_cluster(2)
-    execs = _executors(cluster)
-    assert len(execs) == 2 and not execs & {p.pid for p in cluster.workers}
+    execs = wait_until(lambda: len(_executors(cluster)) == 2 and _executors(cluster), 10,
+                       "both workers to say which executor they run")
+    assert not execs & {p.pid for p in cluster.workers}
     pids = set(pyworker.pmap(lambda _: os.getpid(), range(20), chunksize=1,
                              client=cluster.client, timeout=30))
     assert pids <= execs
@@ -241,3 +242,22 @@ def test_sigterm_mid_task_finishes_it_and_the_worker_leaves(make_cluster, tmp_pa
     assert cluster.workers[0].wait(15) == 0
     t.join(20)
     assert box.get("r") == [7]
+
+
+def test_a_pmap_inside_a_task_runs_there_and_never_deadlocks(make_cluster, capsys):
+    """Both workers run a task that itself calls pmap (as library code may): sent to the
+    same two workers it would wait for ever; it runs in the task instead, and says so."""
+    cluster = make_cluster(2)
+
+    def outer(x):
+        import os
+        import pyworker
+        inner = pyworker.pmap(lambda y: (y * y, os.getpid()), range(x))
+        assert {pid for _, pid in inner} <= {os.getpid()}
+        with pyworker.Executor() as ex:
+            assert ex.submit(abs, -x).result() == x
+        return [v for v, _ in inner]
+
+    assert pyworker.pmap(outer, [3, 4], chunksize=1, client=cluster.client, timeout=30) == \
+        [[0, 1, 4], [0, 1, 4, 9]]
+    assert "inside a task runs in that task" in capsys.readouterr().out

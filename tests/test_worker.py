@@ -34,6 +34,15 @@ def _busy_workers(cluster):
     return [w for w in pyworker.status(cluster.client).alive if w.get("current")]
 
 
+def _exited(pid) -> bool:
+    """Whether a process has exited (gone, or a zombie nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def _marking(tmp_path):
     """A task that leaves one file per run, so a test can count how often each item ran."""
     folder = str(tmp_path)
@@ -406,14 +415,17 @@ def test_an_idle_worker_that_died_delays_a_task_but_loses_nothing(make_cluster):
     """A task handed to an idle worker that has died (its lease still runs) waits in that
     worker's active hash, like a task it was running, until the lease ends: the reaper then
     re-queues it for another worker, and leaves nothing of the dead one to wake."""
-    cluster = make_cluster(2, lease_s=3.0)
+    cluster = make_cluster(2, lease_s=3.0, replace_workers=False)
     r, keys = cluster.client.broker.redis, cluster.client.broker.keys
+    # both executors up and idle (each joins the idle stack when it first looks for work)
+    wait_until(lambda: r.call("LLEN", keys.idle) == 2, 10, "both workers to be idle")
     victim = pyworker.pmap(lambda x: os.getpid(), [0], client=cluster.client, timeout=30)[0]
     name, proc = executors(cluster)[victim]
     wait_until(lambda: r.call("LINDEX", keys.idle, 0) == name.encode(), 10,
                "the worker to go idle, on top of the stack")
     proc.kill()  # its lease still runs: the next task is handed to it (its executor dies too)
     proc.wait(10)
+    wait_until(lambda: _exited(victim), 10, "its executor to die with it")  # (sockets closed)
     job = cluster.client.job()
     sha = job.add_function(lambda x: (x, os.getpid()))
     job.submit(0, sha, [(0, [7])])
@@ -499,3 +511,39 @@ def test_a_task_whose_answer_is_lost_strands_nothing(make_cluster, tmp_path, way
         assert broker.redis.call("EXISTS", broker.keys.worker_wake(name.decode())) == 0
     finally:
         proxy.close()
+
+
+def _limited_client(cluster, mb, **kw):
+    import dataclasses
+    return pyworker.Client(dataclasses.replace(cluster.settings(), max_message_mb=mb, **kw))
+
+
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared-memory", "redis"])
+def test_a_result_over_the_message_limit_fails_its_item_on_every_transport(make_cluster,
+                                                                          shared_memory):
+    cluster = make_cluster(1, worker_env={"PYWORKER_MAX_MESSAGE_MB": "1"})
+    client = _limited_client(cluster, 1, shared_memory=shared_memory)
+    try:
+        out = pyworker.pmap(lambda x: bytes(3 * 2**20) if x == 1 else x, range(4),
+                            chunksize=4, return_exceptions=True, client=client, timeout=30)
+    finally:
+        client.close()
+    assert out[0] == 0 and out[2:] == [2, 3]
+    assert isinstance(out[1], pyworker.SerializationError)
+    assert "item #1 (1) returned a result of 3.0 MiB pickled, over the limit of 1 MiB " \
+           "(PYWORKER_MAX_MESSAGE_MB)" in str(out[1])
+    assert all(p.poll() is None for p in cluster.workers)
+
+
+def test_results_too_big_together_come_back_in_parts_and_none_is_lost(make_cluster):
+    """20 results of 300 KiB in one chunk, under a 1 MiB limit: the worker stops the chunk
+    when its results would pass the limit and sends what it has; the caller sends the rest
+    again. Every value comes back, in order, and no item fails."""
+    cluster = make_cluster(1, worker_env={"PYWORKER_MAX_MESSAGE_MB": "1"})
+    client = _limited_client(cluster, 1)
+    try:
+        out = pyworker.pmap(lambda x: bytes([x]) * (300 * 1024), range(20), chunksize=20,
+                            client=client, timeout=60)
+    finally:
+        client.close()
+    assert [(len(v), v[0]) for v in out] == [(300 * 1024, x) for x in range(20)]

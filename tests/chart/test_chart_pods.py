@@ -94,7 +94,8 @@ def test_worker_contract(helm):
     cm = one(docs, "ConfigMap", "-config")["data"]
     assert cm == {"PYWORKER_REDIS_URL": "redis://par-pyworker-redis:6379/0",
                   "PYWORKER_HEARTBEAT_FILE": "/tmp/pyworker-heartbeat",
-                  "PYWORKER_LEASE_S": "5", "PYWORKER_MAX_RETRIES": "3"}
+                  "PYWORKER_LEASE_S": "5", "PYWORKER_MAX_RETRIES": "3",
+                  "PYWORKER_MAX_TASKS_PER_CHILD": "0", "PYWORKER_MAX_MEMORY_MB": "0"}
     spec = one(docs, "Deployment", "-worker")["spec"]["template"]["spec"]
     assert spec["terminationGracePeriodSeconds"] == 300
     assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp", "/home/jovyan"}

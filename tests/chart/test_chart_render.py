@@ -130,6 +130,8 @@ def test_external_redis_deploys_no_redis(helm):
     cm = one(docs, "ConfigMap", "-config")
     assert cm["data"]["PYWORKER_REDIS_URL"] == "redis://redis.data.svc.cluster.local:6379/2"
     assert cm["data"]["PYWORKER_LEASE_S"] == "15" and cm["data"]["PYWORKER_MAX_RETRIES"] == "5"
+    assert cm["data"]["PYWORKER_MAX_TASKS_PER_CHILD"] == "100"
+    assert cm["data"]["PYWORKER_MAX_MEMORY_MB"] == "800"
     worker = one(docs, "Deployment", "-worker")["spec"]["template"]["spec"]
     assert worker["terminationGracePeriodSeconds"] == 3600
     env = {e["name"]: e for e in worker["containers"][0]["env"]}

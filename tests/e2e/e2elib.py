@@ -110,10 +110,10 @@ class K8s:
                                  "python", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=ROOT)
 
-    def lab_run(self, ns, release, code, check=True):
-        """`python -c code` in the release's Lab pod, waited for (kubectl's own time limit)."""
+    def lab_run(self, ns, release, code, check=True, timeout=120):
+        """`python -c code` in the release's Lab pod, waited for (at most ``timeout`` s)."""
         return self.kubectl(ns, "exec", self.lab_pod(ns, release), "-c", "lab", "--", "python",
-                            "-c", code, check=check)
+                            "-c", code, check=check, timeout=timeout)
 
     @contextlib.contextmanager
     def lab_job(self, ns, release, code):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import imagelib
-from e2elib import (RELEASE_LABEL, gated_job, job_result, live_worker_hosts, open_gate, run,
-                    wait_for, wait_for_line)
+from e2elib import (RELEASE_LABEL, gated_job, job_result, last_json, live_worker_hosts, open_gate,
+                    run, wait_for, wait_for_line)
 
 # Installs of up to 10 workers on 2 shared cores, jobs of up to ~80 s: above the project's 120 s.
 pytestmark = pytest.mark.timeout(480)
@@ -103,6 +103,45 @@ def test_redis_restart_with_persistence_keeps_the_job(k8s, namespace, host_path_
     k8s.helm(namespace, "uninstall", rel, "--wait", "--timeout", "3m")
     wait_for(lambda: not k8s.json(namespace, "pvc")["items"], 90, "the Redis claim to go",
              on_fail=lambda: k8s.describe(namespace))
+
+
+# --- 2b. user code that kills its process ---------------------------------------------------------
+
+ISOLATION_JOB = """
+import json, os, pyworker
+def task(x):
+    if x == 3:
+        os._exit(5)
+    if x == 7:  # past the pod's memory limit: the kernel's OOM killer
+        blocks = []
+        while True:
+            blocks.append(b"x" * (32 << 20))
+    return x * 2
+out = pyworker.pmap(task, range(12), chunksize=1, return_exceptions=True, timeout=300)
+print("RESULT:" + json.dumps([f"{type(v).__name__}: {v}" if isinstance(v, BaseException) else v
+                              for v in out]))
+"""
+
+
+def test_a_task_that_exits_or_runs_out_of_memory_fails_alone_and_no_pod_restarts(k8s, namespace):
+    """One item calls os._exit, one allocates past the worker pod's memory limit: every other
+    item comes back, those two fail saying why, and no worker pod restarted (the worker's
+    supervisor replaced its executor; the lease and the liveness probe never missed a beat)."""
+    rel = "isolate"
+    k8s.install(namespace, rel, "worker.resources.limits.memory=256Mi", workers=3)
+    pods = set(k8s.worker_pods(namespace, rel))
+    out = last_json(k8s.lab_run(namespace, rel, ISOLATION_JOB, timeout=330).stdout)
+    assert [v for i, v in enumerate(out) if i not in (3, 7)] == \
+        [x * 2 for x in range(12) if x not in (3, 7)], out
+    assert out[3].startswith("WorkerLostError: item #3 (3) killed the executor") \
+        and "exited with code 5" in out[3], out[3]
+    assert out[7].startswith("WorkerLostError: item #7 (7) killed the executor") \
+        and "out of memory" in out[7] and "256 MiB" in out[7], out[7]
+    restarts = {p["metadata"]["name"]: [c.get("restartCount", 0)
+                                        for c in p["status"].get("containerStatuses", [])]
+                for p in k8s.pods(namespace, f"{RELEASE_LABEL}={rel},"
+                                             "app.kubernetes.io/component=worker")}
+    assert set(restarts) == pods and all(r == [0] for r in restarts.values()), restarts
 
 
 # --- 3. two releases side by side ----------------------------------------------------------------
