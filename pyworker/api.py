@@ -10,8 +10,8 @@ from itertools import chain, islice
 from . import config, protocol, serialize
 from .client import ChunkResult, Client, Job
 from .config import Settings
-from .errors import (JobLostError, SerializationError, SignatureError, TaskExitError,
-                     TaskTimeoutError, VersionMismatchError, WorkerLostError)
+from .errors import (JobLostError, PyworkerError, SerializationError, SignatureError,
+                     TaskExitError, TaskTimeoutError, VersionMismatchError, WorkerLostError)
 
 _default: Client | None = None
 _default_lock = threading.Lock()
@@ -526,6 +526,22 @@ def imap_unordered(fn, *iterables, chunksize=None, timeout=None, progress=None,
 # --- concurrent.futures ---------------------------------------------------------------------------
 
 
+class _Future(cf.Future):
+    """An Executor's future: cancel() also stops its call on the worker if it runs there
+    (the worker's supervisor sees it within a heartbeat), not only when it is still queued."""
+
+    def __init__(self, executor: "Executor"):
+        super().__init__()
+        self._executor = executor
+        self._chunk: int | None = None
+
+    def cancel(self):
+        if not super().cancel():
+            return False
+        self._executor._cancelled(self)
+        return True
+
+
 class Executor(cf.Executor):
     """A concurrent.futures.Executor on the workers: submit, map, as_completed, wait, with.
 
@@ -539,7 +555,7 @@ class Executor(cf.Executor):
         # chunk id -> (future, what the call was, or None for several items of a map: the first
         # item's index, the items)
         self._futures: dict[int, tuple[cf.Future, str | None, int, list | None]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # (a future cancelled under it calls back: _cancelled)
         self._reader: threading.Thread | None = None
         self._shutdown = False
 
@@ -571,9 +587,10 @@ class Executor(cf.Executor):
                 self._job = (self._client or get_client()).job(self._task_timeout)
             job = self._job
             sha = job.add_function(fn)
-            futures = [cf.Future() for _ in chunks]
+            futures = [_Future(self) for _ in chunks]
             for future, chunk, (first, items) in zip(futures, job.submit(mode, sha, chunks),
                                                     chunks):
+                future._chunk = chunk
                 self._futures[chunk] = (future, what, first, None if what else items)
             if self._reader is None or not self._reader.is_alive():
                 self._reader = threading.Thread(target=self._read, args=(job,), daemon=True,
@@ -675,6 +692,22 @@ class Executor(cf.Executor):
             except Exception as exc:
                 future.set_exception(exc)
 
+    def _cancelled(self, future: _Future):
+        """A future was cancelled: its call is no longer waited for, and a worker running it
+        stops (shutdown cancels the whole job instead)."""
+        with self._lock:
+            entry = self._futures.get(future._chunk)
+            if entry is None or entry[0] is not future:
+                return
+            del self._futures[future._chunk]
+            job = self._job
+            if self._shutdown or job is None or not job.live:
+                return
+        try:
+            job.client.broker.cancel_chunks(job.jid, [future._chunk])
+        except PyworkerError:  # Redis gone: the call's result is ignored all the same
+            pass
+
     def shutdown(self, wait=True, *, cancel_futures=False):
         with self._lock:
             self._shutdown = True
@@ -682,7 +715,7 @@ class Executor(cf.Executor):
             if cancel_futures:
                 for chunk, (future, *_) in list(self._futures.items()):
                     if future.cancel():
-                        del self._futures[chunk]
+                        self._futures.pop(chunk, None)
         if job is not None and cancel_futures:
             job.drop_queued()
         reader = self._reader

@@ -18,6 +18,8 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
     P:job:<jid>:n         hash   chunk id -> how many times a worker died running it
     P:job:<jid>:p         hash   chunk id -> task payload too big to travel inline
     P:job:<jid>:rp        hash   "<chunk> <worker>" -> result payload too big to travel inline
+    P:job:<jid>:x         set    chunk ids whose calls the caller cancelled (Future.cancel): a
+                                 worker running one stops it
     P:fn:<sha>            string a signed, pickled function (shared by every task that uses it)
     P:worker:<name>:hb    string the worker's lease; expires when the worker stops heart-beating
     P:worker:<name>:info  hash   host, pid, started, done, current, seen (for status()), shm
@@ -129,9 +131,13 @@ class Keys:
     def result_payloads(self, jid: str) -> str:
         return f"{self.prefix}:job:{jid}:rp"
 
+    def cancelled(self, jid: str) -> str:
+        return f"{self.prefix}:job:{jid}:x"
+
     def job_keys(self, jid: str) -> list[str]:
         return [self.job(jid), self.queue(jid), self.results(jid), self.results_taken(jid),
-                self.attempts(jid), self.payloads(jid), self.result_payloads(jid)]
+                self.attempts(jid), self.payloads(jid), self.result_payloads(jid),
+                self.cancelled(jid)]
 
     def fn(self, sha: str) -> str:
         return f"{self.prefix}:fn:{sha}"
@@ -167,6 +173,7 @@ local function k_results(j) return P .. ':job:' .. j .. ':r' end
 local function k_attempts(j) return P .. ':job:' .. j .. ':n' end
 local function k_payloads(j) return P .. ':job:' .. j .. ':p' end
 local function k_rpayloads(j) return P .. ':job:' .. j .. ':rp' end
+local function k_cancelled(j) return P .. ':job:' .. j .. ':x' end
 local function k_hb(w) return P .. ':worker:' .. w .. ':hb' end
 local function k_info(w) return P .. ':worker:' .. w .. ':info' end
 local function k_active(w) return P .. ':worker:' .. w .. ':active' end

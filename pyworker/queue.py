@@ -183,15 +183,20 @@ return len
 
 # A supervisor's beat (supervisor.py): renew the worker's lease and say it is alive (re-adding
 # it if it was reaped meanwhile), but not the items done, which its executor counts (_BEAT_FN).
-# ARGV[4...]: the jobs of tasks its executor runs; returns those that no longer exist
-# (cancelled, timed out or abandoned: their running tasks are stopped).
+# ARGV[4...]: "<jid> <chunk>" of the tasks its executor runs; returns those whose job no longer
+# exists (cancelled, timed out or abandoned) or whose call was cancelled (Future.cancel): they
+# are stopped.
 _KEEP = r"""
 redis.call('SET', k_hb(ARGV[1]), '1', 'PX', ARGV[2])
 redis.call('HSET', k_info(ARGV[1]), 'seen', ARGV[3])
 redis.call('SADD', K_WORKERS, ARGV[1])
 local gone = {}
 for i = 4, #ARGV do
-  if redis.call('EXISTS', k_job(ARGV[i])) == 0 then gone[#gone + 1] = ARGV[i] end
+  local jid, chunk = string.match(ARGV[i], '^(%S+) (%S+)$')
+  if jid and (redis.call('EXISTS', k_job(jid)) == 0
+              or redis.call('SISMEMBER', k_cancelled(jid), chunk) == 1) then
+    gone[#gone + 1] = ARGV[i]
+  end
 end
 return gone
 """
@@ -518,20 +523,29 @@ class Broker:
         self.redis.run(self._beat, name, self._lease_ms, f"{time.time():.3f}", n, total)
 
     @translate_errors
-    def keep(self, name: str, jids=()) -> list[str]:
-        """A supervisor's beat (see _KEEP): of ``jids``, those whose job no longer exists."""
-        gone = self.redis.run(self._keep, name, self._lease_ms, f"{time.time():.3f}", *jids)
-        return [_s(j) for j in gone or []]
+    def keep(self, name: str, fields=()) -> list[str]:
+        """A supervisor's beat (see _KEEP): of the tasks ``fields`` ("<jid> <chunk>"), those
+        to stop (their job is gone, or their call was cancelled)."""
+        gone = self.redis.run(self._keep, name, self._lease_ms, f"{time.time():.3f}", *fields)
+        return [_s(f) for f in gone or []]
+
+    @translate_errors
+    def cancel_chunks(self, jid: str, chunks) -> None:
+        """Calls the caller no longer wants (Future.cancel): a worker running one stops it."""
+        self.redis.pipeline([("SADD", self.keys.cancelled(jid), *chunks),
+                             ("PEXPIRE", self.keys.cancelled(jid), self._ttl_ms)])
 
     @translate_errors
     def set_worker_info(self, name: str, **info) -> None:
         self.redis.call("HSET", self.keys.info(name), *[x for kv in info.items() for x in kv])
 
     @translate_errors
-    def forget_tasks(self, name: str, jid: str) -> int:
-        """Take a job's tasks out of a worker's active hash (the job is gone: nobody wants
-        them run, and nothing may re-queue them); how many there were."""
-        fields = [f for f in self.held_tasks(name) if f.split(" ", 1)[0] == jid]
+    def forget_tasks(self, name: str, jid: str, field: str | None = None) -> int:
+        """Take a job's tasks (or the one ``field``) out of a worker's active hash: nobody
+        wants them run (the job is gone, or the call cancelled), and nothing may re-queue them;
+        how many there were."""
+        fields = [f for f in self.held_tasks(name)
+                  if f == field or field is None and f.split(" ", 1)[0] == jid]
         if fields:
             self.redis.call("HDEL", self.keys.active(name), *fields)
         return len(fields)

@@ -299,9 +299,13 @@ class Supervisor:
         kind, field = why[0], why[1]
         jid = field.split(" ", 1)[0]
         if kind == "gone":
-            n = self.broker.forget_tasks(self.name, jid)
-            log.info("worker %s: job %s was cancelled or ended; its running task was stopped "
-                     "(%d task(s) dropped)", self.name, jid, n)
+            if self.broker.job_exists(jid):  # only this call was cancelled (Future.cancel)
+                self.broker.forget_tasks(self.name, jid, field)
+                log.info("worker %s: task %s was cancelled; stopped", self.name, field)
+            else:
+                n = self.broker.forget_tasks(self.name, jid)
+                log.info("worker %s: job %s was cancelled or ended; its running task was "
+                         "stopped (%d task(s) dropped)", self.name, jid, n)
             return
         item, limit = why[2], why[3]
         plan = self.plans.setdefault(field, TaskPlan())
@@ -338,7 +342,7 @@ class Supervisor:
         try:
             snap = self.board.read()
             running = snap.field if snap.state == boards.RUNNING and snap.field else None
-            gone = self.broker.keep(self.name, [running.split(" ", 1)[0]] if running else [])
+            gone = self.broker.keep(self.name, [running] if running else [])
             self._touch_heartbeat_file()
             if running and gone and self.board.read().field == running:
                 self._kill(("gone", running))

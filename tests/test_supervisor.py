@@ -261,3 +261,26 @@ def test_a_pmap_inside_a_task_runs_there_and_never_deadlocks(make_cluster, capsy
     assert pyworker.pmap(outer, [3, 4], chunksize=1, client=cluster.client, timeout=30) == \
         [[0, 1, 4], [0, 1, 4, 9]]
     assert "inside a task runs in that task" in capsys.readouterr().out
+
+
+def test_future_cancel_stops_a_running_call_and_no_other(make_cluster, tmp_path):
+    cluster = make_cluster(2)
+    folder = str(tmp_path)
+
+    def nap(s, name):
+        import os
+        import time
+        open(os.path.join(folder, f"{name}-{os.getpid()}"), "w").close()
+        time.sleep(s)
+        return name
+
+    with pyworker.Executor(client=cluster.client) as ex:
+        long = ex.submit(nap, 40, "long")
+        short = ex.submit(nap, 2, "short")
+        wait_until(lambda: len(os.listdir(folder)) == 2, 20, "both calls to run")
+        pid = int(next(n for n in os.listdir(folder) if n.startswith("long-")).split("-")[1])
+        assert long.cancel() is True and long.cancelled()
+        wait_until(lambda: _pid_gone(pid), 5, "the cancelled call to stop on its worker")
+        assert short.result(timeout=20) == "short"
+        assert ex.submit(abs, -3).result(timeout=20) == 3
+    assert all(_alive(cluster))
