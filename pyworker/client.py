@@ -46,6 +46,22 @@ def _weakrefable(obj) -> bool:
     return type(obj).__weakrefoffset__ != 0
 
 
+_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+def _after_fork():
+    """A forked child starts with no jobs and a lock nobody holds (the parent's keeper thread
+    may have held it at the fork); its Redis pools are emptied by resp."""
+    for client in list(_clients):
+        client._lock = threading.Lock()
+        client._jobs = weakref.WeakSet()
+        client._keeper = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 class Client:
     """One connection to one Redis: creates jobs and keeps their keys alive while they run."""
 
@@ -59,7 +75,6 @@ class Client:
         self.caller_host = socket.gethostname()
         self._lock = threading.Lock()
         self._keeper: threading.Thread | None = None
-        self._keeper_pid = 0
         self._last_reap = 0.0
         self._warned_no_workers = False
         self.spin_s = self.settings.spin_s if _cores() > 1 else 0.0
@@ -67,6 +82,7 @@ class Client:
         self.shm = shm.Store.open(self.settings)
         self._last_sweep: float | None = None
         self._by_reference: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        _clients.add(self)
 
     def __repr__(self):
         return f"<pyworker.Client redis={self.broker.where}>"
@@ -113,11 +129,10 @@ class Client:
         with self._lock:
             self._jobs.add(job)
             # The keeper sets _keeper to None under this lock when it ends (it catches everything
-            # else); a forked child has none running (cheaper to ask than Thread.is_alive).
-            if self._keeper is None or self._keeper_pid != os.getpid():
+            # else); a forked child has none running (_after_fork).
+            if self._keeper is None:
                 self._keeper = threading.Thread(target=self._keep_alive, daemon=True,
                                                 name="pyworker-keepalive")
-                self._keeper_pid = os.getpid()
                 self._keeper.start()
         return job
 
