@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from . import protocol, resp
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
+from .errors import RedisError
 
 # Take the next task, round-robin over the jobs that have queued tasks, so one huge job cannot
 # starve a small one started later. The task moves into the worker's active hash in the same
@@ -253,24 +254,64 @@ def describe_url(url: str) -> str:
         return url
 
 
+# Error replies that waiting fixes: they are waited out like an outage (PYWORKER_RECONNECT_S).
+_WAIT_FOR = {
+    "LOADING": "is loading its data set from disk",
+    "BUSY": "is busy running a script (busy-reply-threshold)",
+    "READONLY": "is a read-only replica (a failover under way? PYWORKER_REDIS_URL must name "
+                "the primary)",
+    "TRYAGAIN": "asks to try again",
+    "MASTERDOWN": "is a replica that lost its primary",
+}
+# Error replies that need a change to Redis' settings, and which.
+_HINTS = {
+    "OOM": "Redis reached its memory limit: raise maxmemory (pyworker needs "
+           "maxmemory-policy noeviction: evicted keys would lose tasks and results)",
+    "MISCONF": "Redis cannot save its RDB snapshot, so it refuses writes: make its dir writable "
+               "(and its disk not full), or set stop-writes-on-bgsave-error no",
+    "NOPERM": "the Redis user lacks a permission pyworker needs: grant it with ACL SETUSER (its "
+              "commands, EVAL/EVALSHA, and the keys under PYWORKER_PREFIX)",
+    "WRONGTYPE": "a key under PYWORKER_PREFIX holds another program's data: give pyworker a "
+                 "prefix (PYWORKER_PREFIX) or a database of its own",
+    "NOSCRIPT": "Redis does not keep Lua scripts: pyworker needs EVAL and SCRIPT LOAD",
+}
+
+
+def _reply_error(where: str, exc: resp.ReplyError) -> Exception:
+    """The pyworker error for an error reply: a retryable ConnectionError for a passing state,
+    a ConnectionError for a refused password, else a RedisError naming what to change."""
+    text = str(exc)
+    code = text.split(" ", 1)[0]
+    line = _one_line(exc)
+    if code in _WAIT_FOR:
+        return PyworkerConnectionError(f"Redis at {where} {_WAIT_FOR[code]} ({line})")
+    if code in ("WRONGPASS", "NOAUTH") or "AUTH" in text.split(" ", 2)[:2] \
+            or "without any password configured" in text:
+        hint = ("set PYWORKER_REDIS_PASSWORD or pass password= to pyworker.connect()"
+                if code == "NOAUTH" else
+                "check PYWORKER_REDIS_PASSWORD or the password given to pyworker.connect()")
+        return PyworkerConnectionError(f"Redis at {where} refused the password ({line}): {hint}",
+                                       retryable=False)
+    if code in _HINTS:
+        hint = _HINTS[code]
+    elif "max number of clients" in text:
+        hint = "raise Redis' maxclients"
+    elif "unknown command" in text:
+        hint = "pyworker needs Redis 6.2 or later"
+    else:
+        hint = "see Redis' log"
+    return RedisError(f"Redis at {where} refused a command ({line}): {hint}")
+
+
 def translate_errors(method):
-    """Redis errors become one clear line, not a stack of socket errors."""
+    """Redis errors become one clear line, not a stack of socket errors or a raw reply."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except resp.ReplyError as exc:
-            text = str(exc)
-            if text.startswith(("WRONGPASS", "NOAUTH")) or "AUTH" in text.split(" ", 2)[:2] \
-                    or "without any password configured" in text:
-                hint = ("set PYWORKER_REDIS_PASSWORD or pass password= to pyworker.connect()"
-                        if text.startswith("NOAUTH") else
-                        "check PYWORKER_REDIS_PASSWORD or the password given to pyworker.connect()")
-                raise PyworkerConnectionError(
-                    f"Redis at {self.where} refused the password ({_one_line(exc)}): {hint}",
-                    retryable=False) from None
-            raise
+            raise _reply_error(self.where, exc) from None
         except OSError as exc:
             raise PyworkerConnectionError(
                 f"cannot reach Redis at {self.where}: {_one_line(exc) or 'connection failed'}. "

@@ -16,6 +16,7 @@ from . import protocol, serialize, shm
 from ._version import __version__
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
+from .errors import RedisError
 from .errors import SignatureError
 from .queue import Broker
 
@@ -264,7 +265,7 @@ class Worker:
                     answer = self._report_ahead(report, 1 if quick else 0)
                 else:
                     held.extend(self._report(report, 2 if quick else 1))
-            except PyworkerConnectionError as exc:
+            except (PyworkerConnectionError, RedisError) as exc:  # none ends the loop
                 resync = True
                 # The first failure in a while is retried at once (a dropped connection: the
                 # pool makes a new one, and a task whose answer was lost waits for it); failures
@@ -330,7 +331,7 @@ class Worker:
                     self.broker.register_worker(self.name, self._info())
                     log.warning("worker %s: Redis had lost this worker's registration (a "
                                 "restart without persistence?); registered again", self.name)
-        except PyworkerConnectionError as exc:
+        except (PyworkerConnectionError, RedisError) as exc:
             log.error("worker %s: heartbeat failed: %s", self.name, exc)
         except Exception:  # the heartbeat must outlive any surprise
             log.exception("worker %s: heartbeat error", self.name)
