@@ -12,7 +12,7 @@ from . import protocol, serialize, shm
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
 from .errors import JobLostError, SignatureError
-from .queue import Broker
+from .queue import FUNCTION_MISSING, Broker
 
 MAX_WAKE_TOKENS = 256
 # Without results for this long, a job checks that Redis still has it (one EXISTS).
@@ -214,7 +214,10 @@ class Job:
         self.live = True
         self.created = False
         self.fn_shas: set[str] = set()
+        self._functions: dict[str, object] = {}  # sha -> function, to upload it again
         self._pending_blobs: dict[str, bytes] = {}
+        self._unchecked: set[str] = set()  # shas sent without their blob, not yet submitted
+        self._sent = False  # a submit went out (it may have created the job, answered or not)
         self._next_chunk = 0
         self._submit_lock = threading.Lock()
         self.shm = client.shm
@@ -237,8 +240,11 @@ class Job:
         sha, blob = self.client.function_blob(fn)
         if sha not in self.fn_shas:
             self.fn_shas.add(sha)
+            self._functions[sha] = fn
             if blob is not None:
                 self._pending_blobs[sha] = blob
+            else:  # uploaded lately: the next submit checks that Redis still has it
+                self._unchecked.add(sha)
         return sha
 
     def _message(self, mode, fn_sha, first, items, chunk, use_shm):
@@ -310,29 +316,26 @@ class Job:
                     if payload is not None:
                         big[chunk] = payload
                     ids.append(chunk)
-                meta, touch = None, ()
+                meta = None
                 now = time.monotonic()
                 if not self.created:
                     meta = {"created": f"{time.time():.3f}",
                             "caller": f"{client.caller_host}:{os.getpid()}",
                             "python": serialize.PYTHON_VERSION}
-                    # A function uploaded (or refreshed) lately has most of its TTL left, and
-                    # the keep-alive refreshes it while jobs run: no need to refresh it here.
-                    fresh = client.settings.job_ttl_s / 4
-                    touch = [sha for sha in self.fn_shas if sha not in self._pending_blobs
-                             and now - client._uploaded.get(sha, float("-inf")) > fresh]
                 blobs, self._pending_blobs = self._pending_blobs, {}
+                check = sorted(self._unchecked)
                 try:
-                    queued = client.broker.submit(self.jid, messages,
-                                                  min(len(messages), MAX_WAKE_TOKENS), meta,
-                                                  blobs, big,
-                                                  touch=touch,
-                                                  pop_s=wait_s, spin_s=spin_s)
-                    if wait_s is not None:
-                        queued, first_result = queued
-                        if first_result is not None:
-                            self._early.append(first_result)
-                            self._unacked.append(first_result)
+                    self._sent = True
+                    queued = self._send(messages, meta, blobs, big, check, wait_s, spin_s)
+                    if queued == FUNCTION_MISSING:
+                        # Redis lost functions uploaded before (flushed, or restarted without
+                        # persistence) and queued nothing: upload them, and submit again.
+                        client.forget_uploads()
+                        for sha in check:
+                            blobs[sha] = client.function_blob(self._functions[sha])[1]
+                        self._unchecked.difference_update(check)
+                        check = []
+                        queued = self._send(messages, meta, blobs, big, check, wait_s, spin_s)
                 except BaseException:
                     self._pending_blobs.update(blobs)
                     raise
@@ -340,13 +343,27 @@ class Job:
                 self._drop_segments([c for c in self._segments if c >= self._next_chunk])
                 raise
             self.created = True
-            for sha in (*blobs, *touch):
+            self._unchecked.difference_update(check)
+            for sha in (*blobs, *check):  # each has its full TTL in Redis now
                 client._uploaded[sha] = now
             if queued < 0:
                 self._drop_segments(ids)
                 raise self._lost()
             self._next_chunk += len(ids)
             return ids
+
+    def _send(self, messages, meta, blobs, big, check, wait_s, spin_s) -> int:
+        """broker.submit; a first result that came with it waits in _early."""
+        queued = self.client.broker.submit(self.jid, messages,
+                                           min(len(messages), MAX_WAKE_TOKENS), meta, blobs,
+                                           big, check=check, pop_s=wait_s, spin_s=spin_s)
+        if wait_s is None:
+            return queued
+        queued, first_result = queued
+        if first_result is not None:
+            self._early.append(first_result)
+            self._unacked.append(first_result)
+        return queued
 
     def _drop_segments(self, chunks):
         for chunk in chunks:
@@ -500,7 +517,7 @@ class Job:
         if self.live:
             self.live = False
             try:
-                if self.created:
+                if self.created or self._sent:
                     self.client.broker.end_job(self.jid, now=now)
             finally:
                 if self.shm is not None:
