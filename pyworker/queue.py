@@ -424,8 +424,8 @@ class Broker:
         for sha, blob in (fn_blobs or {}).items():
             commands.append(("SET", self.keys.fn(sha), blob, "PX", self._ttl_ms))
         if payloads:
-            fields = [x for kv in payloads.items() for x in kv]
-            commands.append(("HSET", self.keys.payloads(jid), *fields))
+            commands.append(("HSET", self.keys.payloads(jid),
+                             *(x for kv in payloads.items() for x in kv)))
             commands.append(("PEXPIRE", self.keys.payloads(jid), self._ttl_ms))
         args = (jid, self._ttl_ms, wake, len(fields), " ".join(check), *fields, *tasks)
         if pop_s is None:

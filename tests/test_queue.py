@@ -458,3 +458,25 @@ def test_a_reply_that_waiting_cannot_fix_never_ends_a_worker_loop(make_cluster):
         r.call("DEL", cluster.client.broker.keys.idle)
     assert pyworker.pmap(abs, range(-5, 0), client=cluster.client, timeout=60) == [5, 4, 3, 2, 1]
     assert all(p.poll() is None for p in cluster.workers), "a worker died"
+
+
+def test_a_submit_with_big_payloads_creates_the_job_with_its_fields_and_not_a_gone_one(
+        redis_server):
+    """The payloads go to the job's payload hash only: not into the job's own hash in place
+    of its fields (a second copy of every big chunk), and a submit to a job that is gone does
+    not bring it back."""
+    from pyworker.config import Settings
+    from pyworker.queue import JOB_GONE, Broker
+    broker = Broker(Settings(redis_url=redis_server.url, redis_password=redis_server.password,
+                             secret="s"))
+    try:
+        broker.submit("job1", [b"t"], 0, meta={"created": "1", "caller": "here"},
+                      payloads={0: b"p" * 1000})
+        assert sorted(broker.redis.call("HKEYS", broker.keys.job("job1"))) == [b"caller",
+                                                                              b"created"]
+        assert broker.redis.call("HGET", broker.keys.payloads("job1"), 0) == b"p" * 1000
+        broker.end_job("job1")
+        assert broker.submit("job1", [b"t"], 0, payloads={1: b"q"}) == JOB_GONE
+        assert broker.redis.call("EXISTS", broker.keys.job("job1")) == 0
+    finally:
+        broker.close()
