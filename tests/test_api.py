@@ -10,7 +10,7 @@ import pyworker
 from pyworker import Executor, RemoteError, SerializationError, imap, imap_unordered, pmap
 from pyworker.api import auto_chunksize
 
-from support import redis_keys, wait_until
+from support import ForkedChild, redis_keys, wait_until
 
 
 def test_pmap_returns_results_in_input_order(cluster):
@@ -572,24 +572,12 @@ def test_a_forked_child_and_its_parent_both_call_pmap_at_once(cluster):
     gets connections of its own: both sides' pmaps and Redis calls get their own replies."""
     assert pmap(abs, [-1, -2]) == [1, 2]
     client = pyworker.get_client()
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        ok = b"0"
-        try:
-            if all(pmap(lambda x, i=i: x + i, range(20), chunksize=3) ==
-                   [x + i for x in range(20)] for i in range(10)):
-                ok = b"1"
-        finally:
-            os.write(write, ok)
-            os._exit(0)
-    os.close(write)
+    child = ForkedChild(lambda: all(
+        pmap(lambda x, i=i: x + i, range(20), chunksize=3) == [x + i for x in range(20)]
+        for i in range(10)))
     try:
         for i in range(10):
             assert pmap(lambda x, i=i: x * i, range(20), chunksize=3) == [x * i for x in range(20)]
             assert client.live_workers(max_age_s=0) == 2
     finally:
-        _, status = os.waitpid(pid, 0)
-    assert os.read(read, 1) == b"1", "the child's pmap went wrong"
-    os.close(read)
-    assert status == 0
+        assert child.result(), "the child's pmap went wrong"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pyworker import resp
-from support import wait_until
+from support import ForkedChild, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -253,23 +253,11 @@ def test_a_forked_child_gets_connections_of_its_own(r):
     r.call("SET", "parent", "p")
     r.call("SET", "child", "c")
     assert r._idle, "the parent has pooled connections to hand down"
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report what it saw through the pipe, then leave at once
-        ok = b"0"
-        try:
-            if not r._idle and all(r.call("GET", "child") == b"c" for _ in range(300)):
-                ok = b"1"
-        finally:
-            os.write(write, ok)
-            os._exit(0)
-    os.close(write)
+    child = ForkedChild(lambda: not r._idle and all(r.call("GET", "child") == b"c"
+                                                    for _ in range(300)))
     try:
         for _ in range(300):
             assert r.call("GET", "parent") == b"p"
             assert r.pipeline([("GET", "parent"), ("GET", "child")]) == [b"p", b"c"]
     finally:
-        _, status = os.waitpid(pid, 0)
-    assert os.read(read, 1) == b"1", "the child read a reply that was not its own"
-    os.close(read)
-    assert status == 0
+        assert child.result(), "the child read a reply that was not its own"
