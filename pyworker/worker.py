@@ -225,7 +225,11 @@ class Worker:
         answer = None  # settles a result sent ahead: its answer is (kept, tasks taken)
         resync = False  # after a lost connection: what does Redis say this worker holds?
         last_failure = float("-inf")
-        first = self.broker.dequeue(self.name)
+        try:
+            first = self.broker.dequeue(self.name)
+        except (PyworkerConnectionError, RedisError) as exc:  # the loop looks again
+            log.error("worker %s: %s", self.name, exc)
+            first, resync = None, True
         if first is not None:
             held.append(first)
         while not self.stopping.is_set():
