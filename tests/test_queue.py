@@ -392,6 +392,42 @@ def test_a_pmap_across_a_restart_that_loads_its_data_waits_for_it_and_workers_li
     assert pyworker.pmap(abs, range(-5, 0), client=cluster.client, timeout=60) == [5, 4, 3, 2, 1]
 
 
+def test_a_pmap_while_a_script_keeps_redis_busy_waits_for_it_and_workers_live_on(make_cluster):
+    """Another client's Lua script runs for 2 s, over busy-reply-threshold: meanwhile every
+    command of workers and caller gets -BUSY, which they wait out."""
+    from pyworker import resp
+    cluster = make_cluster(2)
+    server = cluster.redis
+    r = cluster.client.broker.redis
+    r.call("CONFIG", "SET", "busy-reply-threshold", 100)
+    busy = threading.Thread(target=lambda: resp.Redis(server.url, password=server.password).call(
+        "EVAL", "local t = redis.call('TIME') "
+                "repeat local n = redis.call('TIME') until (n[1] - t[1]) * 1e6 + n[2] - t[2] > 2e6",
+        0), daemon=True)
+    got, busy_seen = [], []
+    for value in pyworker.imap(lambda x: (time.sleep(0.1), -x)[1], range(30), chunksize=1,
+                               timeout=90, progress=False, client=cluster.client):
+        got.append(value)
+        if len(got) == 3:
+            busy.start()
+            probe = resp.Redis(server.url, password=server.password)
+            try:
+                def refused():
+                    try:
+                        probe.call("PING")
+                    except resp.ReplyError as exc:
+                        return str(exc).startswith("BUSY")
+                    return False
+                busy_seen.append(wait_until(refused, 10, "Redis to answer BUSY"))
+            finally:
+                probe.close()
+    busy.join(10)
+    assert busy_seen == [True]
+    assert got == [-x for x in range(30)]
+    assert all(p.poll() is None for p in cluster.workers), "a worker died"
+    assert any("BUSY" in log for log in _worker_logs(cluster)), "no worker met BUSY"
+
+
 def test_a_full_redis_fails_pmap_in_one_line_naming_maxmemory_and_workers_live_on(
         make_cluster):
     cluster = make_cluster(2)
