@@ -337,6 +337,27 @@ def _worker_logs(cluster) -> list[str]:
     return out
 
 
+def _answers_with(server, code: str) -> bool:
+    """Waits (bounded) until redis-server answers PING with the error reply ``code``; fails if
+    it answers PONG first (what was to make it refuse is over already)."""
+    from pyworker import resp
+    probe = resp.Redis(server.url, password=server.password)
+
+    def refused():
+        try:
+            probe.call("PING")
+        except resp.ReplyError as exc:
+            return str(exc).startswith(code)
+        except resp.RespConnectionError:
+            return False  # not listening yet
+        pytest.fail(f"redis-server answered PING instead of {code}")
+
+    try:
+        return wait_until(refused, 10, f"redis-server to answer {code}")
+    finally:
+        probe.close()
+
+
 def _restart_loading_slowly(cluster, filler_keys=10_000, key_delay_us=150):
     """redis-server saves its exact state (SHUTDOWN SAVE) with ``filler_keys`` more keys, and
     starts again on the same port, socket and password, loading them slowly (its key-load-delay,
@@ -364,7 +385,6 @@ def test_a_pmap_across_a_restart_that_loads_its_data_waits_for_it_and_workers_li
         make_cluster):
     """Workers and caller meet -LOADING for seconds after the restart: they wait it out like an
     outage (before, the reply killed every worker loop and failed the pmap)."""
-    from pyworker import resp
     cluster = make_cluster(2)
     got, loading_seen = [], []
     for value in pyworker.imap(lambda x: (time.sleep(0.2), x * 3)[1], range(16), chunksize=1,
@@ -372,19 +392,7 @@ def test_a_pmap_across_a_restart_that_loads_its_data_waits_for_it_and_workers_li
         got.append(value)
         if len(got) == 3:
             _restart_loading_slowly(cluster)
-            probe = resp.Redis(cluster.redis.url, password=cluster.redis.password)
-            try:
-                def loading():
-                    try:
-                        probe.call("PING")
-                    except resp.ReplyError as exc:
-                        return str(exc).startswith("LOADING")
-                    except resp.RespConnectionError:
-                        return False  # not listening yet
-                    pytest.fail("redis-server answered before it had loaded its data")
-                loading_seen.append(wait_until(loading, 10, "redis-server to answer LOADING"))
-            finally:
-                probe.close()
+            loading_seen.append(_answers_with(cluster.redis, "LOADING"))
     assert loading_seen == [True]
     assert got == [x * 3 for x in range(16)], "every item once, in order"
     assert all(p.poll() is None for p in cluster.workers), "a worker died"
@@ -410,17 +418,7 @@ def test_a_pmap_while_a_script_keeps_redis_busy_waits_for_it_and_workers_live_on
         got.append(value)
         if len(got) == 3:
             busy.start()
-            probe = resp.Redis(server.url, password=server.password)
-            try:
-                def refused():
-                    try:
-                        probe.call("PING")
-                    except resp.ReplyError as exc:
-                        return str(exc).startswith("BUSY")
-                    return False
-                busy_seen.append(wait_until(refused, 10, "Redis to answer BUSY"))
-            finally:
-                probe.close()
+            busy_seen.append(_answers_with(server, "BUSY"))
     busy.join(10)
     assert busy_seen == [True]
     assert got == [-x for x in range(30)]
