@@ -119,7 +119,9 @@ def test_ctrl_c_leaves_no_shared_memory_segment(make_cluster, tmp_path):
     # the two running tasks finish afterwards: their results are dropped, and so are the files
     wait_until(lambda: not [w for w in pyworker.status(cluster.client).alive if w.get("current")],
                10, "the workers to finish their tasks")
-    assert shm_files(folder) == []
+    # (a worker removes its result's file once it has read finish's answer, just after Redis
+    # dropped the task from its active hash, which is what status() shows)
+    wait_until(lambda: shm_files(folder) == [], 5, "the workers to remove their result files")
 
 
 def test_a_vanished_callers_job_expires(make_cluster):
