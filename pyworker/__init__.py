@@ -7,8 +7,8 @@ from importlib import import_module
 from ._version import __version__
 from .config import Settings
 from .errors import (ConfigurationError, ConnectionError, JobLostError, PyworkerError,
-                     RemoteError, SerializationError, SignatureError, VersionMismatchError,
-                     WorkerLostError)
+                     RedisError, RemoteError, SerializationError, SignatureError,
+                     VersionMismatchError, WorkerLostError)
 # loaded now: its module has the same name, which would otherwise be found instead
 from .status import status
 
@@ -18,7 +18,7 @@ _LAZY = {"pmap": "api", "imap": "api", "imap_unordered": "api", "Executor": "api
 __all__ = [
     "__version__", "pmap", "imap", "imap_unordered", "Executor", "connect", "get_client",
     "status", "LocalCluster", "Client", "Settings", "PyworkerError", "ConfigurationError",
-    "ConnectionError", "RemoteError", "SerializationError", "SignatureError",
+    "ConnectionError", "RedisError", "RemoteError", "SerializationError", "SignatureError",
     "VersionMismatchError", "WorkerLostError", "JobLostError",
 ]
 

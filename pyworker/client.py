@@ -12,7 +12,7 @@ from . import protocol, serialize, shm
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
 from .errors import JobLostError, SerializationError, SignatureError
-from .queue import Broker
+from .queue import FUNCTION_MISSING, Broker
 
 MAX_WAKE_TOKENS = 256
 # Without results for this long, a job checks that Redis still has it (one EXISTS).
@@ -52,6 +52,22 @@ def _weakrefable(obj) -> bool:
     return type(obj).__weakrefoffset__ != 0
 
 
+_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+def _after_fork():
+    """A forked child starts with no jobs and a lock nobody holds (the parent's keeper thread
+    may have held it at the fork); its Redis pools are emptied by resp."""
+    for client in list(_clients):
+        client._lock = threading.Lock()
+        client._jobs = weakref.WeakSet()
+        client._keeper = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 class Client:
     """One connection to one Redis: creates jobs and keeps their keys alive while they run."""
 
@@ -65,7 +81,6 @@ class Client:
         self.caller_host = socket.gethostname()
         self._lock = threading.Lock()
         self._keeper: threading.Thread | None = None
-        self._keeper_pid = 0
         self._last_reap = 0.0
         self._warned_no_workers = False
         self.spin_s = self.settings.spin_s if _cores() > 1 else 0.0
@@ -73,6 +88,7 @@ class Client:
         self.shm = shm.Store.open(self.settings)
         self._last_sweep: float | None = None
         self._by_reference: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        _clients.add(self)
 
     def __repr__(self):
         return f"<pyworker.Client redis={self.broker.where}>"
@@ -119,11 +135,10 @@ class Client:
         with self._lock:
             self._jobs.add(job)
             # The keeper sets _keeper to None under this lock when it ends (it catches everything
-            # else); a forked child has none running (cheaper to ask than Thread.is_alive).
-            if self._keeper is None or self._keeper_pid != os.getpid():
+            # else); a forked child has none running (_after_fork).
+            if self._keeper is None:
                 self._keeper = threading.Thread(target=self._keep_alive, daemon=True,
                                                 name="pyworker-keepalive")
-                self._keeper_pid = os.getpid()
                 self._keeper.start()
         return job
 
@@ -206,7 +221,10 @@ class Job:
         self.live = True
         self.created = False
         self.fn_shas: set[str] = set()
+        self._functions: dict[str, object] = {}  # sha -> function, to upload it again
         self._pending_blobs: dict[str, bytes] = {}
+        self._unchecked: set[str] = set()  # shas sent without their blob, not yet submitted
+        self._sent = False  # a submit went out (it may have created the job, answered or not)
         self._next_chunk = 0
         self._submit_lock = threading.Lock()
         self.shm = client.shm
@@ -229,8 +247,11 @@ class Job:
         sha, blob = self.client.function_blob(fn)
         if sha not in self.fn_shas:
             self.fn_shas.add(sha)
+            self._functions[sha] = fn
             if blob is not None:
                 self._pending_blobs[sha] = blob
+            else:  # uploaded lately: the next submit checks that Redis still has it
+                self._unchecked.add(sha)
         return sha
 
     def _message(self, mode, fn_sha, first, items, chunk, use_shm):
@@ -304,29 +325,26 @@ class Job:
                     if payload is not None:
                         big[chunk] = payload
                     ids.append(chunk)
-                meta, touch = None, ()
+                meta = None
                 now = time.monotonic()
                 if not self.created:
                     meta = {"created": f"{time.time():.3f}",
                             "caller": f"{client.caller_host}:{os.getpid()}",
                             "python": serialize.PYTHON_VERSION}
-                    # A function uploaded (or refreshed) lately has most of its TTL left, and
-                    # the keep-alive refreshes it while jobs run: no need to refresh it here.
-                    fresh = client.settings.job_ttl_s / 4
-                    touch = [sha for sha in self.fn_shas if sha not in self._pending_blobs
-                             and now - client._uploaded.get(sha, float("-inf")) > fresh]
                 blobs, self._pending_blobs = self._pending_blobs, {}
+                check = sorted(self._unchecked)
                 try:
-                    queued = client.broker.submit(self.jid, messages,
-                                                  min(len(messages), MAX_WAKE_TOKENS), meta,
-                                                  blobs, big,
-                                                  touch=touch,
-                                                  pop_s=wait_s, spin_s=spin_s)
-                    if wait_s is not None:
-                        queued, first_result = queued
-                        if first_result is not None:
-                            self._early.append(first_result)
-                            self._unacked.append(first_result)
+                    self._sent = True
+                    queued = self._send(messages, meta, blobs, big, check, wait_s, spin_s)
+                    if queued == FUNCTION_MISSING:
+                        # Redis lost functions uploaded before (flushed, or restarted without
+                        # persistence) and queued nothing: upload them, and submit again.
+                        client.forget_uploads()
+                        for sha in check:
+                            blobs[sha] = client.function_blob(self._functions[sha])[1]
+                        self._unchecked.difference_update(check)
+                        check = []
+                        queued = self._send(messages, meta, blobs, big, check, wait_s, spin_s)
                 except BaseException:
                     self._pending_blobs.update(blobs)
                     raise
@@ -334,13 +352,27 @@ class Job:
                 self._drop_segments([c for c in self._segments if c >= self._next_chunk])
                 raise
             self.created = True
-            for sha in (*blobs, *touch):
+            self._unchecked.difference_update(check)
+            for sha in (*blobs, *check):  # each has its full TTL in Redis now
                 client._uploaded[sha] = now
             if queued < 0:
                 self._drop_segments(ids)
                 raise self._lost()
             self._next_chunk += len(ids)
             return ids
+
+    def _send(self, messages, meta, blobs, big, check, wait_s, spin_s) -> int:
+        """broker.submit; a first result that came with it waits in _early."""
+        queued = self.client.broker.submit(self.jid, messages,
+                                           min(len(messages), MAX_WAKE_TOKENS), meta, blobs,
+                                           big, check=check, pop_s=wait_s, spin_s=spin_s)
+        if wait_s is None:
+            return queued
+        queued, first_result = queued
+        if first_result is not None:
+            self._early.append(first_result)
+            self._unacked.append(first_result)
+        return queued
 
     def _drop_segments(self, chunks):
         for chunk in chunks:
@@ -502,7 +534,7 @@ class Job:
         if self.live:
             self.live = False
             try:
-                if self.created:
+                if self.created or self._sent:
                     self.client.broker.end_job(self.jid, now=now)
             finally:
                 if self.shm is not None:

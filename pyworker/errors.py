@@ -20,6 +20,13 @@ class ConnectionError(PyworkerError):  # noqa: A001 - deliberately shadows the b
         self.retryable = retryable
 
 
+class RedisError(PyworkerError):
+    """Redis refused a command for a reason that waiting does not fix (OOM: maxmemory reached;
+    MISCONF: it cannot save ...); one line that names the Redis setting to change. Replies that
+    waiting fixes (LOADING, BUSY, READONLY, TRYAGAIN, MASTERDOWN) are a retryable
+    ConnectionError instead, waited out like an outage (PYWORKER_RECONNECT_S)."""
+
+
 class SerializationError(PyworkerError, TypeError):
     """A function, item or result cannot be pickled, or is over the size limit."""
 

@@ -179,6 +179,7 @@ local function k_info(w) return P .. ':worker:' .. w .. ':info' end
 local function k_active(w) return P .. ':worker:' .. w .. ':active' end
 local function k_wake(w) return P .. ':worker:' .. w .. ':wake' end
 local function k_stats(s) return P .. ':stats:' .. s end
+local function k_fn(s) return P .. ':fn:' .. s end
 """
 
 

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from . import protocol, resp
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
+from .errors import RedisError
 
 # Take the next task, round-robin over the jobs that have queued tasks, so one huge job cannot
 # starve a small one started later. The task moves into the worker's active hash in the same
@@ -124,13 +125,21 @@ return {kept, nxt or '', held or ''}
 """
 
 # ARGV: jid, ttl ms, wake tokens (one per task, at most MAX_WAKE_TOKENS), number of job fields
-#       (0: the job exists already), job fields, tasks...
-# Returns the queue's length (tasks handed to idle workers are not queued), or -1 when the job
-# is gone (cancelled/expired). A new job is created here, in the same step as its first tasks.
+#       (0: the job exists already), the shas of functions the caller did not send along
+#       (space-separated), job fields, tasks...
+# Returns the queue's length (tasks handed to idle workers are not queued), JOB_GONE when the job
+# is gone (cancelled/expired), or FUNCTION_MISSING (nothing done) when Redis no longer has a
+# function that the caller believed uploaded: it was flushed or restarted without persistence.
+# The functions found get their full TTL back. A new job is created here, in the same step as
+# its first tasks.
+JOB_GONE, FUNCTION_MISSING = -1, -2
 _SUBMIT = r"""
 local jid, ttl, nfields = ARGV[1], ARGV[2], tonumber(ARGV[4])
+for sha in string.gmatch(ARGV[5], '%S+') do
+  if redis.call('PEXPIRE', k_fn(sha), ttl) == 0 then return -2 end
+end
 if nfields > 0 then
-  redis.call('HSET', k_job(jid), unpack(ARGV, 5, 4 + nfields))
+  redis.call('HSET', k_job(jid), unpack(ARGV, 6, 5 + nfields))
   redis.call('PEXPIRE', k_job(jid), ttl)
 elseif redis.call('EXISTS', k_job(jid)) == 0 then
   return -1
@@ -139,7 +148,7 @@ end
 -- again (warm caches, a core that is awake). A worker that says it takes hand-offs gets the task
 -- itself, moved into its active hash here as a dequeue would (so nothing is lost if it dies),
 -- and starts without a dequeue of its own; any other worker gets a token and dequeues.
-local wake, woken, i = tonumber(ARGV[3]), 0, 5 + nfields
+local wake, woken, i = tonumber(ARGV[3]), 0, 6 + nfields
 while woken < wake do
   local w = redis.call('LPOP', K_IDLE)
   if not w then break end
@@ -273,24 +282,64 @@ def describe_url(url: str) -> str:
         return url
 
 
+# Error replies that waiting fixes: they are waited out like an outage (PYWORKER_RECONNECT_S).
+_WAIT_FOR = {
+    "LOADING": "is loading its data set from disk",
+    "BUSY": "is busy running a script (busy-reply-threshold)",
+    "READONLY": "is a read-only replica (a failover under way? PYWORKER_REDIS_URL must name "
+                "the primary)",
+    "TRYAGAIN": "asks to try again",
+    "MASTERDOWN": "is a replica that lost its primary",
+}
+# Error replies that need a change to Redis' settings, and which.
+_HINTS = {
+    "OOM": "Redis reached its memory limit: raise maxmemory (pyworker needs "
+           "maxmemory-policy noeviction: evicted keys would lose tasks and results)",
+    "MISCONF": "Redis cannot save its RDB snapshot, so it refuses writes: make its dir writable "
+               "(and its disk not full), or set stop-writes-on-bgsave-error no",
+    "NOPERM": "the Redis user lacks a permission pyworker needs: grant it with ACL SETUSER (its "
+              "commands, EVAL/EVALSHA, and the keys under PYWORKER_PREFIX)",
+    "WRONGTYPE": "a key under PYWORKER_PREFIX holds another program's data: give pyworker a "
+                 "prefix (PYWORKER_PREFIX) or a database of its own",
+    "NOSCRIPT": "Redis does not keep Lua scripts: pyworker needs EVAL and SCRIPT LOAD",
+}
+
+
+def _reply_error(where: str, exc: resp.ReplyError) -> Exception:
+    """The pyworker error for an error reply: a retryable ConnectionError for a passing state,
+    a ConnectionError for a refused password, else a RedisError naming what to change."""
+    text = str(exc)
+    code = text.split(" ", 1)[0]
+    line = _one_line(exc)
+    if code in _WAIT_FOR:
+        return PyworkerConnectionError(f"Redis at {where} {_WAIT_FOR[code]} ({line})")
+    if code in ("WRONGPASS", "NOAUTH") or "AUTH" in text.split(" ", 2)[:2] \
+            or "without any password configured" in text:
+        hint = ("set PYWORKER_REDIS_PASSWORD or pass password= to pyworker.connect()"
+                if code == "NOAUTH" else
+                "check PYWORKER_REDIS_PASSWORD or the password given to pyworker.connect()")
+        return PyworkerConnectionError(f"Redis at {where} refused the password ({line}): {hint}",
+                                       retryable=False)
+    if code in _HINTS:
+        hint = _HINTS[code]
+    elif "max number of clients" in text:
+        hint = "raise Redis' maxclients"
+    elif "unknown command" in text:
+        hint = "pyworker needs Redis 6.2 or later"
+    else:
+        hint = "see Redis' log"
+    return RedisError(f"Redis at {where} refused a command ({line}): {hint}")
+
+
 def translate_errors(method):
-    """Redis errors become one clear line, not a stack of socket errors."""
+    """Redis errors become one clear line, not a stack of socket errors or a raw reply."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except resp.ReplyError as exc:
-            text = str(exc)
-            if text.startswith(("WRONGPASS", "NOAUTH")) or "AUTH" in text.split(" ", 2)[:2] \
-                    or "without any password configured" in text:
-                hint = ("set PYWORKER_REDIS_PASSWORD or pass password= to pyworker.connect()"
-                        if text.startswith("NOAUTH") else
-                        "check PYWORKER_REDIS_PASSWORD or the password given to pyworker.connect()")
-                raise PyworkerConnectionError(
-                    f"Redis at {self.where} refused the password ({_one_line(exc)}): {hint}",
-                    retryable=False) from None
-            raise
+            raise _reply_error(self.where, exc) from None
         except OSError as exc:
             raise PyworkerConnectionError(
                 f"cannot reach Redis at {self.where}: {_one_line(exc) or 'connection failed'}. "
@@ -382,24 +431,24 @@ class Broker:
     @translate_errors
     def submit(self, jid: str, tasks: list[bytes], wake: int, meta: dict | None = None,
                fn_blobs: dict[str, bytes] | None = None,
-               payloads: dict[int, bytes] | None = None, touch=(), pop_s: float | None = None,
+               payloads: dict[int, bytes] | None = None, check=(), pop_s: float | None = None,
                spin_s: float = 0.0):
-        """Queue tasks (and the payloads too big to travel inline); with meta, create the job
-        and upload its functions in the same round trip. Returns the queue's length (-1: the
-        job is gone); with pop_s, (that, the first result message or None): the same round trip
-        then waits up to pop_s for a result, which saves a round trip for short jobs, busy-polling
-        for the replies the first spin_s of it (resp.Connection.spin)."""
+        """Queue tasks (and the payloads too big to travel inline); with meta, create the job;
+        fn_blobs uploads functions in the same round trip, ``check`` names functions uploaded
+        before, which get their full TTL again. Returns the queue's length, JOB_GONE, or
+        FUNCTION_MISSING (nothing was queued: a function in ``check`` is no longer in Redis);
+        with pop_s, (that, the first result message or None): the same round trip then waits up
+        to pop_s for a result, which saves a round trip for short jobs, busy-polling for the
+        replies the first spin_s of it (resp.Connection.spin)."""
         commands = self._take_deferred()
         fields = [x for kv in meta.items() for x in kv] if meta else []
         for sha, blob in (fn_blobs or {}).items():
             commands.append(("SET", self.keys.fn(sha), blob, "PX", self._ttl_ms))
-        for sha in touch:
-            commands.append(("PEXPIRE", self.keys.fn(sha), self._ttl_ms))
         if payloads:
-            fields = [x for kv in payloads.items() for x in kv]
-            commands.append(("HSET", self.keys.payloads(jid), *fields))
+            commands.append(("HSET", self.keys.payloads(jid),
+                             *(x for kv in payloads.items() for x in kv)))
             commands.append(("PEXPIRE", self.keys.payloads(jid), self._ttl_ms))
-        args = (jid, self._ttl_ms, wake, len(fields), *fields, *tasks)
+        args = (jid, self._ttl_ms, wake, len(fields), " ".join(check), *fields, *tasks)
         if pop_s is None:
             return self._then_script(commands, self._submit, *args)
         # The BLPOP must never wait behind a submit that did not happen (NOSCRIPT: a new or

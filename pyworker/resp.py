@@ -11,9 +11,12 @@ import select
 import socket
 import threading
 import time
+import weakref
 from urllib.parse import parse_qs, unquote, urlsplit
 
 _BIG = 64 * 1024
+_pid = os.getpid()  # this process's; set again in a forked child (_after_fork)
+_pools: "weakref.WeakSet[Redis]" = weakref.WeakSet()
 
 
 class ReplyError(Exception):
@@ -93,6 +96,12 @@ class Connection:
         self._poller = select.poll()  # made once: idle_and_open runs before every round trip
         self._poller.register(sock, select.POLLIN)
         self.broken = False
+        # Replies sent for and not read in full yet. A connection owing any (a round trip cut
+        # short by Ctrl-C or any other exception: half a command sent, a reply half read into
+        # the buffer, a blocking pop still waiting) is closed, never reused: its next reader
+        # would take someone else's reply (Redis._put).
+        self.owed = 0
+        self.pid = _pid  # the process whose connection this is (a forked child has a copy)
         if password:
             auth = ("AUTH", username, password) if username else ("AUTH", password)
             self.call(*auth)
@@ -170,12 +179,14 @@ class Connection:
         """One reply, waiting up to ``timeout`` (else the connection's default) for it."""
         try:
             self._set_timeout(self.timeout if timeout is None else timeout)
-            return self._read()
+            reply = self._read()
         except (OSError, ValueError) as exc:
             self.close()
             if isinstance(exc, RespConnectionError):
                 raise
             raise RespConnectionError(f"lost connection: {exc}") from None
+        self.owed -= 1
+        return reply
 
     def spin(self, until: float) -> None:
         """Busy-poll for reply bytes until time.perf_counter() reaches ``until``, yielding the
@@ -194,6 +205,7 @@ class Connection:
             pass
 
     def call(self, *args, timeout=None):
+        self.owed += 1  # before the first byte: a send cut short leaves it owing
         self._send(_encode(args))
         reply = self.read_reply(timeout)
         if timeout is not None:
@@ -208,6 +220,7 @@ class Connection:
         each reply is busy-polled for (see spin) until spin_s after the send, or only those
         whose index is in ``spin_at`` (the others come with one before them). ``timeout``:
         for reading each reply (a blocking command's wait plus a margin), else the default."""
+        self.owed += len(commands)
         self._send(_encode_all(commands))
         if spin_s <= 0:
             replies = [self.read_reply(timeout) for _ in commands]
@@ -233,10 +246,12 @@ class Pending:
         conn, self._conn = self._conn, None
         if conn is None:
             raise RuntimeError("the replies of this pipeline were read already")
+        if conn.pid != _pid:  # sent by the parent of this forked process: its replies
+            raise RespConnectionError("these replies belong to the process that forked this one")
         try:
             return [conn.read_reply() for _ in range(self._n)]
         finally:
-            self._redis._put(conn)
+            self._redis._put(conn)  # closed instead if a reply was left unread
 
 
 class Script:
@@ -275,6 +290,7 @@ class Redis:
         self.timeout = timeout
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
+        _pools.add(self)
 
     def _get(self, fresh=False) -> Connection:
         while not fresh:
@@ -289,7 +305,12 @@ class Redis:
                           self.connect_timeout, self.timeout, self.path)
 
     def _put(self, conn: Connection):
+        """Back into the pool; closed instead if a round trip on it was cut short (replies
+        still owed), or it is the parent's (a forked child's copy)."""
         if conn.broken:
+            return
+        if conn.owed or conn.pid != _pid:
+            conn.close()
             return
         with self._lock:
             if len(self._idle) < 32:
@@ -341,13 +362,19 @@ class Redis:
             pooled = bool(self._idle)
         conn = self._get()
         try:
-            conn._send(buffers)
-        except RespConnectionError:
-            if not pooled:
-                raise
-            self.close()  # the pool was stale (the server restarted): once more, afresh
-            conn = self._get(fresh=True)
-            conn._send(buffers)
+            try:
+                conn.owed += len(commands)
+                conn._send(buffers)
+            except RespConnectionError:
+                if not pooled:
+                    raise
+                self.close()  # the pool was stale (the server restarted): once more, afresh
+                conn = self._get(fresh=True)
+                conn.owed += len(commands)
+                conn._send(buffers)
+        except BaseException:
+            conn.close()  # half a pipeline may be on the wire: nobody can use it any more
+            raise
         return Pending(self, conn, len(commands))
 
     def run(self, script: Script, *args, retry: bool = True):
@@ -363,3 +390,23 @@ class Redis:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+    def _forked(self):
+        """In a forked child: the pooled connections are the parent's sockets (copies of its
+        descriptors). The child closes its copies, which leaves the parent's connections as
+        they are (close() sends nothing), and makes its own from now on. The lock is new too:
+        another thread of the parent may have held it at the fork."""
+        idle, self._idle, self._lock = self._idle, [], threading.Lock()
+        for conn in idle:
+            conn.close()
+
+
+def _after_fork():
+    global _pid
+    _pid = os.getpid()
+    for pool in list(_pools):
+        pool._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)

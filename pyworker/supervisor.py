@@ -38,7 +38,7 @@ from . import config, protocol, serialize, shm
 from .board import Board
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
-from .errors import TaskTimeoutError, WorkerLostError
+from .errors import RedisError, TaskTimeoutError, WorkerLostError
 from .queue import Broker
 from .worker import TaskPlan, Worker
 
@@ -356,7 +356,7 @@ class Supervisor:
                     self.broker.register_worker(self.name, self._info())
                     log.warning("worker %s: Redis had lost this worker's registration (a "
                                 "restart without persistence?); registered again", self.name)
-        except PyworkerConnectionError as exc:
+        except (PyworkerConnectionError, RedisError) as exc:
             log.error("worker %s: heartbeat failed: %s", self.name, exc)
         except Exception:  # the heartbeat must outlive any surprise
             log.exception("worker %s: heartbeat error", self.name)

@@ -17,7 +17,7 @@ from ._version import __version__
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
 from .board import Board
-from .errors import SignatureError, TaskExitError
+from .errors import RedisError, SignatureError, TaskExitError
 from .queue import Broker
 
 log = logging.getLogger("pyworker.worker")
@@ -366,7 +366,11 @@ class Worker:
         resync = False  # after a lost connection: what does Redis say this worker holds?
         last_failure = float("-inf")
         if not held:
-            first = self.broker.dequeue(self.name)
+            try:
+                first = self.broker.dequeue(self.name)
+            except (PyworkerConnectionError, RedisError) as exc:  # the loop looks again
+                log.error("worker %s: %s", self.name, exc)
+                first, resync = None, True
             if first is not None:
                 held.append(first)
         while not self.stopping.is_set():
@@ -411,7 +415,7 @@ class Worker:
                     answer = self._report_ahead(report, 1 if quick else 0)
                 else:
                     held.extend(self._report(report, 2 if quick else 1))
-            except PyworkerConnectionError as exc:
+            except (PyworkerConnectionError, RedisError) as exc:  # none ends the loop
                 resync = True
                 # The first failure in a while is retried at once (a dropped connection: the
                 # pool makes a new one, and a task whose answer was lost waits for it); failures
@@ -431,7 +435,7 @@ class Worker:
         if self._uncounted:
             try:
                 self._count_done(force=True)
-            except PyworkerConnectionError:
+            except (PyworkerConnectionError, RedisError):
                 pass
 
     def _count_done(self, force: bool = False):

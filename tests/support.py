@@ -144,3 +144,28 @@ class ReplyDroppingProxy:
     def close(self):
         self._stop.set()
         self._server.close()
+
+
+class ForkedChild:
+    """fn() in a forked child while this process goes on; result() says whether it returned
+    something true. The child leaves with os._exit, never through pytest."""
+
+    def __init__(self, fn):
+        read, write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            ok = b"0"
+            try:
+                ok = b"1" if fn() else b"0"
+            finally:
+                os.write(write, ok)
+                os._exit(0)
+        os.close(write)
+        self._read = read
+
+    def result(self) -> bool:
+        _, status = os.waitpid(self.pid, 0)
+        try:
+            return os.read(self._read, 1) == b"1" and status == 0
+        finally:
+            os.close(self._read)

@@ -10,7 +10,7 @@ import pyworker
 from pyworker import Executor, RemoteError, SerializationError, imap, imap_unordered, pmap
 from pyworker.api import auto_chunksize
 
-from support import executors, redis_keys, wait_until
+from support import ForkedChild, executors, redis_keys, wait_until
 
 
 def test_pmap_returns_results_in_input_order(cluster):
@@ -572,3 +572,53 @@ def test_chunks_shrink_once_results_turn_out_big(make_cluster, monkeypatch):
     sizes = _sizes(calls)
     assert sizes[0] == 16, sizes
     assert len(sizes) > 4 and max(sizes[4:]) <= 2, sizes
+
+
+def test_after_ctrl_c_in_pmap_the_next_calls_work_at_once(make_cluster):
+    """A real SIGINT in this process's main thread while pmap waits for results (its blocking
+    take in flight in Redis); the process lives on, and the next pmap, status() and pmap read
+    their own replies."""
+    import signal
+    import time
+    cluster = make_cluster(2)
+    assert pmap(abs, [-1]) == [1]  # pooled connections, as in a notebook after some work
+    watcher = pyworker.Client(cluster.settings())
+
+    def interrupt_when_waiting():
+        def waiting():
+            busy = [w for w in pyworker.status(watcher).alive if w.get("current")]
+            info = watcher.broker.redis.call("INFO", "clients")
+            return len(busy) == 2 and b"blocked_clients:1\r" in info  # the caller's take
+        try:
+            wait_until(waiting, 20, "both workers busy and pmap waiting for results")
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt_when_waiting, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pmap(time.sleep, [1.5] * 4, chunksize=1, progress=False)
+    finally:
+        thread.join(30)
+        watcher.close()
+    assert pmap(abs, range(-6, 0)) == [6, 5, 4, 3, 2, 1]
+    status = pyworker.status()
+    assert len(status.alive) == 2 and "2 worker(s) alive" in str(status)
+    assert pmap(str, range(50), chunksize=3) == [str(x) for x in range(50)]
+
+
+def test_a_forked_child_and_its_parent_both_call_pmap_at_once(cluster):
+    """A child forked while the parent has pooled connections (and its keep-alive thread)
+    gets connections of its own: both sides' pmaps and Redis calls get their own replies."""
+    assert pmap(abs, [-1, -2]) == [1, 2]
+    client = pyworker.get_client()
+    child = ForkedChild(lambda: all(
+        pmap(lambda x, i=i: x + i, range(20), chunksize=3) == [x + i for x in range(20)]
+        for i in range(10)))
+    try:
+        for i in range(10):
+            assert pmap(lambda x, i=i: x * i, range(20), chunksize=3) == [x * i for x in range(20)]
+            assert client.live_workers(max_age_s=0) == 2
+    finally:
+        assert child.result(), "the child's pmap went wrong"

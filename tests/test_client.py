@@ -174,3 +174,26 @@ def test_a_big_result_whose_payload_answer_is_lost_is_read_again(make_cluster):
     finally:
         client.close()
         proxy.close()
+
+
+def test_a_function_redis_lost_between_two_calls_is_uploaded_again(make_cluster):
+    """FLUSHALL between two pmaps of the same function, and a new worker (whose cache does not
+    have it): the second pmap's submit finds the function missing, uploads it and submits
+    again, in the same call. A third call, with the function there, sends no blob."""
+    from support import redis_bytes_in
+    cluster = make_cluster(1)
+    big = list(range(20_000))  # captured: the function's blob is big enough to see in traffic
+    fn = lambda x: x + len(big)  # noqa: E731
+    assert pyworker.pmap(fn, range(5), client=cluster.client) == [x + 20_000 for x in range(5)]
+    cluster.client.broker.redis.call("FLUSHALL")
+    old = cluster.workers[0]
+    old.terminate()
+    old.wait(10)
+    cluster.add_worker()
+    cluster.wait_for_workers(1)
+    assert pyworker.pmap(fn, range(5), client=cluster.client,
+                         timeout=60) == [x + 20_000 for x in range(5)]
+    before = redis_bytes_in(cluster)
+    assert pyworker.pmap(fn, range(5), client=cluster.client,
+                         timeout=60) == [x + 20_000 for x in range(5)]
+    assert redis_bytes_in(cluster) - before < 20_000, "the function was sent again"

@@ -1,11 +1,14 @@
 """The queue's guarantees between jobs and callers: fairness, cancellation, expiry, isolation."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+
+import pytest
 
 import pyworker
 
@@ -116,7 +119,9 @@ def test_ctrl_c_leaves_no_shared_memory_segment(make_cluster, tmp_path):
     # the two running tasks finish afterwards: their results are dropped, and so are the files
     wait_until(lambda: not [w for w in pyworker.status(cluster.client).alive if w.get("current")],
                10, "the workers to finish their tasks")
-    assert shm_files(folder) == []
+    # (a worker removes its result's file once it has read finish's answer, just after Redis
+    # dropped the task from its active hash, which is what status() shows)
+    wait_until(lambda: shm_files(folder) == [], 5, "the workers to remove their result files")
 
 
 def test_a_vanished_callers_job_expires(make_cluster):
@@ -320,5 +325,193 @@ def test_a_take_brings_the_results_already_in_and_keeps_them_until_acknowledged(
         assert r.call("LRANGE", k.results_taken("job1"), 0, -1) == [results[3]]
         assert broker.pop_results("job1", 0.05, ack=1, more=8) == [], "nothing came"
         assert r.call("EXISTS", k.results_taken("job1"), k.results("job1")) == 0
+    finally:
+        broker.close()
+
+
+# --- Redis error replies ---------------------------------------------------------------------
+
+def _worker_logs(cluster) -> list[str]:
+    out = []
+    for i in range(len(cluster.workers)):
+        with open(os.path.join(cluster._log_dir, f"worker-{i}.log"), errors="replace") as f:
+            out.append(f.read())
+    return out
+
+
+def _answers_with(server, code: str) -> bool:
+    """Waits (bounded) until redis-server answers PING with the error reply ``code``."""
+    from pyworker import resp
+    probe = resp.Redis(server.url, password=server.password)
+
+    def refused():
+        try:
+            probe.call("PING")
+        except resp.ReplyError as exc:
+            return str(exc).startswith(code)
+        except resp.RespConnectionError:
+            return False  # not listening yet
+        return False  # not yet
+
+    try:
+        return wait_until(refused, 10, f"redis-server to answer {code}")
+    finally:
+        probe.close()
+
+
+def _restart_loading_slowly(cluster, filler_keys=10_000, key_delay_us=150):
+    """redis-server saves its exact state (SHUTDOWN SAVE) with ``filler_keys`` more keys, and
+    starts again on the same port, socket and password, loading them slowly (its key-load-delay,
+    and loading-process-events-interval-bytes so that it answers meanwhile, as a big data set
+    does): until it has loaded, every command gets -LOADING."""
+    from pyworker import resp
+    server = cluster.redis
+    r = resp.Redis(server.url, password=server.password)
+    for start in range(0, filler_keys, 5_000):
+        r.call("EVAL", "for i = ARGV[1], ARGV[2] do redis.call('SET', 'filler:' .. i, i) end",
+               0, start, start + 4_999)
+    try:
+        r.call("SHUTDOWN", "SAVE")
+    except resp.RespConnectionError:
+        pass  # it closes the connection as it exits
+    r.close()
+    server.proc.wait(10)
+    server.proc = subprocess.Popen(
+        [server.exe, os.path.join(server.dir, "redis.conf"), "--key-load-delay", str(key_delay_us),
+         "--loading-process-events-interval-bytes", "1024"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_a_pmap_across_a_restart_that_loads_its_data_waits_for_it_and_workers_live_on(
+        make_cluster):
+    """Workers and caller meet -LOADING for seconds after the restart: they wait it out like an
+    outage (before, the reply killed every worker loop and failed the pmap)."""
+    cluster = make_cluster(2)
+    got, loading_seen = [], []
+    for value in pyworker.imap(lambda x: (time.sleep(0.2), x * 3)[1], range(16), chunksize=1,
+                               timeout=90, progress=False, client=cluster.client):
+        got.append(value)
+        if len(got) == 3:
+            _restart_loading_slowly(cluster)
+            loading_seen.append(_answers_with(cluster.redis, "LOADING"))
+    assert loading_seen == [True]
+    assert got == [x * 3 for x in range(16)], "every item once, in order"
+    assert all(p.poll() is None for p in cluster.workers), "a worker died"
+    assert any("LOADING" in log for log in _worker_logs(cluster)), "no worker met LOADING"
+    assert pyworker.pmap(abs, range(-5, 0), client=cluster.client, timeout=60) == [5, 4, 3, 2, 1]
+
+
+def test_a_pmap_while_a_script_keeps_redis_busy_waits_for_it_and_workers_live_on(make_cluster):
+    """Another client's Lua script runs for 2 s, over busy-reply-threshold: meanwhile every
+    command of workers and caller gets -BUSY, which they wait out."""
+    from pyworker import resp
+    cluster = make_cluster(2)
+    server = cluster.redis
+    r = cluster.client.broker.redis
+    r.call("CONFIG", "SET", "busy-reply-threshold", 100)
+    busy = threading.Thread(target=lambda: resp.Redis(server.url, password=server.password).call(
+        "EVAL", "local t = redis.call('TIME') "
+                "repeat local n = redis.call('TIME') until (n[1] - t[1]) * 1e6 + n[2] - t[2] > 2e6",
+        0), daemon=True)
+    got, busy_seen = [], []
+    for value in pyworker.imap(lambda x: (time.sleep(0.1), -x)[1], range(30), chunksize=1,
+                               timeout=90, progress=False, client=cluster.client):
+        got.append(value)
+        if len(got) == 3:
+            busy.start()
+            busy_seen.append(_answers_with(server, "BUSY"))
+    busy.join(10)
+    assert busy_seen == [True]
+    assert got == [-x for x in range(30)]
+    assert all(p.poll() is None for p in cluster.workers), "a worker died"
+    assert any("BUSY" in log for log in _worker_logs(cluster)), "no worker met BUSY"
+
+
+def test_a_full_redis_fails_pmap_in_one_line_naming_maxmemory_and_workers_live_on(
+        make_cluster):
+    cluster = make_cluster(2)
+    r = cluster.client.broker.redis
+    assert pyworker.pmap(abs, [-1, -2], client=cluster.client) == [1, 2]
+    r.call("CONFIG", "SET", "maxmemory", 1)  # noeviction, the default: writes are refused
+    try:
+        # the workers' beats are refused too, and said so in one line
+        wait_until(lambda: all("raise maxmemory" in log for log in _worker_logs(cluster)), 20,
+                   "every worker to meet the refusal")
+        with pytest.raises(pyworker.RedisError, match="OOM.*raise maxmemory") as info:
+            pyworker.pmap(lambda x: x + 1, range(10), client=cluster.client, timeout=60)
+        assert "\n" not in str(info.value)
+        assert all(p.poll() is None for p in cluster.workers), "a worker died"
+    finally:
+        r.call("CONFIG", "SET", "maxmemory", 0)
+    assert pyworker.pmap(lambda x: x + 2, range(10), client=cluster.client,
+                         timeout=60) == list(range(2, 12))
+    assert all(p.poll() is None for p in cluster.workers), "a worker died"
+
+
+def test_a_read_only_replica_is_waited_out_and_misconf_names_the_setting(redis_server, tmp_path):
+    """READONLY (a replica: a failover under way) is a retryable ConnectionError, which callers
+    and workers wait out; MISCONF (Redis cannot save) a RedisError naming what to change."""
+    from pyworker.config import Settings
+    from pyworker.local import RedisServer
+    from pyworker.queue import Broker
+    os.makedirs(tmp_path / "replica")
+    other = RedisServer(workdir=str(tmp_path / "replica")).start()
+    broker = Broker(Settings(redis_url=other.url, redis_password=other.password, secret="s"))
+    try:
+        broker.redis.call("CONFIG", "SET", "masterauth", redis_server.password)
+        broker.redis.call("REPLICAOF", "127.0.0.1", redis_server.port)
+        with pytest.raises(pyworker.ConnectionError, match="read-only replica") as info:
+            broker.register_worker("w1", {"pid": "1"})
+        assert info.value.retryable
+        broker.redis.call("REPLICAOF", "NO", "ONE")
+        broker.register_worker("w1", {"pid": "1"})  # a primary again: written
+        # MISCONF: saving is configured, and the last save failed (its directory is gone)
+        broker.redis.call("CONFIG", "SET", "save", "3600 1")
+        shutil.rmtree(other.dir)
+        broker.redis.call("BGSAVE")
+        wait_until(lambda: b"rdb_last_bgsave_status:err" in broker.redis.call(
+            "INFO", "persistence"), 10, "the background save to fail")
+        with pytest.raises(pyworker.RedisError, match="MISCONF.*stop-writes-on-bgsave-error"):
+            broker.register_worker("w2", {"pid": "1"})
+    finally:
+        broker.close()
+        other.stop()
+
+
+def test_a_reply_that_waiting_cannot_fix_never_ends_a_worker_loop(make_cluster):
+    """Another program's value where pyworker keeps its idle stack: every idle worker's look
+    for a task gets -WRONGTYPE. Each logs one line naming the cause and carries on."""
+    cluster = make_cluster(2)
+    r = cluster.client.broker.redis
+    r.call("SET", cluster.client.broker.keys.idle, "not a list")
+    try:
+        wait_until(lambda: all("WRONGTYPE" in log and "PYWORKER_PREFIX" in log
+                               for log in _worker_logs(cluster)), 20,
+                   "every worker to meet the WRONGTYPE reply")
+        assert all(p.poll() is None for p in cluster.workers), "a worker died"
+    finally:
+        r.call("DEL", cluster.client.broker.keys.idle)
+    assert pyworker.pmap(abs, range(-5, 0), client=cluster.client, timeout=60) == [5, 4, 3, 2, 1]
+    assert all(p.poll() is None for p in cluster.workers), "a worker died"
+
+
+def test_a_submit_with_big_payloads_creates_the_job_with_its_fields_and_not_a_gone_one(
+        redis_server):
+    """The payloads go to the job's payload hash only: not into the job's own hash in place
+    of its fields (a second copy of every big chunk), and a submit to a job that is gone does
+    not bring it back."""
+    from pyworker.config import Settings
+    from pyworker.queue import JOB_GONE, Broker
+    broker = Broker(Settings(redis_url=redis_server.url, redis_password=redis_server.password,
+                             secret="s"))
+    try:
+        broker.submit("job1", [b"t"], 0, meta={"created": "1", "caller": "here"},
+                      payloads={0: b"p" * 1000})
+        assert sorted(broker.redis.call("HKEYS", broker.keys.job("job1"))) == [b"caller",
+                                                                              b"created"]
+        assert broker.redis.call("HGET", broker.keys.payloads("job1"), 0) == b"p" * 1000
+        broker.end_job("job1")
+        assert broker.submit("job1", [b"t"], 0, payloads={1: b"q"}) == JOB_GONE
+        assert broker.redis.call("EXISTS", broker.keys.job("job1")) == 0
     finally:
         broker.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pyworker import resp
+from support import ForkedChild, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,3 +195,69 @@ def test_rediss_talks_tls_and_trusts_only_a_known_certificate(tls_redis, monkeyp
     monkeypatch.delenv("SSL_CERT_FILE")
     with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED"):
         resp.Redis(url, password="pw").call("PING")
+
+
+def _interrupt_when_blocked(server, blocked=1, timeout_s=10.0):
+    """Once ``blocked`` clients of the server wait in a blocking command, a real SIGINT to this
+    process; its main thread then raises KeyboardInterrupt, as after Ctrl-C."""
+    import signal
+    import threading
+    watcher = resp.Redis(server.url, password=server.password)
+
+    def run():
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                info = watcher.call("INFO", "clients").decode()
+                if f"blocked_clients:{blocked}\r" in info:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return
+                time.sleep(0.005)
+        finally:
+            watcher.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("how", ["call", "pipeline", "pending"])
+def test_ctrl_c_in_a_round_trip_leaves_no_reply_for_the_next_command(r, redis_server, how):
+    """A blocking pop interrupted by a real SIGINT, alone, in a pipeline with replies after it,
+    or as the replies of a pipeline sent earlier: the connection owes replies and is closed;
+    the next commands on the pool read their own replies at once."""
+    r.call("SET", "k", "1")
+    commands = [("SET", "k", "2"), ("BLPOP", "never", "3"), ("GET", "k")]
+    thread = _interrupt_when_blocked(redis_server)
+    with pytest.raises(KeyboardInterrupt):
+        if how == "call":
+            r.call("BLPOP", "never", "3", timeout=10)
+        elif how == "pipeline":
+            r.pipeline(commands, timeout=10)
+        else:
+            r.send(commands).replies()
+    thread.join(10)
+    started = time.monotonic()
+    assert r.call("RPUSH", "other", "x") == 1
+    assert r.call("GET", "k") == (b"1" if how == "call" else b"2")
+    assert r.pipeline([("LLEN", "other"), ("LLEN", "never")]) == [1, 0]
+    assert time.monotonic() - started < 2.0, "the next commands waited for the blocking pop"
+    # the interrupted connection is gone from the server, not waiting there any more
+    wait_until(lambda: b"blocked_clients:0\r" in r.call("INFO", "clients"), 5,
+               "the interrupted connection to leave the server")
+
+
+def test_a_forked_child_gets_connections_of_its_own(r):
+    """The child's pool starts empty (register_at_fork), so parent and child, each hammering
+    its own key at the same time, never read each other's replies."""
+    r.call("SET", "parent", "p")
+    r.call("SET", "child", "c")
+    assert r._idle, "the parent has pooled connections to hand down"
+    child = ForkedChild(lambda: not r._idle and all(r.call("GET", "child") == b"c"
+                                                    for _ in range(300)))
+    try:
+        for _ in range(300):
+            assert r.call("GET", "parent") == b"p"
+            assert r.pipeline([("GET", "parent"), ("GET", "child")]) == [b"p", b"c"]
+    finally:
+        assert child.result(), "the child read a reply that was not its own"

@@ -2,7 +2,6 @@
 fails its own item, and the same worker processes go on to run the next call correctly."""
 import os
 import signal
-import sys
 import threading
 import time
 
