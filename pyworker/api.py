@@ -8,7 +8,7 @@ import time
 from itertools import chain, islice
 
 from . import config, protocol, serialize
-from .client import ChunkResult, Client, Job
+from .client import ChunkResult, Client, Job, show_output
 from .config import Settings
 from .errors import (JobLostError, PyworkerError, SerializationError, SignatureError,
                      TaskExitError, TaskTimeoutError, VersionMismatchError, WorkerLostError)
@@ -148,12 +148,7 @@ class _Progress:
 
 def _show_outputs(result: ChunkResult, first_index: int):
     for offset in sorted(result.outputs):
-        text = result.outputs[offset]
-        prefix = f"[{result.worker}] "
-        lines = text.splitlines(keepends=True)
-        sys.stdout.write("".join(prefix + line for line in lines))
-        if not text.endswith("\n"):
-            sys.stdout.write("\n")
+        show_output(result.worker, result.outputs[offset])
 
 
 def _raise_for_status(result: ChunkResult, items, first_index, return_exceptions):

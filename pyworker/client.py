@@ -22,6 +22,14 @@ MAX_TAKE_AHEAD = 8
 SHM_SWEEP_EVERY_S = 10.0  # orphaned segments are looked for at most this often, at a job start
 
 
+def show_output(worker: str, text: str):
+    """What a task printed, in this process's stdout, each line after its worker's name."""
+    lines = text.splitlines(keepends=True)
+    sys.stdout.write("".join(f"[{worker}] {line}" for line in lines))
+    if not text.endswith("\n"):
+        sys.stdout.write("\n")
+
+
 class ChunkResult:
     __slots__ = ("chunk", "status", "worker", "detail", "values", "errors", "outputs", "rest",
                  "nbytes")
@@ -425,6 +433,8 @@ class Job:
                         else self._pop(wait, min(more, MAX_TAKE_AHEAD)))
                 if data is None:
                     client.maybe_reap()
+                    if client.settings.forward_output:
+                        self.show_streamed()  # a long task's progress, while it runs
                     if on_wait is not None:
                         on_wait()
                     continue
@@ -439,6 +449,9 @@ class Job:
                     raise
                 if self._segments:
                     self._drop_segments((result.chunk,))
+                if result.outputs and -1 in result.outputs:
+                    del result.outputs[-1]  # it sent some of its output while it ran: first
+                    self.show_streamed()
                 return result
             except PyworkerConnectionError:
                 self._recover = self.created  # a result taken may have been lost on the way
@@ -465,6 +478,17 @@ class Job:
         self._early.extend(m for m in taken if m not in had)
         self._unacked = list(taken)  # acknowledged with the next pop
         self._recover = False
+
+    def show_streamed(self):
+        """Print what this job's tasks printed while they ran (output messages), so far."""
+        for data in self.client.broker.pop_outputs(self.jid):
+            try:
+                line = protocol.header_line(data)
+                _, text = self.client.signer.open(data, None, line)
+                _, _, worker = protocol.parse_output_header(line)
+            except (ValueError, SignatureError):
+                continue  # not from a worker that has our secret: never shown
+            show_output(worker, bytes(text).decode("utf-8", "replace"))
 
     def _lost(self) -> JobLostError:
         """The job is gone from Redis; this Job object is finished."""

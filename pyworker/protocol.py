@@ -18,6 +18,7 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
     P:job:<jid>:n         hash   chunk id -> how many times a worker died running it
     P:job:<jid>:p         hash   chunk id -> task payload too big to travel inline
     P:job:<jid>:rp        hash   "<chunk> <worker>" -> result payload too big to travel inline
+    P:job:<jid>:o         list   what running tasks printed, sent while they run (output messages)
     P:job:<jid>:x         set    chunk ids whose calls the caller cancelled (Future.cancel): a
                                  worker running one stops it
     P:fn:<sha>            string a signed, pickled function (shared by every task that uses it)
@@ -50,6 +51,8 @@ and the file holds a protocol-5 pickle stream followed by its out-of-band buffer
                                                              segment from another host is sent
                                                              again through Redis; no payload)
     fn:     SIG PAYLOAD                                      (SIG over PAYLOAD alone)
+    output: "<chunk> <offset> <worker>\\n" SIG TEXT             (what item <offset> printed so
+                                                             far, UTF-8; sent while it runs)
 
 T, when there, is each item's time limit in seconds (pmap's task_timeout).
 A message whose status carries no payload is never unpickled, so it needs no signature.
@@ -131,13 +134,16 @@ class Keys:
     def result_payloads(self, jid: str) -> str:
         return f"{self.prefix}:job:{jid}:rp"
 
+    def outputs(self, jid: str) -> str:
+        return f"{self.prefix}:job:{jid}:o"
+
     def cancelled(self, jid: str) -> str:
         return f"{self.prefix}:job:{jid}:x"
 
     def job_keys(self, jid: str) -> list[str]:
         return [self.job(jid), self.queue(jid), self.results(jid), self.results_taken(jid),
                 self.attempts(jid), self.payloads(jid), self.result_payloads(jid),
-                self.cancelled(jid)]
+                self.outputs(jid), self.cancelled(jid)]
 
     def fn(self, sha: str) -> str:
         return f"{self.prefix}:fn:{sha}"
@@ -261,6 +267,15 @@ class ResultHeader(NamedTuple):
     @property
     def payload_field(self) -> str:
         return f"{self.chunk} {self.worker}"
+
+
+def output_header(chunk: int, offset: int, worker: str) -> bytes:
+    return f"{chunk} {offset} {worker}\n".encode()
+
+
+def parse_output_header(line: bytes) -> tuple[int, int, str]:
+    chunk, offset, worker = line.decode(errors="replace").rstrip("\n").split(" ", 2)
+    return int(chunk), int(offset), worker
 
 
 def parse_result_header(line: bytes) -> ResultHeader:

@@ -579,6 +579,16 @@ class Broker:
         return [_s(f) for f in gone or []]
 
     @translate_errors
+    def push_output(self, jid: str, messages: list[bytes]) -> None:
+        """What a running task printed (output messages, protocol.py), for its caller."""
+        self.redis.pipeline([("RPUSH", self.keys.outputs(jid), *messages),
+                             ("PEXPIRE", self.keys.outputs(jid), self._ttl_ms)])
+
+    @translate_errors
+    def pop_outputs(self, jid: str, n: int = 1000) -> list[bytes]:
+        return self.redis.call("LPOP", self.keys.outputs(jid), n) or []
+
+    @translate_errors
     def cancel_chunks(self, jid: str, chunks) -> None:
         """Calls the caller no longer wants (Future.cancel): a worker running one stops it."""
         self.redis.pipeline([("SADD", self.keys.cancelled(jid), *chunks),

@@ -40,7 +40,7 @@ from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
 from .errors import RedisError, TaskTimeoutError, WorkerLostError
 from .queue import Broker
-from .worker import TaskPlan, Worker
+from .worker import TaskLogHandler, TaskPlan, Worker
 
 log = logging.getLogger("pyworker.worker")
 POLL_S = 0.2  # how often the board is read while a task runs (time limits)
@@ -376,6 +376,7 @@ def _executor(settings: Settings, board: Board, plans: dict, parent: int) -> int
     """The executor's life, in the forked child."""
     _die_with(parent)
     config.IN_EXECUTOR = True
+    logging.getLogger().addHandler(TaskLogHandler())
     worker = Worker(settings, board=board, plans=plans)
     worker.install_signal_handlers()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)

@@ -41,23 +41,30 @@ class _Report(NamedTuple):
 
 
 OUTPUT_CAP_BYTES = 1 << 20  # what one task may print; the rest is counted, not kept
+STREAM_AFTER_S = 1.0  # what a running task printed reaches its caller about this much later
 
 
 class _OutputCapture:
     """Collects what items print, tagged with the item's offset in the chunk, up to
     OUTPUT_CAP_BYTES a task (then "... N bytes dropped"). Bytes are taken too, through
     ``.buffer`` or ``write``, as a real stdout's buffer would: a task that writes them must not
-    fail its chunk (decoded as UTF-8, bad bytes replaced)."""
+    fail its chunk (decoded as UTF-8, bad bytes replaced).
+
+    With a ``streamer`` (the worker's), what is printed goes to the caller while the task
+    runs (_Streamer); what is left when the chunk ends goes with its result."""
 
     encoding = "utf-8"
     errors = "replace"
 
-    def __init__(self, cap: int = OUTPUT_CAP_BYTES):
+    def __init__(self, cap: int = OUTPUT_CAP_BYTES, streamer=None, where=None):
         self.offset = 0
         self.parts: dict[int, list[str]] = {}
         self.room = cap
         self.dropped = 0
         self.buffer = self  # sys.stdout.buffer.write(b"...") lands here too
+        self.streamer = streamer
+        self.where = where  # (jid, chunk), for the streamer
+        self.streamed = 0  # output messages sent while the chunk ran
 
     def write(self, text):
         if not isinstance(text, str):
@@ -68,7 +75,12 @@ class _OutputCapture:
             text = text[:max(self.room, 0)]
         if text:
             self.room -= len(text)
-            self.parts.setdefault(self.offset, []).append(text)
+            if self.streamer is None:
+                self.parts.setdefault(self.offset, []).append(text)
+            else:
+                with self.streamer.lock:
+                    self.parts.setdefault(self.offset, []).append(text)
+                self.streamer.poke()
         return n
 
     def flush(self):
@@ -80,13 +92,96 @@ class _OutputCapture:
     def fileno(self):
         raise OSError("a pyworker task's output is captured; it has no file descriptor")
 
-    def texts(self) -> dict[int, str]:
+    def take(self) -> dict[int, str]:
+        """What was printed since the last take (the streamer's, under its lock)."""
         out = {k: "".join(v) for k, v in self.parts.items()}
+        self.parts = {}
+        return out
+
+    def texts(self) -> dict[int, str]:
+        """What the result carries: what was not streamed, and under offset -1 how many
+        output messages were (the caller shows those first)."""
+        if self.streamer is not None:
+            self.streamer.detach(self)
+        out = self.take()
         if self.dropped:
             last = max(out) if out else 0
             out[last] = out.get(last, "") + f"\n... {self.dropped} bytes dropped (a task prints " \
                 f"at most {OUTPUT_CAP_BYTES} bytes)\n"
+        if self.streamed:
+            out[-1] = self.streamed
         return out
+
+
+class _Streamer:
+    """Sends what a running task printed to its caller about once a second (STREAM_AFTER_S),
+    so that a long task's progress shows while it runs. A thread of its own, asleep unless a
+    task printed something: a task that prints nothing never wakes it (and a thread that
+    wakes while a task runs takes the GIL from it). It sends under its lock, so once a chunk's
+    capture is detached nothing of it is sent later than its result."""
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.lock = threading.Lock()
+        self.pending = threading.Event()
+        self.capture: _OutputCapture | None = None
+        self.thread: threading.Thread | None = None
+
+    def attach(self, capture: _OutputCapture):
+        with self.lock:
+            self.capture = capture
+
+    def detach(self, capture: _OutputCapture):
+        with self.lock:  # (waits for a send under way)
+            if self.capture is capture:
+                self.capture = None
+
+    def poke(self):
+        if not self.pending.is_set():
+            self.pending.set()
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, daemon=True,
+                                               name="pyworker-output")
+                self.thread.start()
+
+    def _run(self):
+        while True:
+            self.pending.wait()
+            time.sleep(STREAM_AFTER_S)
+            with self.lock:
+                self.pending.clear()
+                capture = self.capture
+                if capture is None:
+                    continue
+                parts = capture.take()
+                if not parts:
+                    continue
+                jid, chunk = capture.where
+                try:
+                    self.worker.send_output(jid, chunk, parts)
+                    capture.streamed += len(parts)
+                except Exception as exc:  # it goes with the result instead
+                    log.warning("worker %s: could not send a task's output: %s",
+                                self.worker.name, exc)
+                    for offset, text in parts.items():
+                        capture.parts.setdefault(offset, []).insert(0, text)
+
+
+class TaskLogHandler(logging.Handler):
+    """Records that a task logs (not pyworker's own) go with what it prints to its caller,
+    formatted as logging's last-resort handler does (level:logger:message)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+
+    def emit(self, record):
+        stream = sys.stderr
+        if isinstance(stream, _OutputCapture) and not record.name.startswith("pyworker"):
+            try:
+                stream.write(self.format(record) + "\n")
+            except Exception:
+                self.handleError(record)
 
 
 def _exit_error(exc: BaseException) -> Exception:
@@ -117,11 +212,12 @@ def _approx_bytes(value) -> int:
 CHECK_EVERY_MAX = 1024  # items between two looks at the size of a chunk's results
 
 
-def run_chunk(fn, mode: int, items, capture: bool, board=None, failed=None, budget: int = 0):
+def run_chunk(fn, mode: int, items, capture, board=None, failed=None, budget: int = 0):
     """Apply fn to every item; exceptions are caught per item so one bad item loses no others.
     The loop carries nothing it does not need (a chunk of no-ops is mostly loop): the call is
     chosen once per chunk, and an exception resumes the loop after its item.
 
+    ``capture``: what items print is captured (True, or the _OutputCapture to use).
     ``board`` (board.Board): the task is watched, each item's start is written there, so that
     a supervisor can tell which item killed its executor or overran its time limit.
     ``failed``: offset -> packed exception, for items that are not run again (they killed
@@ -136,7 +232,8 @@ def run_chunk(fn, mode: int, items, capture: bool, board=None, failed=None, budg
     run (values then has that many entries)."""
     values = [None] * len(items)
     errors = {}
-    out = _OutputCapture() if capture else None
+    out = capture if isinstance(capture, _OutputCapture) else _OutputCapture() if capture \
+        else None
     saved = sys.stdout, sys.stderr
     if out is not None:
         sys.stdout = sys.stderr = out
@@ -282,6 +379,7 @@ class Worker:
         self._function_bytes: dict[str, int] = {}
         self.stopping = threading.Event()
         self.board = board if board is not None else Board()
+        self.streamer = _Streamer(self)
         self.plans = plans if plans is not None else {}
         self.done = 0
         self.tasks_run = 0
@@ -528,8 +626,12 @@ class Worker:
             items = ()
         else:
             watch = header.timeout > 0 or (plan is not None and plan.watch)
+            capture = None
+            if self.settings.forward_output:
+                capture = _OutputCapture(streamer=self.streamer, where=(header.jid, header.chunk))
+                self.streamer.attach(capture)
             values, errors, outputs, rest = run_chunk(
-                fn, mode, items, self.settings.forward_output,
+                fn, mode, items, capture,
                 self.board if watch else None, plan.failed if plan is not None else None,
                 self.limit_bytes)
         del payload, buffers  # the task's memory can go before the result is written
@@ -671,6 +773,12 @@ class Worker:
         worker would run it a second time when it next waits."""
         self.broker.unhand(self.name, tasks)
         return tasks
+
+    def send_output(self, jid: str, chunk: int, parts: dict[int, str]):
+        """What items of a running chunk printed, to its caller now (the streamer's)."""
+        self.broker.push_output(jid, [
+            self.signer.seal(protocol.output_header(chunk, offset, self.name), text.encode())
+            for offset, text in sorted(parts.items())])
 
     def _drop(self, header, status, reason):
         msg = protocol.result_header(header.chunk, status, self.name, reason)

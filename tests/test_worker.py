@@ -547,3 +547,50 @@ def test_results_too_big_together_come_back_in_parts_and_none_is_lost(make_clust
     finally:
         client.close()
     assert [(len(v), v[0]) for v in out] == [(300 * 1024, x) for x in range(20)]
+
+
+def test_what_a_task_prints_reaches_the_caller_while_it_runs(make_cluster, tmp_path, capsys):
+    """The task prints, logs a warning, then waits at a gate that the test opens only once
+    the caller has shown that print: it arrives while the task runs, before its result, and
+    in order with what the task prints later."""
+    cluster = make_cluster(1)
+    gate = str(tmp_path / "gate")
+
+    def task(x):
+        import logging
+        import os
+        import time
+        print("started", x)
+        logging.getLogger("usercode").warning("a warning from %s", x)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print("finished", x)
+        return x
+
+    t, box = _run_in_thread(pyworker.pmap, task, [7], client=cluster.client, timeout=90)
+    seen = []
+
+    def shown():
+        seen.append(capsys.readouterr().out)
+        return "started 7" in "".join(seen)
+
+    try:
+        wait_until(shown, 20, "the task's first print, in the caller, while the task runs")
+        assert t.is_alive()
+    finally:
+        open(gate, "w").close()
+    t.join(60)
+    out = "".join(seen) + capsys.readouterr().out
+    assert box.get("result") == [7], box
+    assert "WARNING:usercode:a warning from 7" in out
+    assert out.index("started 7") < out.index("finished 7"), out
+
+
+def test_what_a_task_prints_is_capped(make_cluster, capsys):
+    cluster = make_cluster(1)
+    assert pyworker.pmap(lambda x: print("y" * (3 << 20)) or x, [1], client=cluster.client,
+                         timeout=60) == [1]
+    out = capsys.readouterr().out
+    assert "bytes dropped (a task prints at most 1048576 bytes)" in out
+    assert out.count("y") <= (1 << 20) + 100
