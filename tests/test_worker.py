@@ -594,3 +594,23 @@ def test_what_a_task_prints_is_capped(make_cluster, capsys):
     out = capsys.readouterr().out
     assert "bytes dropped (a task prints at most 1048576 bytes)" in out
     assert out.count("y") <= (1 << 20) + 100
+
+
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared-memory", "redis"])
+def test_a_300_mb_result_fails_its_item_under_the_default_limit(make_cluster, shared_memory):
+    """The issue's case as users meet it: the default limit (256 MiB) on both sides."""
+    import dataclasses
+    cluster = make_cluster(1)
+    client = pyworker.Client(dataclasses.replace(cluster.settings(),
+                                                 shared_memory=shared_memory))
+    try:
+        out = pyworker.pmap(lambda x: bytes(300 * 2**20) if x == 1 else x, [0, 1, 2],
+                            chunksize=3, return_exceptions=True, client=client, timeout=120)
+        assert out[0] == 0 and out[2] == 2
+        assert isinstance(out[1], pyworker.SerializationError), out[1]
+        assert "item #1 (1) returned a result of 300.0 MiB pickled, over the limit of 256 MiB" \
+            in str(out[1])
+        assert pyworker.pmap(abs, [-5], client=client, timeout=20) == [5]
+    finally:
+        client.close()
+    assert all(p.poll() is None for p in cluster.workers)
