@@ -30,8 +30,8 @@ demo: ## Set up what is missing, start Redis, $(WORKERS) workers and JupyterLab 
 	$(PYTHON) -m pyworker local --workers $(WORKERS) --lab
 
 test: ## Set up what is missing (pyworker[test,lab], redis-server, helm, kubernetes-validate, Docker), run every test
-	@tools=$$($(SETUP) test helm docker) || exit; eval "$$tools"; \
-	  echo "$(PYTHON) -m pytest tests"; $(PYTHON) -m pytest tests
+	@$(SETUP) test helm docker
+	$(PYTHON) -m pytest tests
 
 test-core: ## Run only the package's tests (sets up pyworker[test,lab] and redis-server)
 	@$(SETUP) test
@@ -50,7 +50,7 @@ bench-scale: ## Scale benchmark: 1,000,000 items in one pmap, and 64 workers on 
 	$(PYTHON) -m bench.scale
 
 bench-cluster: ## pyworker on the offline Kubernetes cluster: seed demo, W1 and W5 with 10 worker pods; stops the cluster and Docker if it started them (root; bench/README.md)
-	@$(SETUP) test helm docker >/dev/null
+	@$(SETUP) test helm docker
 	$(PYTHON) -m bench.cluster
 
 ##@ Chart
@@ -65,8 +65,8 @@ chart-lint: ## helm lint --strict the chart with its defaults and with every cha
 	  for f in chart/ci/*-values.yaml; do echo "== $$f"; "$$helm" lint --strict --quiet chart -f "$$f" || exit 1; done
 
 chart-test: ## Run the chart tests (lint, schema, render + validate, NOTES, secrets) with helm 4 and 3
-	@tools=$$($(SETUP) test helm) || exit; eval "$$tools"; \
-	  echo "$(PYTHON) -m pytest tests/chart"; $(PYTHON) -m pytest tests/chart
+	@$(SETUP) test helm
+	$(PYTHON) -m pytest tests/chart
 
 chart-docs: ## Regenerate docs/chart.md (the table of every value) from chart/values.yaml
 	@$(SETUP) test
@@ -128,7 +128,7 @@ cluster-load: ## Load docker images into the cluster: make cluster-load IMAGES="
 	bash ci/cluster-load-image.sh $(or $(IMAGES),$(IMG) $(REDIS_IMG))
 
 e2e: ## End-to-end: start the offline cluster, build + load the images, install the chart, helm test (tests/e2e)
-	@$(SETUP) test helm docker >/dev/null
+	@$(SETUP) test helm docker
 	bash ci/cluster-up.sh
 	$(IMAGE_ENV) bash ci/build-image.sh all
 	PYWORKER_E2E=1 $(PYTHON) -m pytest tests/e2e
