@@ -17,6 +17,13 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-${VIRTUAL_ENV:-$REPO/.venv}}
 PYTHON=${PYTHON:-$VENV/bin/python}
 BOOTSTRAP_PYTHON=${BOOTSTRAP_PYTHON:-python3}
+# What was installed, for which pyproject.toml: in the environment, or for a PYTHON of one's own
+# in build/ (ignored by git).
+if [[ $PYTHON == "$VENV/bin/python" ]]; then
+  STAMP=$VENV/.pyworker-setup
+else
+  STAMP=$REPO/build/setup-$(printf '%s' "$PYTHON" | sha256sum | cut -c1-12)
+fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
 t0=$SECONDS
 
@@ -57,8 +64,10 @@ make_venv() {
   fi
   command -v "$BOOTSTRAP_PYTHON" >/dev/null || apt_install python3 python3-venv
   log "creating ${VENV#"$REPO"/} ($("$BOOTSTRAP_PYTHON" --version 2>&1)) ..."
+  local existed=0
+  [[ -e $VENV ]] && existed=1
   if ! "$BOOTSTRAP_PYTHON" -m venv "$VENV" >/dev/null 2>&1; then
-    rm -rf "$VENV"  # a venv without pip (no ensurepip) is left half made
+    ((existed)) || rm -rf "$VENV"  # a venv without pip (no ensurepip) is left half made
     apt_install python3-venv
     "$BOOTSTRAP_PYTHON" -m venv "$VENV" || die "$BOOTSTRAP_PYTHON -m venv $VENV failed"
   fi
@@ -81,9 +90,9 @@ PY
 
 installed() { # "extras..." module...: a stamp of one of those extras matches, and modules_ok
   local extras=$1 e; shift
-  [[ -f $VENV/.pyworker-setup ]] || return 1
+  [[ -f $STAMP ]] || return 1
   for e in $extras; do
-    if grep -qxF "$(stamp_key "$e")" "$VENV/.pyworker-setup"; then
+    if grep -qxF "$(stamp_key "$e")" "$STAMP"; then
       modules_ok "$@"
       return
     fi
@@ -120,7 +129,8 @@ pip_install() { # extras "enough extras" module...
   fi
   rm -f "$pipelog"
   modules_ok "$@" || die "pip install -e '.[$extras]' ran, but $PYTHON cannot find pyworker (in $REPO) or one of: $*"
-  stamp_key "$extras" >>"$VENV/.pyworker-setup"
+  mkdir -p "$(dirname "$STAMP")"
+  stamp_key "$extras" >>"$STAMP"
   log "installed pyworker[$extras] in $((SECONDS - t)) s"
 }
 
