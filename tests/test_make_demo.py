@@ -101,6 +101,7 @@ class Demo:
         self.proc = subprocess.Popen(["make", "demo"], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
+        self.ended = False
         self._q: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         request.addfinalizer(self.kill)
@@ -135,13 +136,16 @@ class Demo:
                 return m.group(1), m.group(2)
         pytest.fail(f"no Lab URL within {timeout_s:.0f} s:\n{self.output}")
 
-    def _drain(self, marker):
+    def _drain(self, marker=None):
+        """Take what was read; true once marker is in the output (marker None: once the output
+        has ended)."""
         while not self._q.empty():
             line = self._q.get()
             if line is None:
-                return False
+                self.ended = True
+                break
             self.lines.append(line)
-        return marker in self.output
+        return self.ended if marker is None else marker in self.output
 
     def processes(self) -> dict[int, tuple[str, str]]:
         return _processes_of(self.root, self.proc.pid)
@@ -155,7 +159,7 @@ class Demo:
             rc = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             pytest.fail(f"make demo still running {timeout_s:.0f} s after Ctrl-C")
-        self._drain("")
+        wait_until(self._drain, 10, "the end of make demo's output")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             left = {**_alive(before), **{p: c for p, (_, c) in self.processes().items()}}
