@@ -102,6 +102,7 @@ installed() { # "extras..." module...: a stamp of one of those extras matches, a
 
 pip_install() { # extras "enough extras" module...
   local extras=$1 enough=$2 where=${VENV#"$REPO"/}
+  [[ $PYTHON == "$VENV/bin/python" ]] || where=$PYTHON
   shift 2
   if installed "$enough" "$@"; then
     log "pyworker[$extras] is installed in $where"
