@@ -2,7 +2,15 @@
 SHELL := bash -o pipefail
 .DEFAULT_GOAL := help
 
-PYTHON ?= python3
+# Every target that runs Python uses one environment: the active virtual environment as it is,
+# else the project's own .venv/ (made on first use by ci/setup-env.sh; nothing goes into the
+# system Python). `make PYTHON=...` runs and installs into another Python instead.
+VENV ?= $(or $(VIRTUAL_ENV),$(CURDIR)/.venv)
+PYTHON ?= $(VENV)/bin/python
+export VENV PYTHON
+export PATH := $(VENV)/bin:$(PATH)
+# Sets up what a target needs, only what is missing (ci/setup-env.sh lab|test [helm] [docker]).
+SETUP = bash ci/setup-env.sh
 WORKERS ?= 4
 
 ##@ General
@@ -14,28 +22,35 @@ help: ## List every target with what it does
 
 ##@ Python package
 .PHONY: install demo test test-core bench bench-duel bench-scale bench-cluster
-install: ## Install pyworker and its test dependencies into the current Python (pip)
-	$(PYTHON) -m pip install -q -e '.[test,lab]'
+install: ## Set up the environment (.venv/ unless one is active: pyworker[test,lab] editable) and redis-server
+	@$(SETUP) test
 
-demo: ## Start Redis, $(WORKERS) workers and JupyterLab on this machine; prints the URL (Ctrl-C stops all)
+demo: ## Set up what is missing, start Redis, $(WORKERS) workers and JupyterLab on this machine; prints the URL (Ctrl-C stops all)
+	@$(SETUP) lab
 	$(PYTHON) -m pyworker local --workers $(WORKERS) --lab
 
-test: ## Run every test (core, chart, image); tools a part needs are installed by ci/ scripts
+test: ## Set up what is missing (pyworker[test,lab], redis-server, helm, kubernetes-validate, Docker), run every test
+	@$(SETUP) test helm docker
 	$(PYTHON) -m pytest tests
 
-test-core: ## Run only the package's tests (needs redis-server on PATH)
+test-core: ## Run only the package's tests (sets up pyworker[test,lab] and redis-server)
+	@$(SETUP) test
 	$(PYTHON) -m pytest tests --ignore=tests/chart --ignore=tests/image
 
-bench: ## Benchmark pyworker against its peers and Redis itself (pip install -r bench/requirements.txt; not in `make test`)
+bench: ## Benchmark pyworker against its peers and Redis itself (pip install -r bench/requirements.txt into the same environment; not in `make test`)
+	@$(SETUP) test
 	$(PYTHON) -m bench
 
 bench-duel: ## Head to head: pyworker against ProcessPoolExecutor and Pool turn by turn in one process, with a sign test (about 5 min; bench/README.md)
+	@$(SETUP) test
 	$(PYTHON) -m bench.duel
 
 bench-scale: ## Scale benchmark: 1,000,000 items in one pmap, and 64 workers on one Redis (bench/README.md)
+	@$(SETUP) test
 	$(PYTHON) -m bench.scale
 
 bench-cluster: ## pyworker on the offline Kubernetes cluster: seed demo, W1 and W5 with 10 worker pods; stops the cluster and Docker if it started them (root; bench/README.md)
+	@$(SETUP) test helm docker
 	$(PYTHON) -m bench.cluster
 
 ##@ Chart
@@ -50,9 +65,11 @@ chart-lint: ## helm lint --strict the chart with its defaults and with every cha
 	  for f in chart/ci/*-values.yaml; do echo "== $$f"; "$$helm" lint --strict --quiet chart -f "$$f" || exit 1; done
 
 chart-test: ## Run the chart tests (lint, schema, render + validate, NOTES, secrets) with helm 4 and 3
+	@$(SETUP) test helm
 	$(PYTHON) -m pytest tests/chart
 
 chart-docs: ## Regenerate docs/chart.md (the table of every value) from chart/values.yaml
+	@$(SETUP) test
 	$(PYTHON) ci/chart-docs.py --write
 
 ##@ Image
@@ -85,6 +102,7 @@ image-lock: ## Regenerate image/requirements.lock from image/requirements.in wit
 	$(IMAGE_ENV) bash ci/build-image.sh lock
 
 image-test: ## Test the images (pytest tests/image; builds them first unless up to date)
+	@$(SETUP) test docker
 	$(IMAGE_ENV) $(PYTHON) -m pytest tests/image
 
 ##@ Cluster
@@ -110,6 +128,7 @@ cluster-load: ## Load docker images into the cluster: make cluster-load IMAGES="
 	bash ci/cluster-load-image.sh $(or $(IMAGES),$(IMG) $(REDIS_IMG))
 
 e2e: ## End-to-end: start the offline cluster, build + load the images, install the chart, helm test (tests/e2e)
+	@$(SETUP) test helm docker
 	bash ci/cluster-up.sh
 	$(IMAGE_ENV) bash ci/build-image.sh all
 	PYWORKER_E2E=1 $(PYTHON) -m pytest tests/e2e

@@ -5,7 +5,6 @@ import argparse
 import logging
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -64,8 +63,9 @@ def _lab_answers(url: str) -> bool:
 def _local(args) -> int:
     from .local import LocalCluster, _wait, free_port, with_parent
     from .startup import write_startup_file
-    if args.lab and shutil.which("jupyter") is None and not _has_module("jupyterlab"):
-        print("pyworker local --lab needs JupyterLab: pip install 'pyworker[lab]'", file=sys.stderr)
+    if args.lab and not _has_module("jupyterlab"):  # it runs as `sys.executable -m jupyterlab`
+        print(f"pyworker local --lab needs JupyterLab in {sys.executable}: "
+              "pip install 'pyworker[lab]'", file=sys.stderr)
         return 2
     cluster = LocalCluster(args.workers, quiet=False)
     lab = None

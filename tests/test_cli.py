@@ -139,6 +139,34 @@ def test_local_lab_serves_jupyterlab_with_a_token():
         proc.wait(30)
 
 
+def test_local_lab_without_jupyterlab_says_what_to_install(tmp_path):
+    """A Python where pyworker and its dependencies are importable and JupyterLab is not (no
+    site-packages: `-S`; pyworker, cloudpickle and tqdm through PYTHONPATH), with a `jupyter`
+    command on PATH all the same: one line says what to install, before Redis or a worker starts."""
+    import importlib.util
+    shim = tmp_path / "site"
+    shim.mkdir()
+    for name in ("pyworker", "cloudpickle", "tqdm"):
+        spec = importlib.util.find_spec(name)
+        (shim / name).symlink_to(os.path.dirname(spec.origin))
+    probe = subprocess.run([sys.executable, "-S", "-c", "import jupyterlab"], timeout=30,
+                           env={**os.environ, "PYTHONPATH": str(shim)}, capture_output=True)
+    assert probe.returncode != 0, "jupyterlab is importable without site-packages"
+    jupyter = tmp_path / "bin" / "jupyter"  # a `jupyter` of another Python on PATH
+    jupyter.parent.mkdir()
+    jupyter.write_text("#!/bin/sh\nexit 0\n")
+    jupyter.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(shim),
+           "PATH": f"{jupyter.parent}{os.pathsep}{os.environ['PATH']}"}
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-S", "-m", "pyworker", "local", "--workers", "1",
+                          "--lab"], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert res.stdout == ""  # nothing started: no "starting Redis" line
+    assert res.stderr.count("\n") == 1 and "pip install 'pyworker[lab]'" in res.stderr, res.stderr
+    assert time.monotonic() - t0 < 20
+
+
 def test_a_worker_or_healthcheck_start_imports_nothing_of_the_callers_side():
     """Workers and healthchecks start through the package: its API modules (and ssl, urllib,
     html) load only when used, so that every pod and local worker starts sooner."""

@@ -1,7 +1,7 @@
 """Helpers for the end-to-end tests on the offline test cluster (docs/cluster.md).
 
 Opt-in, because they need root, a running cluster and the built images:
-    make e2e    (= cluster-up + images + PYWORKER_E2E=1 python3 -m pytest tests/e2e)
+    make e2e    (= set-up + cluster-up + images + PYWORKER_E2E=1 .venv/bin/python -m pytest tests/e2e)
 The cluster is found through $KUBECONFIG or the fixed path ~/.cache/pyworker/cluster/admin.conf.
 Each test installs into its own namespace(s) and removes them afterwards (PYWORKER_E2E_KEEP=1 keeps them).
 Only 127.0.0.1 and the cluster are contacted.
