@@ -391,7 +391,11 @@ def _die_with(parent: int):
     """The executor gets SIGKILL when its supervisor dies, however it dies (a killed pod, a
     killed LocalCluster): it must not run on, unsupervised, holding the worker's name."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        # its command line is the supervisor's: a name of its own tells the two apart in
+        # ps -o comm, top and htop
+        libc.prctl(15, b"pyworker-exec")  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent:  # it died before the line above

@@ -62,6 +62,13 @@ def _stat(pid) -> tuple[int, str, str] | None:
     return int(fields[1]), fields[0], fields[19]
 
 
+def _comm(pid) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _cmdline(pid) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
@@ -242,7 +249,10 @@ def test_make_demo_in_a_fresh_clone_with_a_fresh_venv(request, fresh_clone):
     running = first.processes()
     kinds = {k: sum(k in c for _, c in running.values())
              for k in ("redis-server", "pyworker worker", "jupyterlab")}
-    assert kinds == {"redis-server": 1, "pyworker worker": 4, "jupyterlab": 1}, running
+    executors = sum(_comm(pid) == "pyworker-exec" for pid in running)
+    # each worker is a supervisor and the executor it forked (same command line)
+    assert kinds == {"redis-server": 1, "pyworker worker": 8, "jupyterlab": 1}, running
+    assert executors == 4, running
     out = _seed_demo(base, token)
     _progress(request, f"seed demo: 13 x 1 s in {out['wall']:.1f} s")
     first.ctrl_c()

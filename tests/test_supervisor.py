@@ -219,6 +219,10 @@ def test_status_shows_each_workers_executor(make_cluster):
     pids = set(pyworker.pmap(lambda _: os.getpid(), range(20), chunksize=1,
                              client=cluster.client, timeout=30))
     assert pids <= execs
+    for pid in execs:  # ps and top tell an executor from its supervisor
+        assert open(f"/proc/{pid}/comm").read().strip() == "pyworker-exec"
+    for proc in cluster.workers:
+        assert open(f"/proc/{proc.pid}/comm").read().strip() != "pyworker-exec"
 
 
 def test_sigterm_mid_task_finishes_it_and_the_worker_leaves(make_cluster, tmp_path):
