@@ -287,3 +287,24 @@ def test_future_cancel_stops_a_running_call_and_no_other(make_cluster, tmp_path)
         assert short.result(timeout=20) == "short"
         assert ex.submit(abs, -3).result(timeout=20) == 3
     assert all(_alive(cluster))
+
+
+def test_executor_shutdown_cancel_futures_stops_running_calls(make_cluster, tmp_path):
+    cluster = make_cluster(2)
+    folder = str(tmp_path)
+
+    def nap(s):
+        import os
+        import time
+        open(os.path.join(folder, str(os.getpid())), "w").close()
+        time.sleep(s)
+
+    ex = pyworker.Executor(client=cluster.client)
+    futures = [ex.submit(nap, 40) for _ in range(4)]
+    wait_until(lambda: len(os.listdir(folder)) == 2, 20, "two calls to run")
+    pids = [int(n) for n in os.listdir(folder)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert all(f.cancelled() for f in futures)
+    wait_until(lambda: all(_pid_gone(p) for p in pids), 5, "the running calls to stop")
+    assert pyworker.pmap(abs, [-1, -2], client=cluster.client, timeout=20) == [1, 2]
+    assert all(_alive(cluster))
