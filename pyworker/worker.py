@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import _signal
 import signal
 import sys
 import threading
@@ -450,7 +451,8 @@ class Worker:
         handler that lets the worker stop gracefully."""
         if os.getcwd() != self._cwd:
             os.chdir(self._cwd)
-        if self._on_term is not None and signal.getsignal(signal.SIGTERM) is not self._on_term:
+        # (_signal: signal.getsignal turns the answer into an enum, 3 µs a task here)
+        if self._on_term is not None and _signal.getsignal(signal.SIGTERM) is not self._on_term:
             signal.signal(signal.SIGTERM, self._on_term)
 
     def _loop(self, held: deque):
