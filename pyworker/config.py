@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -52,6 +53,19 @@ class Settings:
     # instead of Redis when caller and worker share the host (proven, never assumed; shm.py).
     shared_memory: bool = True
     shm_dir: str = "/dev/shm"
+
+    def __repr__(self):
+        # Never the secret or the Redis password, which a notebook's output or a log would keep:
+        # whether they are set, and the URL without its userinfo.
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SECRET_FIELDS and value:
+                value = "<set>"
+            elif f.name == "redis_url" and value:
+                value = url_without_password(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     def __post_init__(self):
         positive = ("lease_s", "heartbeat_s", "job_ttl_s", "max_message_mb", "connect_timeout_s",
@@ -106,6 +120,15 @@ class Settings:
                 "pyworker.connect(url=..., password=..., secret=...); or start a local "
                 "cluster with `pyworker local --workers 4`"
             )
+
+
+_SECRET_FIELDS = ("redis_password", "secret")
+
+
+def url_without_password(url: str) -> str:
+    """The URL with its password, if it has one, replaced by *** (also in a URL that does not
+    parse: its error message shows it)."""
+    return re.sub(r"^([A-Za-z][\w+.-]*://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def _parse(name: str, typ, raw: str):

@@ -6,7 +6,7 @@ import time
 from urllib.parse import urlsplit
 
 from . import protocol, resp
-from .config import Settings
+from .config import Settings, url_without_password
 from .errors import ConnectionError as PyworkerConnectionError
 from .errors import RedisError
 
@@ -365,8 +365,9 @@ class Broker:
             self.redis = resp.Redis(settings.redis_url, password=settings.redis_password or None,
                                     connect_timeout=settings.connect_timeout_s)
         except ValueError as exc:
+            shown = url_without_password(settings.redis_url)
             raise PyworkerConnectionError(
-                f"PYWORKER_REDIS_URL={settings.redis_url!r} is not a Redis URL ({exc}); "
+                f"PYWORKER_REDIS_URL={shown!r} is not a Redis URL ({exc}); "
                 "expected redis://host:6379/0 (or unix:///path/to/redis.sock)",
                 retryable=False) from None
         prelude = self.keys.lua_prelude()

@@ -99,3 +99,19 @@ def test_spin_is_a_short_time_and_can_be_turned_off():
     assert Settings.from_env({"PYWORKER_SPIN_S": "0"}).spin_s == 0
     with pytest.raises(ConfigurationError, match="PYWORKER_SPIN_S must be 0"):
         Settings.from_env({"PYWORKER_SPIN_S": "-1"})
+
+
+def test_settings_repr_never_shows_the_secret_or_the_password():
+    settings = Settings(redis_url="redis://bob:hunter2-in-url@h:6379/0",
+                        redis_password="hunter2-password", secret="hunter2-secret-key")
+    for text in (repr(settings), str(settings), f"{settings}"):
+        assert "hunter2" not in text, text
+        assert "redis://bob:***@h:6379/0" in text and "secret='<set>'" in text, text
+    assert "secret=None" in repr(Settings(redis_url="redis://h:6379/0"))
+    assert "redis://:***@h:port/0" in repr(Settings(redis_url="redis://:hunter2@h:port/0"))
+
+
+def test_a_malformed_url_is_named_without_its_password():
+    with pytest.raises(ConnectionError, match="is not a Redis URL") as info:
+        pyworker.connect(url="redis://:hunter2@127.0.0.1:notaport/0", secret="s")
+    assert "hunter2" not in str(info.value) and "redis://:***@127.0.0.1:notaport/0" in str(info.value)
