@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from .errors import ConfigurationError
 
 ENV_PREFIX = "PYWORKER_"
+MIN_SECRET_BYTES = 16  # the signing key's least length
 # True in a worker's executor, the process that runs tasks (supervisor.py): a pmap there runs
 # in the task itself (api._nested).
 IN_EXECUTOR = False
@@ -112,6 +113,12 @@ class Settings:
             missing.append("PYWORKER_REDIS_URL (e.g. redis://host:6379/0)")
         if not self.secret:
             missing.append("PYWORKER_SECRET (the key that signs every message)")
+        if self.secret and len(self.secret.encode()) < MIN_SECRET_BYTES:
+            # A short key can be guessed offline from any one signed message in Redis.
+            raise ConfigurationError(
+                f"PYWORKER_SECRET is {len(self.secret.encode())} byte(s) long; it must be at "
+                f"least {MIN_SECRET_BYTES}. Make a random one with: python -c \"import secrets; "
+                "print(secrets.token_urlsafe(32))\" (and give the same to the workers)")
         if missing:
             raise ConfigurationError(
                 "pyworker has no Redis configured: set "

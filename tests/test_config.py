@@ -36,7 +36,7 @@ def test_no_redis_configured_says_what_to_set():
 
 def test_wrong_password_is_one_clear_line(redis_server):
     with pytest.raises(ConnectionError) as info:
-        pyworker.connect(url=redis_server.url, password="wrong", secret="s")
+        pyworker.connect(url=redis_server.url, password="wrong", secret="test-secret-16-bytes")
     text = str(info.value)
     assert "refused the password" in text and "\n" not in text
     assert info.value.__cause__ is None and info.value.__suppress_context__
@@ -44,18 +44,18 @@ def test_wrong_password_is_one_clear_line(redis_server):
 
 def test_missing_password_is_one_clear_line(redis_server):
     with pytest.raises(ConnectionError, match="needs a password|refused the password"):
-        pyworker.connect(url=redis_server.url, password="", secret="s")
+        pyworker.connect(url=redis_server.url, password="", secret="test-secret-16-bytes")
 
 
 def test_unreachable_redis_is_one_clear_line(redis_server):
     from pyworker.local import free_port
     with pytest.raises(ConnectionError, match=r"cannot reach Redis at 127.0.0.1:\d+: .*refused"):
-        pyworker.connect(url=f"redis://127.0.0.1:{free_port()}/0", password="p", secret="s")
+        pyworker.connect(url=f"redis://127.0.0.1:{free_port()}/0", password="p", secret="test-secret-16-bytes")
 
 
 def test_not_a_redis_url():
     with pytest.raises(ConnectionError, match="is not a Redis URL"):
-        pyworker.connect(url="http://example.invalid/", password="p", secret="s")
+        pyworker.connect(url="http://example.invalid/", password="p", secret="test-secret-16-bytes")
 
 
 def test_connect_makes_the_default_client(redis_server):
@@ -63,7 +63,7 @@ def test_connect_makes_the_default_client(redis_server):
     before = api._default
     try:
         client = pyworker.connect(url=redis_server.url, password=redis_server.password,
-                                  secret="s")
+                                  secret="test-secret-16-bytes")
         assert pyworker.get_client() is client
         assert pyworker.status().alive == []
     finally:
@@ -113,5 +113,14 @@ def test_settings_repr_never_shows_the_secret_or_the_password():
 
 def test_a_malformed_url_is_named_without_its_password():
     with pytest.raises(ConnectionError, match="is not a Redis URL") as info:
-        pyworker.connect(url="redis://:hunter2@127.0.0.1:notaport/0", secret="s")
+        pyworker.connect(url="redis://:hunter2@127.0.0.1:notaport/0", secret="test-secret-16-bytes")
     assert "hunter2" not in str(info.value) and "redis://:***@127.0.0.1:notaport/0" in str(info.value)
+
+
+def test_a_short_secret_is_refused_with_a_way_to_make_one(redis_server):
+    with pytest.raises(ConfigurationError, match="PYWORKER_SECRET is 5 byte.* at least 16") as info:
+        pyworker.connect(url=redis_server.url, password=redis_server.password, secret="short")
+    assert "secrets.token_urlsafe" in str(info.value) and "short" not in str(info.value)
+    client = pyworker.connect(url=redis_server.url, password=redis_server.password,
+                              secret="x" * 16)
+    assert client.ping() is client

@@ -162,7 +162,7 @@ def test_surplus_wake_tokens_never_pile_up(redis_server):
     from pyworker.config import Settings
     from pyworker.queue import Broker
     broker = Broker(Settings(redis_url=redis_server.url, redis_password=redis_server.password,
-                             secret="s"))
+                             secret="test-secret-16-bytes"))
     try:
         for name in ("w1", "w2"):  # registered and busy: neither is on the idle stack
             broker.register_worker(name, {"pid": "1"})
@@ -186,7 +186,7 @@ def test_live_workers_are_those_with_a_lease_in_one_round_trip(redis_server, mon
     from pyworker.config import Settings
     from pyworker.queue import Broker
     broker = Broker(Settings(redis_url=redis_server.url, redis_password=redis_server.password,
-                             secret="s"))
+                             secret="test-secret-16-bytes"))
     try:
         assert broker.live_worker_shm() == []
         broker.register_worker("a", {"shm": "id-a"})
@@ -207,7 +207,7 @@ def _broker(redis_server):
     from pyworker.config import Settings
     from pyworker.queue import Broker
     return Broker(Settings(redis_url=redis_server.url, redis_password=redis_server.password,
-                           secret="s"))
+                           secret="test-secret-16-bytes"))
 
 
 def test_an_idle_worker_is_handed_its_task_and_an_older_one_gets_a_token(redis_server):
@@ -289,7 +289,7 @@ def test_a_handed_task_adopted_from_the_active_hash_never_runs_twice(redis_serve
     from pyworker.config import Settings
     from pyworker.worker import Worker
     worker = Worker(Settings(redis_url=redis_server.url, redis_password=redis_server.password,
-                             secret="s", worker_name="w1"))
+                             secret="test-secret-16-bytes", worker_name="w1"))
     broker = worker.broker
     try:
         broker.register_worker("w1", {"pid": "1", "handoff": "1"})
@@ -456,7 +456,7 @@ def test_a_read_only_replica_is_waited_out_and_misconf_names_the_setting(redis_s
     from pyworker.queue import Broker
     os.makedirs(tmp_path / "replica")
     other = RedisServer(workdir=str(tmp_path / "replica")).start()
-    broker = Broker(Settings(redis_url=other.url, redis_password=other.password, secret="s"))
+    broker = Broker(Settings(redis_url=other.url, redis_password=other.password, secret="test-secret-16-bytes"))
     try:
         broker.redis.call("CONFIG", "SET", "masterauth", redis_server.password)
         broker.redis.call("REPLICAOF", "127.0.0.1", redis_server.port)
@@ -503,7 +503,7 @@ def test_a_submit_with_big_payloads_creates_the_job_with_its_fields_and_not_a_go
     from pyworker.config import Settings
     from pyworker.queue import JOB_GONE, Broker
     broker = Broker(Settings(redis_url=redis_server.url, redis_password=redis_server.password,
-                             secret="s"))
+                             secret="test-secret-16-bytes"))
     try:
         broker.submit("job1", [b"t"], 0, meta={"created": "1", "caller": "here"},
                       payloads={0: b"p" * 1000})

@@ -31,7 +31,7 @@ def test_new_ipython_has_pmap_imap_and_executor_with_no_import(cluster):
 def test_unreachable_redis_prints_one_line_and_the_kernel_still_works():
     from pyworker.local import free_port
     env = {**_clean_env(), "PYWORKER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-           "PYWORKER_SECRET": "s"}
+           "PYWORKER_SECRET": "test-secret-16-bytes"}
     out = _ipython("print(6 * 7); print(callable(pmap))", env)
     assert out.returncode == 0
     assert out.stdout.split() == ["42", "True"]

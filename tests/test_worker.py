@@ -250,7 +250,7 @@ def test_a_task_header_this_worker_cannot_read_fails_the_call_saying_why(cluster
 
 def test_worker_with_wrong_password_says_so_in_one_line(redis_server):
     env = {**os.environ, "PYWORKER_REDIS_URL": redis_server.url,
-           "PYWORKER_REDIS_PASSWORD": "wrong", "PYWORKER_SECRET": "s"}
+           "PYWORKER_REDIS_PASSWORD": "wrong", "PYWORKER_SECRET": "test-secret-16-bytes"}
     proc = subprocess.run([sys.executable, "-m", "pyworker", "worker"], env=env,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
@@ -303,7 +303,7 @@ def test_worker_started_before_redis_waits_for_it(tmp_path):
 
     server = RedisServer(port=free_port())
     env = {**os.environ, "PYWORKER_REDIS_URL": server.url, "PYWORKER_REDIS_PASSWORD": server.password,
-           "PYWORKER_SECRET": "s", "PYWORKER_RECONNECT_S": "60"}
+           "PYWORKER_SECRET": "test-secret-16-bytes", "PYWORKER_RECONNECT_S": "60"}
     log = open(tmp_path / "worker.log", "w+")
     worker = subprocess.Popen([sys.executable, "-m", "pyworker", "worker"], env=env, stdout=log,
                               stderr=subprocess.STDOUT)
@@ -313,7 +313,7 @@ def test_worker_started_before_redis_waits_for_it(tmp_path):
         assert worker.poll() is None, "the worker gave up instead of waiting for Redis"
         server.start()
         client = pyworker.Client(pyworker.Settings.from_env(
-            environ={}, redis_url=server.url, redis_password=server.password, secret="s"))
+            environ={}, redis_url=server.url, redis_password=server.password, secret="test-secret-16-bytes"))
         try:
             assert pyworker.pmap(abs, [-5], client=client, timeout=30) == [5]
         finally:

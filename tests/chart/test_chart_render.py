@@ -95,6 +95,7 @@ def test_workers_sets_replicas(helm, workers):
     ("lab.service.type=External", r"lab.*service.*type"),
     ("image.pullPolicy=Sometimes", r"image.*pullPolicy"),
     ("redis.persistence.enabled=maybe", r"redis.*persistence.*enabled"),
+    ("signingKey=short", r"signingKey.*(equal to 16|want 16)"),
 ])
 def test_bad_values_fail_schema_and_render_nothing(helm, bad, error):
     proc = helm.run("template", "par", str(CHART), "--set", bad)
