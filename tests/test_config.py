@@ -2,6 +2,7 @@
 import pytest
 
 import pyworker
+from pyworker.client import Client
 from pyworker.config import Settings
 from pyworker.errors import ConfigurationError, ConnectionError
 
@@ -121,6 +122,8 @@ def test_a_short_secret_is_refused_with_a_way_to_make_one(redis_server):
     with pytest.raises(ConfigurationError, match="PYWORKER_SECRET is 5 byte.* at least 16") as info:
         pyworker.connect(url=redis_server.url, password=redis_server.password, secret="short")
     assert "secrets.token_urlsafe" in str(info.value) and "short" not in str(info.value)
-    client = pyworker.connect(url=redis_server.url, password=redis_server.password,
-                              secret="x" * 16)
+    # (a Client of its own: connect() would make it the default of the tests that follow)
+    client = Client(Settings(redis_url=redis_server.url, redis_password=redis_server.password,
+                             secret="x" * 16))
     assert client.ping() is client
+    client.close()
