@@ -536,6 +536,22 @@ class _Future(cf.Future):
         self._executor._cancelled(self)
         return True
 
+    def running(self):
+        """True while a worker runs the call (asks Redis; False once it is done). Unlike
+        ProcessPoolExecutor's, a running call can still be cancelled: cancel() stops it."""
+        if super().running():
+            return True
+        with self._condition:
+            if self._state != cf._base.PENDING or self._chunk is None:
+                return False
+        job = self._executor._job
+        if job is None or not job.live:
+            return False
+        try:
+            return job.client.broker.chunk_held(job.jid, self._chunk)
+        except PyworkerError:  # Redis gone: nothing can be said to run
+            return False
+
 
 class Executor(cf.Executor):
     """A concurrent.futures.Executor on the workers: submit, map, as_completed, wait, with.

@@ -1,6 +1,8 @@
 """Exceptions that users see."""
 from __future__ import annotations
 
+import builtins
+
 
 class PyworkerError(Exception):
     """Base class of pyworker's own errors."""
@@ -10,9 +12,11 @@ class ConfigurationError(PyworkerError):
     """No or wrong settings: the message says which variable or argument to set."""
 
 
-class ConnectionError(PyworkerError):  # noqa: A001 - deliberately shadows the builtin here
+class ConnectionError(PyworkerError, builtins.ConnectionError):  # noqa: A001
     """Redis cannot be reached or refused the password; one line, no socket stack.
 
+    It subclasses the builtin ConnectionError (an OSError), so ``except ConnectionError`` and
+    ``except OSError`` catch it whether or not they mean pyworker's.
     ``retryable`` is true when waiting may help (Redis not up yet), false for a wrong password."""
 
     def __init__(self, message, retryable=True):

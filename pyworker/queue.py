@@ -266,6 +266,17 @@ end
 return reaped
 """
 
+# Whether a live worker holds the task "<jid> <chunk>" (ARGV[1]) in its active hash: it runs it
+# (a worker takes a task ahead only while its tasks are short). O(workers): for Future.running(),
+# which people call now and then, not for anything on the hot path.
+_HELD = r"""
+for _, name in ipairs(redis.call('SMEMBERS', K_WORKERS)) do
+  if redis.call('HEXISTS', k_active(name), ARGV[1]) == 1 and redis.call('EXISTS', k_hb(name)) == 1
+  then return 1 end
+end
+return 0
+"""
+
 
 def _one_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
@@ -340,6 +351,8 @@ def translate_errors(method):
             return method(self, *args, **kwargs)
         except resp.ReplyError as exc:
             raise _reply_error(self.where, exc) from None
+        except PyworkerConnectionError:  # an OSError too: already said, keep its `retryable`
+            raise
         except OSError as exc:
             raise PyworkerConnectionError(
                 f"cannot reach Redis at {self.where}: {_one_line(exc) or 'connection failed'}. "
@@ -378,6 +391,7 @@ class Broker:
         self._keep = resp.Script(prelude + _KEEP)
         self._reap = resp.Script(prelude + _REAP)
         self._live = resp.Script(prelude + _LIVE)
+        self._held = resp.Script(prelude + _HELD)
         self._submit_loaded = False  # whether Redis is known to have the submit script
         self._ttl_ms = int(settings.job_ttl_s * 1000)
         self._lease_ms = int(settings.lease_s * 1000)
@@ -594,6 +608,11 @@ class Broker:
         """Calls the caller no longer wants (Future.cancel): a worker running one stops it."""
         self.redis.pipeline([("SADD", self.keys.cancelled(jid), *chunks),
                              ("PEXPIRE", self.keys.cancelled(jid), self._ttl_ms)])
+
+    @translate_errors
+    def chunk_held(self, jid: str, chunk: int) -> bool:
+        """Whether a live worker has taken this chunk (it runs it now)."""
+        return self.redis.run(self._held, f"{jid} {chunk}") == 1
 
     @translate_errors
     def set_worker_info(self, name: str, **info) -> None:

@@ -9,6 +9,7 @@ import pytest
 import pyworker
 from pyworker import Executor, RemoteError, SerializationError, imap, imap_unordered, pmap
 from pyworker.api import auto_chunksize
+from pyworker.config import Settings
 
 from support import ForkedChild, executors, redis_keys, wait_until
 
@@ -450,6 +451,42 @@ def test_executor_future_carries_the_remote_exception(cluster):
         with pytest.raises(ValueError, match="invalid literal") as info:
             f.result(timeout=30)
         assert "int" in str(info.value.__cause__)
+
+
+def test_executor_future_is_running_while_a_worker_runs_it(cluster, tmp_path):
+    import time
+    gate = tmp_path / "go"
+
+    def _wait_for_file(path, limit=30.0):  # nested: pickled by value, the workers cannot import tests
+        import os
+        import time
+        end = time.monotonic() + limit
+        while not os.path.exists(path):
+            if time.monotonic() > end:
+                raise TimeoutError(path)
+            time.sleep(0.01)
+        return "released"
+
+    with Executor() as ex:
+        f = ex.submit(_wait_for_file, str(gate))
+        end = time.monotonic() + 20
+        while not f.running():
+            assert time.monotonic() < end, "the call never showed as running"
+            assert not f.done()
+            time.sleep(0.02)
+        assert not f.done()
+        gate.touch()
+        assert f.result(timeout=30) == "released"
+        assert not f.running() and f.done()
+
+
+def test_connection_error_is_the_builtin_one_too():
+    from pyworker.client import Client
+    with pytest.raises(ConnectionError) as info:  # the builtin name
+        Client(Settings(redis_url="redis://127.0.0.1:1/0", secret="test-secret-16-bytes",
+                        connect_timeout_s=0.5, reconnect_s=0.1)).broker.ping()
+    assert isinstance(info.value, pyworker.ConnectionError) and isinstance(info.value, OSError)
+    assert "cannot reach Redis at 127.0.0.1:1" in str(info.value)
 
 
 def test_executor_shutdown_cancels_pending_futures(cluster):
