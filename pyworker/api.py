@@ -205,6 +205,11 @@ def _values(result: ChunkResult, items, first, return_exceptions) -> list:
     if -1 in errors:
         values = [None] * len(items)
         errors = {offset: errors[-1] for offset in range(len(items))}
+    elif len(values) != len(items) or any(not 0 <= o < len(items) for o in errors):
+        raise SignatureError(
+            f"the result of chunk {result.chunk} from worker {result.worker} has "
+            f"{len(values)} values for its {len(items)} items: it is not this chunk's result "
+            "(a worker with another pyworker version?); nothing of it was used")
     for offset in sorted(errors):
         exc = _item_exception(errors[offset], first + offset, items[offset], result.worker)
         if not return_exceptions:
@@ -691,6 +696,10 @@ class Executor(cf.Executor):
                     _raise_for_status(result, [what], 0, False)
                 if result.outputs:
                     _show_outputs(result, 0)
+                if not result.errors and len(result.values) != 1:
+                    raise SignatureError(
+                        f"the result of the call {what} from worker {result.worker} has "
+                        f"{len(result.values)} values, not 1: it is not this call's result")
                 if result.errors:
                     packed = result.errors.get(0, result.errors.get(-1))
                     exc = serialize.unpack_exception(packed, f"call {what}", item=what,

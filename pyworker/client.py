@@ -1,6 +1,7 @@
 """The caller's side of a job: functions and chunks in, results out, keys kept alive meanwhile."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -17,6 +18,8 @@ from .queue import FUNCTION_MISSING, Broker
 MAX_WAKE_TOKENS = 256
 # Without results for this long, a job checks that Redis still has it (one EXISTS).
 LOST_CHECK_S = 2.0
+_TASK_CONTEXT = protocol.mac_context(protocol.KIND_TASK)
+log = logging.getLogger("pyworker")
 # A take waits for one result and brings up to this many more that are in Redis already.
 MAX_TAKE_AHEAD = 8
 SHM_SWEEP_EVERY_S = 10.0  # orphaned segments are looked for at most this often, at a job start
@@ -168,7 +171,8 @@ class Client:
                 idle_since = None
             try:
                 shas = {sha for j in jobs for sha in j.fn_shas}
-                self.broker.keep_alive([j.jid for j in jobs], shas)
+                self.broker.keep_alive([j.jid for j in jobs], shas,
+                                       {j.jid: j.alive_record() for j in jobs if j.created})
             except Exception:  # the next round retries; the caller's own calls report errors
                 pass
 
@@ -248,6 +252,9 @@ class Job:
         self._unacked: list[bytes] = []
         self._recover = False
         self._last_result = self._last_check = time.monotonic()
+        self._result_ctx = protocol.mac_context(protocol.KIND_RESULT, self.jid)
+        self._output_ctx = protocol.mac_context(protocol.KIND_OUTPUT, self.jid)
+        self._forged = 0  # messages dropped: not signed for this job with this caller's key
         if self.shm is not None:
             shm.job_started(self.jid)
 
@@ -280,15 +287,25 @@ class Job:
                 header = protocol.task_header(self.jid, chunk, fn_sha, serialize.PYTHON_VERSION,
                                               serialize.CLOUDPICKLE_VERSION,
                                               where=protocol.SHARED, shm=tag,
-                                              timeout=self.task_timeout)
-                return client.signer.seal(header, desc.encode()), None
+                                              timeout=self.task_timeout, alive=self._alive())
+                return client.signer.seal(_TASK_CONTEXT, header, desc.encode()), None
         if oob:  # big buffers were out of band, but this payload goes through Redis
             payload = serialize.dumps_chunk(mode, items, first, client.limit_bytes)
         inline = len(payload) <= protocol.INLINE_MAX_BYTES
         header = protocol.task_header(self.jid, chunk, fn_sha, serialize.PYTHON_VERSION,
                                       serialize.CLOUDPICKLE_VERSION, ref=not inline, shm=tag,
-                                      timeout=self.task_timeout)
-        return client.signer.seal(header, payload, inline), None if inline else payload
+                                      timeout=self.task_timeout, alive=self._alive())
+        return (client.signer.seal(_TASK_CONTEXT, header, payload, inline),
+                None if inline else payload)
+
+    def _alive(self) -> int:
+        """Until when a task made now may run (protocol 'A'): the job's TTL from now; after
+        that, workers ask the job's 'alive' record that the keep-alive renews."""
+        return int(time.time() + self.client.settings.job_ttl_s)
+
+    def alive_record(self) -> str:
+        until = self._alive()
+        return protocol.alive_record(until, self.client.signer.alive_mac(self.jid, until))
 
     def submit(self, mode: int, fn_sha: str, chunks: list[tuple[int, list]],
                wait_s: float | None = None, spin_s: float = 0.0) -> list[int]:
@@ -427,6 +444,8 @@ class Job:
                     if self.created and not client.broker.job_exists(self.jid):
                         raise self._lost()
                     lost_since = None
+                    if self.created:
+                        self._check_refusals()
                 if self._recover:
                     self._recover_taken()
                 data = (self._early.pop(0) if self._early
@@ -438,9 +457,11 @@ class Job:
                     if on_wait is not None:
                         on_wait()
                     continue
-                self._last_result = time.monotonic()
                 try:
                     result = self._parse(data)
+                    if result is None:
+                        continue
+                    self._last_result = time.monotonic()
                     if result.status == protocol.STATUS_RESEND and result.chunk in self._segments:
                         self._resend(result.chunk)
                         continue
@@ -460,6 +481,18 @@ class Job:
                 if now - lost_since > client.settings.reconnect_s:
                     raise
                 time.sleep(0.2)
+
+    def _check_refusals(self):
+        """No results for a while: if every live worker said it cannot verify this job's
+        tasks, none ever will run them (the caller's key differs from theirs): say so."""
+        live, refused = self.client.broker.refusals(self.jid)
+        if live and refused >= live:
+            self.close(now=True)
+            raise SignatureError(
+                f"none of the {live} live worker(s) could verify this job's tasks: their "
+                "signing key differs from this caller's. Set the same PYWORKER_SECRET (the "
+                "chart's signingKey Secret) for the caller and the workers; "
+                "pyworker.status() shows which workers refused")
 
     def _pop(self, wait: float, more: int):
         got = self.client.broker.pop_results(self.jid, wait, len(self._unacked), more)
@@ -484,7 +517,7 @@ class Job:
         for data in self.client.broker.pop_outputs(self.jid):
             try:
                 line = protocol.header_line(data)
-                _, text = self.client.signer.open(data, None, line)
+                _, text = self.client.signer.open(self._output_ctx, data, None, line)
                 _, _, worker = protocol.parse_output_header(line)
             except (ValueError, SignatureError):
                 continue  # not from a worker that has our secret: never shown
@@ -498,11 +531,12 @@ class Job:
             f"Redis at {self.client.broker.where} no longer has job {self.jid}: it restarted "
             "without persistence, was flushed, or evicted the job's keys (maxmemory)")
 
-    def _parse(self, data: bytes) -> ChunkResult:
+    def _parse(self, data: bytes) -> ChunkResult | None:
+        """The result in a message; None for one that is not signed for this job with this
+        caller's key (forged, replayed from another job, or from a worker with another key):
+        it is dropped, with a warning, and the real result is waited for."""
         line = protocol.header_line(data)
         h = protocol.parse_result_header(line)
-        if h.status != protocol.STATUS_OK:
-            return ChunkResult(h.chunk, h.status, h.worker, h.detail)
         payload = None
         if h.ref:
             payload = self.client.broker.take_result_payload(self.jid, h.payload_field)
@@ -510,12 +544,16 @@ class Job:
                 raise RuntimeError(f"the result of chunk {h.chunk} from worker {h.worker} "
                                    "vanished from Redis before it could be read")
         try:
-            _, payload = self.client.signer.open(data, payload, line)
+            _, payload = self.client.signer.open(self._result_ctx, data, payload, line)
         except SignatureError as exc:
-            raise SignatureError(
-                f"a result for job {self.jid} from worker {h.worker} failed its signature check "
-                f"and was not unpickled: {exc}"
-            ) from None
+            self._forged += 1
+            log.warning("pyworker: dropped a %r result for chunk %d of job %s (it claims worker "
+                        "%s): %s; not this job's, or not from a worker with this caller's key. "
+                        "Nothing of it was unpickled", h.status, h.chunk, self.jid,
+                        h.worker, exc)
+            return None
+        if h.status != protocol.STATUS_OK:
+            return ChunkResult(h.chunk, h.status, h.worker, h.detail)
         buffers = None
         if h.shared:
             payload, buffers = self._read_result_segment(h, payload)

@@ -21,6 +21,8 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
     P:job:<jid>:o         list   what running tasks printed, sent while they run (output messages)
     P:job:<jid>:x         set    chunk ids whose calls the caller cancelled (Future.cancel): a
                                  worker running one stops it
+    P:job:<jid>:k         set    workers that could not verify the job's tasks (their signing key
+                                 differs): they gave them back and take no more of them
     P:fn:<sha>            string a signed, pickled function (shared by every task that uses it)
     P:worker:<name>:hb    string the worker's lease; expires when the worker stops heart-beating
     P:worker:<name>:info  hash   host, pid, started, done, current, seen (for status()), shm
@@ -42,20 +44,32 @@ segment's descriptor, ``<file name> <sha256 of the file> <stream length> [<buffe
 and the file holds a protocol-5 pickle stream followed by its out-of-band buffers, each on a
 64-byte boundary. SHM is ``-`` or the caller's ``<directory identity>.<pid namespace>.<pid>``::
 
-    task:   "<jid> <chunk> <fn_sha> <python major.minor> <cloudpickle version> <i|r|s> <SHM>[ <T>]\\n" SIG [PAYLOAD]
-    result: "<chunk> ok <worker> <i|r|s>\\n" SIG [PAYLOAD]
-            "<chunk> lost <worker> <attempts>\\n"            (written by Redis, no payload)
-            "<chunk> rejected <worker> <reason...>\\n"       (bad signature, no payload)
-            "<chunk> mismatch <worker> <reason...>\\n"       (version mismatch, no payload)
-            "<chunk> resend <worker> <reason...>\\n"         (cannot read the task's payload: a
+    task:   "<jid> <chunk> <fn_sha> <python major.minor> <cloudpickle version> <i|r|s> <SHM> <T> <A>\n" SIG [PAYLOAD]
+    result: "<chunk> ok <worker> <i|r|s>\n" SIG [PAYLOAD]
+            "<chunk> lost <dead worker> <deaths>\n" SIG        (no payload)
+            "<chunk> rejected <worker> <reason...>\n" SIG      (the task verified, but its
+                                                             function or segment did not)
+            "<chunk> mismatch <worker> <reason...>\n" SIG      (version mismatch)
+            "<chunk> resend <worker> <reason...>\n" SIG        (cannot read the task's payload: a
                                                              segment from another host is sent
-                                                             again through Redis; no payload)
-    fn:     SIG PAYLOAD                                      (SIG over PAYLOAD alone)
-    output: "<chunk> <offset> <worker>\\n" SIG TEXT             (what item <offset> printed so
+                                                             again through Redis)
+    fn:     SIG PAYLOAD                                      (P:fn:<sha>; sha = function_sha(PAYLOAD))
+    output: "<chunk> <offset> <worker>\n" SIG TEXT             (what item <offset> printed so
                                                              far, UTF-8; sent while it runs)
+    lost:   "<jid> <chunk> !lost <dead worker> <deaths>\n" TASK   (queued by the reaper, which
+                                                             has no key: the worker that takes
+                                                             it checks TASK and answers with a
+                                                             signed 'lost' result)
+    alive:  "<A> <hex HMAC>"                                 (P:job:<jid> field 'alive')
 
-T, when there, is each item's time limit in seconds (pmap's task_timeout).
-A message whose status carries no payload is never unpickled, so it needs no signature.
+T is each item's time limit in seconds (pmap's task_timeout; 0: none). A is a unix time until
+which the job is alive: a task is run only while its own A, or the job's signed 'alive' record
+(renewed by the caller's keep-alive), is not past, give or take CLOCK_SKEW_S.
+
+Every signature covers a context before the header (mac_context): the message kind, and for
+results and outputs the job id, which their headers do not carry. So no signed message can be
+passed off as another kind, or as another job's; task headers carry job, chunk and function.
+Every message is signed, control replies included; a reader drops what does not verify.
 Later versions may append fields to a task header or an ok result's; readers ignore them.
 """
 from __future__ import annotations
@@ -69,6 +83,13 @@ INLINE_MAX_BYTES = 128 * 1024
 INLINE, BY_REF, SHARED = "i", "r", "s"
 NO_SHM = "-"
 WAKE_TOKENS_MAX = 1024
+
+CLOCK_SKEW_S = 60  # how far the clocks of caller and workers may differ (task freshness)
+
+# Signature contexts (domain separation): see mac_context.
+KIND_TASK, KIND_RESULT, KIND_OUTPUT, KIND_FN, KIND_ALIVE = "task", "result", "output", "fn", "alive"
+
+LOST_MARK = "!lost"
 
 STATUS_OK = "ok"
 STATUS_LOST = "lost"
@@ -140,10 +161,13 @@ class Keys:
     def cancelled(self, jid: str) -> str:
         return f"{self.prefix}:job:{jid}:x"
 
+    def refused(self, jid: str) -> str:
+        return f"{self.prefix}:job:{jid}:k"
+
     def job_keys(self, jid: str) -> list[str]:
         return [self.job(jid), self.queue(jid), self.results(jid), self.results_taken(jid),
                 self.attempts(jid), self.payloads(jid), self.result_payloads(jid),
-                self.outputs(jid), self.cancelled(jid)]
+                self.outputs(jid), self.cancelled(jid), self.refused(jid)]
 
     def fn(self, sha: str) -> str:
         return f"{self.prefix}:fn:{sha}"
@@ -180,6 +204,7 @@ local function k_attempts(j) return P .. ':job:' .. j .. ':n' end
 local function k_payloads(j) return P .. ':job:' .. j .. ':p' end
 local function k_rpayloads(j) return P .. ':job:' .. j .. ':rp' end
 local function k_cancelled(j) return P .. ':job:' .. j .. ':x' end
+local function k_refused(j) return P .. ':job:' .. j .. ':k' end
 local function k_hb(w) return P .. ':worker:' .. w .. ':hb' end
 local function k_info(w) return P .. ':worker:' .. w .. ':info' end
 local function k_active(w) return P .. ':worker:' .. w .. ':active' end
@@ -189,17 +214,23 @@ local function k_fn(s) return P .. ':fn:' .. s end
 """
 
 
+def mac_context(kind: str, jid: str = "") -> bytes:
+    """What a signature covers before the message itself: the protocol, the message kind and
+    (results, outputs, alive records) the job."""
+    return f"pyworker/1 {kind} {jid}\n".encode()
+
+
 # --- headers -----------------------------------------------------------------------------------
 
 
 def task_header(jid: str, chunk: int, fn_sha: str, py: str, cp: str, ref: bool = False,
-                where: str | None = None, shm: str = NO_SHM, timeout: float = 0.0) -> bytes:
+                where: str | None = None, shm: str = NO_SHM, timeout: float = 0.0,
+                alive: int = 0) -> bytes:
     """``where`` (INLINE, BY_REF, SHARED) overrides ``ref``; ``shm`` is the caller's tag;
-    ``timeout`` is each item's time limit in seconds (0: none; then the field is left out)."""
+    ``timeout`` is each item's time limit in seconds (0: none); ``alive`` the unix time until
+    which the job is known to be alive (0: ask Redis)."""
     where = where or (BY_REF if ref else INLINE)
-    if timeout:
-        return f"{jid} {chunk} {fn_sha} {py} {cp} {where} {shm} {timeout:g}\n".encode()
-    return f"{jid} {chunk} {fn_sha} {py} {cp} {where} {shm}\n".encode()
+    return f"{jid} {chunk} {fn_sha} {py} {cp} {where} {shm} {timeout:g} {alive}\n".encode()
 
 
 class TaskHeader(NamedTuple):  # a tuple: built for every task, cheaper than a dataclass
@@ -212,6 +243,7 @@ class TaskHeader(NamedTuple):  # a tuple: built for every task, cheaper than a d
     shared: bool = False
     shm: str = NO_SHM
     timeout: float = 0.0  # each item's time limit in seconds (0: none)
+    alive: int = 0  # unix time until which the job was alive when the task was made
 
 
 def parse_task_header(line: bytes) -> TaskHeader:
@@ -225,14 +257,39 @@ def parse_task_header(line: bytes) -> TaskHeader:
     jid, chunk, fn_sha, py, cp, where, shm = fields[:7]
     if where not in (INLINE, BY_REF, SHARED):
         raise ValueError(f"bad payload flag {where!r}")
-    timeout = 0.0
+    timeout, alive = 0.0, 0
     if len(fields) > 7:
         try:
             timeout = max(float(fields[7]), 0.0)
         except ValueError:  # a field of a later version, not ours
             pass
+    if len(fields) > 8 and fields[8].isdigit():
+        alive = int(fields[8])
     return TaskHeader(jid, int(chunk), fn_sha, py, cp, where == BY_REF, where == SHARED, shm,
-                      timeout)
+                      timeout, alive)
+
+
+def lost_marker(line: bytes) -> tuple[str, int, str, int] | None:
+    """(jid, chunk, dead worker, deaths) of a task the reaper gave up on (``LOST_MARK``), or
+    None for any other header. Unsigned: the worker checks the task it wraps."""
+    fields = line.decode(errors="replace").rstrip("\n").split(" ")
+    if len(fields) != 5 or fields[2] != LOST_MARK or not fields[1].isdigit() \
+            or not fields[4].isdigit():
+        return None
+    worker = fields[3] if _ID.match(fields[3]) else "?"
+    return fields[0], int(fields[1]), worker, int(fields[4])
+
+
+def alive_record(until: int, mac_hex: str) -> str:
+    return f"{until} {mac_hex}"
+
+
+def parse_alive_record(value) -> tuple[int, str] | None:
+    try:
+        until, mac = (value.decode() if isinstance(value, bytes) else value).split(" ")
+        return int(until), mac
+    except (AttributeError, ValueError):
+        return None
 
 
 def task_ids(line: bytes) -> tuple[str, int] | None:

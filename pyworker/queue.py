@@ -22,32 +22,47 @@ from .errors import RedisError
 # worker next went idle. Tokens there are dropped: the worker is taking a task anyway.
 # Each redis.call costs a few µs; these scripts run on every task, so they make few of them.
 _DEQUEUE_FN = r"""
-local function dequeue(worker)
+local function dequeue(worker, skip)
   local h = redis.call('LPOP', k_wake(worker))
   while h do
     if h ~= '1' then return h end
     h = redis.call('LPOP', k_wake(worker))
   end
-  while true do
+  local left = -1
+  if skip then left = redis.call('LLEN', K_JOBS) end
+  while left ~= 0 do
+    left = left - 1
     local jid = redis.call('LMOVE', K_JOBS, K_JOBS, 'LEFT', 'RIGHT')
     if not jid then return false end
-    local t = redis.call('LPOP', k_queue(jid))
-    if t then
-      local chunk = string.match(string.sub(t, 1, 200), '^%S+ (%S+)')
-      redis.call('HSET', k_active(worker), jid .. ' ' .. chunk, t)
-      if redis.call('LLEN', k_queue(jid)) == 0 then redis.call('LREM', K_JOBS, 0, jid) end
-      return t
+    if not (skip and skip[jid]) then
+      local t = redis.call('LPOP', k_queue(jid))
+      if t then
+        local chunk = string.match(string.sub(t, 1, 200), '^%S+ (%S+)')
+        redis.call('HSET', k_active(worker), jid .. ' ' .. chunk, t)
+        if redis.call('LLEN', k_queue(jid)) == 0 then redis.call('LREM', K_JOBS, 0, jid) end
+        return t
+      end
+      redis.call('LREM', K_JOBS, 0, jid)
     end
-    redis.call('LREM', K_JOBS, 0, jid)
   end
+  return false
+end
+local function skipped(from)
+  if #ARGV < from then return nil end
+  local skip = {}
+  for i = from, #ARGV do skip[ARGV[i]] = true end
+  return skip
 end
 """
 
 # A worker that looks for a task between waits (ARGV[2] == '1') leaves the idle stack when it
 # finds one, and joins it (on top: it has just run) when it finds none and is not on it yet.
+# ARGV[3...]: jobs whose tasks the worker cannot verify (see _GIVE_BACK): skipped, and a worker
+# with such jobs stays off the idle stack (a submit's wake-up would be lost on it).
 _DEQUEUE = _DEQUEUE_FN + r"""
-local t = dequeue(ARGV[1])
-if ARGV[2] == '1' then
+local skip = skipped(3)
+local t = dequeue(ARGV[1], skip)
+if ARGV[2] == '1' and not skip then
   if t then
     redis.call('LREM', K_IDLE, 0, ARGV[1])
   elseif not redis.call('LPOS', K_IDLE, ARGV[1]) then
@@ -108,9 +123,10 @@ elseif rfield ~= '' then
 end
 if ARGV[5] ~= '' then beat(worker, ARGV[5], ARGV[9], ARGV[10], ARGV[11]) end
 local take, nxt, held = tonumber(ARGV[6]), false, false
+local skip = skipped(13)
 if take > 0 then
-  nxt = dequeue(worker)
-  if not nxt and ARGV[12] ~= '1' then  -- idle from now on: the first to wake for the next task
+  nxt = dequeue(worker, skip)
+  if not nxt and ARGV[12] ~= '1' and not skip then  -- idle from now on: the first to wake
     redis.call('LREM', K_IDLE, 0, worker)
     redis.call('LPUSH', K_IDLE, worker)
   end
@@ -118,7 +134,7 @@ end
 if nxt and take > 1 then
   local head = redis.call('LINDEX', K_JOBS, 0)
   if head and redis.call('LLEN', k_queue(head)) >= redis.call('SCARD', K_WORKERS) then
-    held = dequeue(worker)
+    held = dequeue(worker, skip)
   end
 end
 return {kept, nxt or '', held or ''}
@@ -223,8 +239,9 @@ return out
 
 # Re-queue the tasks of workers whose lease expired (ARGV[2], if given, names a worker to treat
 # as dead anyway: a restarted worker reclaiming its own name). A task whose workers died more
-# than ARGV[1] times fails with a 'lost' result instead. With ARGV[3] == '1' the named worker
-# is stopping and gives back tasks it had not started: they are re-queued and not counted.
+# than ARGV[1] times is queued wrapped as lost instead (a worker answers 'lost' for it). With
+# ARGV[3] == '1' the named worker is stopping and gives back tasks it had not started: they are
+# re-queued and not counted.
 _REAP = r"""
 local max_retries = tonumber(ARGV[1])
 local release = ARGV[3] == '1'
@@ -243,15 +260,17 @@ for _, name in ipairs(names) do
           n = redis.call('HINCRBY', k_attempts(jid), chunk, 1)
           redis.call('PEXPIRE', k_attempts(jid), ttl)
         end
+        local t = act[i + 1]
         if n > max_retries then
-          redis.call('RPUSH', k_results(jid), chunk .. ' lost ' .. name .. ' ' .. n .. '\n')
-          redis.call('PEXPIRE', k_results(jid), ttl)
-        else
-          redis.call('LPUSH', k_queue(jid), act[i + 1])
-          redis.call('PEXPIRE', k_queue(jid), ttl)
-          if not redis.call('LPOS', K_JOBS, jid) then redis.call('LPUSH', K_JOBS, jid) end
-          redis.call('RPUSH', K_WAKE, '1')
+          -- Failed for good: Redis has no key to sign the 'lost' answer, so the task goes back
+          -- wrapped (protocol LOST_MARK) for a worker to check and answer.
+          t = jid .. ' ' .. chunk .. ' !lost ' .. name .. ' ' .. n .. '\n'
+              .. (string.match(t, '^%S+ %S+ !lost [^\n]*\n(.*)$') or t)
         end
+        redis.call('LPUSH', k_queue(jid), t)
+        redis.call('PEXPIRE', k_queue(jid), ttl)
+        if not redis.call('LPOS', K_JOBS, jid) then redis.call('LPUSH', K_JOBS, jid) end
+        redis.call('RPUSH', K_WAKE, '1')
       end
     end
     -- tokens it was woken with and did not take wake another worker instead
@@ -264,6 +283,42 @@ for _, name in ipairs(names) do
   end
 end
 return reaped
+"""
+
+# A worker that cannot verify a task (its signing key is not the caller's) gives it back: out of
+# its active hash, to the head of its queue, uncounted; the worker joins the job's refused set and
+# leaves the idle stack, and the most recently idle worker is woken to take the task instead.
+# ARGV: worker, jid, chunk, ttl ms. Returns 1 if the task was given back, 0 if the worker no
+# longer held it or the job is gone.
+_GIVE_BACK = r"""
+local worker, jid, field = ARGV[1], ARGV[2], ARGV[2] .. ' ' .. ARGV[3]
+local t = redis.call('HGET', k_active(worker), field)
+redis.call('HDEL', k_active(worker), field)
+redis.call('LREM', K_IDLE, 0, worker)
+redis.call('HSET', k_info(worker), 'handoff', '0')
+redis.call('HINCRBY', k_info(worker), 'refused', 1)
+if not t or redis.call('EXISTS', k_job(jid)) == 0 then return 0 end
+redis.call('SADD', k_refused(jid), worker)
+redis.call('PEXPIRE', k_refused(jid), ARGV[4])
+redis.call('LPUSH', k_queue(jid), t)
+redis.call('PEXPIRE', k_queue(jid), ARGV[4])
+if not redis.call('LPOS', K_JOBS, jid) then redis.call('LPUSH', K_JOBS, jid) end
+local w = redis.call('LPOP', K_IDLE)
+if w then redis.call('RPUSH', k_wake(w), '1') else redis.call('RPUSH', K_WAKE, '1') end
+return 1
+"""
+
+# For a caller whose job gets no results: {workers with a live lease, how many of them could not
+# verify the job's tasks}.
+_REFUSED = r"""
+local live, refused = 0, 0
+for _, name in ipairs(redis.call('SMEMBERS', K_WORKERS)) do
+  if redis.call('EXISTS', k_hb(name)) == 1 then
+    live = live + 1
+    if redis.call('SISMEMBER', k_refused(ARGV[1]), name) == 1 then refused = refused + 1 end
+  end
+end
+return {live, refused}
 """
 
 # Whether a live worker holds the task "<jid> <chunk>" (ARGV[1]) in its active hash: it runs it
@@ -392,6 +447,10 @@ class Broker:
         self._reap = resp.Script(prelude + _REAP)
         self._live = resp.Script(prelude + _LIVE)
         self._held = resp.Script(prelude + _HELD)
+        self._give_back = resp.Script(prelude + _GIVE_BACK)
+        self._refused = resp.Script(prelude + _REFUSED)
+        # Jobs whose tasks this (worker's) broker cannot verify: dequeues skip them.
+        self.skip_jobs: list[str] = []
         self._submit_loaded = False  # whether Redis is known to have the submit script
         self._ttl_ms = int(settings.job_ttl_s * 1000)
         self._lease_ms = int(settings.lease_s * 1000)
@@ -537,9 +596,14 @@ class Broker:
         return self.redis.call("EXISTS", self.keys.job(jid)) == 1
 
     @translate_errors
-    def keep_alive(self, jids, fn_shas) -> None:
-        commands = [("PEXPIRE", key, self._ttl_ms) for jid in jids
-                    for key in self.keys.job_keys(jid)]
+    def keep_alive(self, jids, fn_shas, alive: dict[str, str] | None = None) -> None:
+        """Refresh the TTLs of jobs and functions; ``alive``: jid -> its new signed 'alive'
+        record (protocol.alive_record), which lets workers run its older tasks."""
+        # (the HSETs first: one that recreated a job ended meanwhile still gets a TTL)
+        commands = [("HSET", self.keys.job(jid), "alive", record)
+                    for jid, record in (alive or {}).items()]
+        commands += [("PEXPIRE", key, self._ttl_ms) for jid in jids
+                     for key in self.keys.job_keys(jid)]
         commands += [("PEXPIRE", self.keys.fn(sha), self._ttl_ms) for sha in fn_shas]
         commands += self._take_deferred()
         if commands:
@@ -610,6 +674,22 @@ class Broker:
                              ("PEXPIRE", self.keys.cancelled(jid), self._ttl_ms)])
 
     @translate_errors
+    def give_back(self, name: str, jid: str, chunk: int) -> bool:
+        """A task this worker cannot verify goes back to its queue for another (_GIVE_BACK)."""
+        return self.redis.run(self._give_back, name, jid, chunk, self._ttl_ms, retry=False) == 1
+
+    @translate_errors
+    def refusals(self, jid: str) -> tuple[int, int]:
+        """(live workers, how many of them could not verify this job's tasks)."""
+        live, refused = self.redis.run(self._refused, jid)
+        return int(live), int(refused)
+
+    @translate_errors
+    def job_alive_record(self, jid: str):
+        """The job's signed 'alive' record (protocol.alive_record), or None."""
+        return self.redis.call("HGET", self.keys.job(jid), "alive")
+
+    @translate_errors
     def chunk_held(self, jid: str, chunk: int) -> bool:
         """Whether a live worker has taken this chunk (it runs it now)."""
         return self.redis.run(self._held, f"{jid} {chunk}") == 1
@@ -639,7 +719,7 @@ class Broker:
     @translate_errors
     def dequeue(self, name: str):
         """Take a task; none: the worker is idle (see _DEQUEUE)."""
-        return self.redis.run(self._dequeue, name, 1, retry=False)
+        return self.redis.run(self._dequeue, name, 1, *self.skip_jobs, retry=False)
 
     @translate_errors
     def wait_and_dequeue(self, name: str, timeout_s: float):
@@ -680,7 +760,7 @@ class Broker:
             lease, seen, (n, total) = self._lease_ms, f"{time.time():.3f}", beat
         return commands, (name, f"{jid} {chunk}", jid, result, lease, take,
                           chunk if had_payload else "", rfield, seen, n, total,
-                          "1" if holding else "0")
+                          "1" if holding else "0", *self.skip_jobs)
 
     @staticmethod
     def _finished(reply) -> tuple[bool, list[bytes]]:

@@ -42,15 +42,17 @@ class Signer:
         outer.update(inner.digest())
         return outer.digest()
 
-    def seal(self, header: bytes, payload: bytes, inline: bool = True) -> bytes:
-        """header + signature (+ payload when it travels inline)."""
-        sig = self.sign(header, payload)
+    def seal(self, context: bytes, header: bytes, payload: bytes = b"",
+             inline: bool = True) -> bytes:
+        """header + signature (+ payload when it travels inline). ``context`` is
+        protocol.mac_context(kind, jid): signed, not sent."""
+        sig = self.sign(context, header, payload)
         return b"".join((header, sig, payload)) if inline else header + sig
 
-    def open(self, data, payload=None, header=None) -> tuple[bytes, memoryview]:
+    def open(self, context: bytes, data, payload=None, header=None) -> tuple[bytes, memoryview]:
         """Header and verified payload of a sealed message (payload given separately when it
         did not travel inline; header when the caller has read it already); SignatureError
-        before anything is unpickled."""
+        before anything is unpickled. ``context`` as given to seal()."""
         if header is None:
             header = protocol.header_line(data)
         view = memoryview(data)[len(header):]
@@ -58,19 +60,29 @@ class Signer:
             raise SignatureError("message too short to carry a signature")
         sig = view[: protocol.SIG_BYTES]
         payload = view[protocol.SIG_BYTES:] if payload is None else memoryview(payload)
-        if not hmac.compare_digest(bytes(sig), self.sign(header, payload)):
+        if not hmac.compare_digest(bytes(sig), self.sign(context, header, payload)):
             raise SignatureError("signature does not match (wrong PYWORKER_SECRET?)")
         return header, payload
 
     def seal_blob(self, payload: bytes) -> bytes:
-        return self.sign(payload) + payload
+        return self.sign(protocol.mac_context(protocol.KIND_FN), payload) + payload
 
-    def open_blob(self, data) -> memoryview:
+    def open_blob(self, data, sha: str) -> memoryview:
+        """The verified payload of a function blob stored as P:fn:<sha>: its signature, then
+        that it is the function the sha names (a signed blob of another function under this
+        name is refused)."""
         view = memoryview(data)
         sig, payload = view[: protocol.SIG_BYTES], view[protocol.SIG_BYTES:]
-        if not hmac.compare_digest(bytes(sig), self.sign(payload)):
+        if not hmac.compare_digest(bytes(sig),
+                                   self.sign(protocol.mac_context(protocol.KIND_FN), payload)):
             raise SignatureError("function signature does not match (wrong PYWORKER_SECRET?)")
+        if function_sha(payload) != sha:
+            raise SignatureError(f"the function stored as {sha} is another function (its sha "
+                                 f"is {function_sha(payload)})")
         return payload
+
+    def alive_mac(self, jid: str, until: int) -> str:
+        return self.sign(protocol.mac_context(protocol.KIND_ALIVE, jid), str(until).encode()).hex()
 
 
 def _describe(obj) -> str:

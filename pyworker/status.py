@@ -19,10 +19,13 @@ class Status:
         now = time.time()
         for w in self.workers:
             seen = float(w.get("seen") or 0)
+            state = "alive" if w.get("alive") else "lease expired"
+            if w.get("refused"):  # Worker._refuse: it gives back what it cannot verify
+                state += (f", signing key differs: gave back {w['refused']} task(s) it could "
+                          "not verify (check its PYWORKER_SECRET)")
             yield (w["name"], w.get("host", ""), w.get("pid", ""),
                    w.get("current") or "idle", w.get("done", "0"),
-                   f"{now - seen:.1f} s ago" if seen else "never",
-                   "alive" if w.get("alive") else "lease expired")
+                   f"{now - seen:.1f} s ago" if seen else "never", state)
 
     def __str__(self):
         lines = [f"pyworker at {self.where}: {len(self.alive)} worker(s) alive, "

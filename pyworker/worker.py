@@ -5,6 +5,7 @@ import logging
 import mmap
 import os
 import _signal
+import hmac
 import signal
 import sys
 import threading
@@ -394,6 +395,11 @@ class Worker:
         self._uncounted = 0
         self._beat_at = 0.0
         self._beat_lock = threading.Lock()
+        self._task_ctx = protocol.mac_context(protocol.KIND_TASK)
+        # Jobs whose tasks this worker could not verify -> when (monotonic): it takes no more
+        # of their tasks for a job TTL (Broker.skip_jobs).
+        self.refused: OrderedDict[str, float] = OrderedDict()
+        self._alive: dict[str, int] = {}  # jid -> verified 'alive' record's time
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -490,6 +496,8 @@ class Worker:
                     continue
                 if not held:
                     # Reached only when the queues were empty at the last look.
+                    if self.refused:
+                        self._skip_refused()
                     task = self.broker.wait_and_dequeue(self.name, self.settings.idle_wait_s)
                     if task is not None:
                         held.append(task)
@@ -554,6 +562,10 @@ class Worker:
         """Run one task: its report to send, or None if it was dropped (and said so)."""
         try:
             line = protocol.header_line(task)
+            lost = protocol.lost_marker(line) if b" !lost " in line else None
+            if lost is not None:
+                self._answer_lost(task, line, lost)
+                return None
             header = protocol.parse_task_header(line)
         except ValueError as exc:
             ids = protocol.task_ids(task[:512])
@@ -561,11 +573,11 @@ class Worker:
                 log.error("worker %s: dropped a malformed task (%s)", self.name, exc)
                 return None
             # Most likely a caller with another pyworker version: say so to it, or it waits
-            # for a result that never comes.
+            # for a result that never comes. (Not the header's text: it is not verified.)
             reason = (f"worker {self.name} (pyworker {__version__}) cannot read the task's "
-                      f"header ({exc}): caller and workers must run the same pyworker version")
-            log.error("worker %s: refused chunk %d of job %s: %s", self.name, ids[1], ids[0],
-                      reason)
+                      "header: caller and workers must run the same pyworker version")
+            log.error("worker %s: refused chunk %d of job %s: %s (%s)", self.name, ids[1], ids[0],
+                      reason, exc)
             self._drop(protocol.TaskHeader(ids[0], ids[1], "", "", "", False),
                        protocol.STATUS_MISMATCH, reason)
             return None
@@ -579,13 +591,15 @@ class Worker:
                 self._drop(header, protocol.STATUS_RESEND, "the task's payload left Redis")
                 return None
         try:
-            _, payload = self.signer.open(task, payload, line)
+            _, payload = self.signer.open(self._task_ctx, task, payload, line)
         except SignatureError as exc:
-            log.error("worker %s: rejected task %d of job %s without unpickling it: %s",
-                      self.name, header.chunk, header.jid, exc)
-            self._drop(header, protocol.STATUS_REJECTED,
-                       f"the task's signature does not match this worker's secret ({exc}); "
-                       "caller and workers must share the same PYWORKER_SECRET")
+            self._refuse(header, exc)
+            return None
+        if not self._alive_now(header):
+            log.error("worker %s: did not run task %d of job %s: the job is not alive (it "
+                      "ended, or this is an old task put back into Redis)", self.name,
+                      header.chunk, header.jid)
+            self.broker.forget_tasks(self.name, header.jid, field)
             return None
         if (header.python, header.cloudpickle) != (serialize.PYTHON_VERSION,
                                                     serialize.CLOUDPICKLE_VERSION):
@@ -664,6 +678,7 @@ class Worker:
             inline = size <= protocol.INLINE_MAX_BYTES
             flag = protocol.INLINE if inline else protocol.BY_REF
         result = self.signer.seal(
+            protocol.mac_context(protocol.KIND_RESULT, header.jid),
             protocol.result_header(header.chunk, protocol.STATUS_OK, self.name, flag), body,
             inline)
         return _Report(header, result, len(values) if rest is not None else len(items),
@@ -779,12 +794,83 @@ class Worker:
     def send_output(self, jid: str, chunk: int, parts: dict[int, str]):
         """What items of a running chunk printed, to its caller now (the streamer's)."""
         self.broker.push_output(jid, [
-            self.signer.seal(protocol.output_header(chunk, offset, self.name), text.encode())
+            self.signer.seal(protocol.mac_context(protocol.KIND_OUTPUT, jid),
+                             protocol.output_header(chunk, offset, self.name), text.encode())
             for offset, text in sorted(parts.items())])
 
-    def _drop(self, header, status, reason):
-        msg = protocol.result_header(header.chunk, status, self.name, reason)
+    def _drop(self, header, status, reason, worker: str | None = None):
+        msg = self.signer.seal(protocol.mac_context(protocol.KIND_RESULT, header.jid),
+                               protocol.result_header(header.chunk, status, worker or self.name,
+                                                      reason))
         self.broker.drop_task(self.name, header.jid, header.chunk, msg, had_payload=header.ref)
+
+    def _answer_lost(self, task: bytes, line: bytes, lost: tuple[str, int, str, int]):
+        """The reaper gave up on a task (its workers died too often) and queued it wrapped
+        (protocol LOST_MARK): it has no key, so this worker checks the task and signs the
+        'lost' answer."""
+        jid, chunk, dead, deaths = lost
+        inner = task[len(line):]
+        try:
+            inner_line = protocol.header_line(inner)
+            header = protocol.parse_task_header(inner_line)
+            if (header.jid, header.chunk) != (jid, chunk):
+                raise ValueError("the task inside is another")
+            payload = self.broker.task_payload(jid, chunk) if header.ref else None
+            if header.ref and payload is None:
+                raise ValueError("its payload left Redis")
+            self.signer.open(self._task_ctx, inner, payload, inner_line)
+        except SignatureError as exc:
+            self._refuse(protocol.TaskHeader(jid, chunk, "", "", "", False), exc)
+            return
+        except ValueError as exc:
+            log.error("worker %s: dropped a lost-task notice for chunk %d of job %s: %s",
+                      self.name, chunk, jid, exc)
+            self.broker.forget_tasks(self.name, jid, f"{jid} {chunk}")
+            return
+        log.error("worker %s: chunk %d of job %s fails: the workers running it died %d times "
+                  "(the last: %s)", self.name, chunk, jid, deaths, dead)
+        self._drop(header, protocol.STATUS_LOST, str(deaths), worker=dead)
+
+    def _refuse(self, header, exc):
+        """A task this worker cannot verify: given back for another worker, and this worker
+        takes no more of its job's tasks (one worker with another key must not fail jobs)."""
+        first = header.jid not in self.refused
+        self.refused[header.jid] = time.monotonic()
+        self.refused.move_to_end(header.jid)
+        self._skip_refused()
+        if first:
+            log.error("worker %s: cannot verify the tasks of job %s: signing key differs (this "
+                      "worker's PYWORKER_SECRET is not its caller's: %s); gave the task back to "
+                      "the queue for another worker, and takes no more tasks of this job",
+                      self.name, header.jid, exc)
+        self.broker.give_back(self.name, header.jid, header.chunk)
+
+    def _skip_refused(self):
+        """The jobs dequeues skip: those refused within a job TTL (at most 64)."""
+        horizon = time.monotonic() - self.settings.job_ttl_s
+        for jid in [j for j, at in self.refused.items() if at < horizon]:
+            del self.refused[jid]
+        while len(self.refused) > 64:
+            self.refused.popitem(last=False)
+        self.broker.skip_jobs = list(self.refused)
+
+    def _alive_now(self, header) -> bool:
+        """Whether the task's job is alive: by the time signed into the task, else by the job's
+        signed 'alive' record in Redis (a replayed old task, or a job that ended, is not)."""
+        now = time.time()
+        if now <= header.alive + protocol.CLOCK_SKEW_S:
+            return True
+        known = self._alive.get(header.jid)
+        if known is not None and now <= known + protocol.CLOCK_SKEW_S:
+            return True
+        record = protocol.parse_alive_record(self.broker.job_alive_record(header.jid))
+        if record is None or not hmac.compare_digest(
+                record[1], self.signer.alive_mac(header.jid, record[0])):
+            return False
+        if len(self._alive) > 256:
+            self._alive.clear()
+        self._alive[header.jid] = record[0]
+        return now <= record[0] + protocol.CLOCK_SKEW_S
 
     def _function(self, sha: str):
         fn = self.functions.get(sha)
@@ -794,7 +880,7 @@ class Worker:
         blob = self.broker.get_function(sha)
         if blob is None:
             raise LookupError(f"function {sha} is no longer in Redis (its job expired)")
-        fn = serialize.loads(self.signer.open_blob(blob))
+        fn = serialize.loads(self.signer.open_blob(blob, sha))
         self.functions[sha] = fn
         # Bounded by count and by size: 16 closures that each hold a 200 MB model would
         # otherwise stay in memory together.

@@ -659,3 +659,14 @@ def test_a_forked_child_and_its_parent_both_call_pmap_at_once(cluster):
             assert client.live_workers(max_age_s=0) == 2
     finally:
         assert child.result(), "the child's pmap went wrong"
+
+
+def test_a_result_with_more_or_fewer_values_than_its_chunk_has_items_is_refused():
+    from pyworker.api import _values
+    from pyworker.client import ChunkResult
+    from pyworker.errors import SignatureError
+    assert _values(ChunkResult(3, "ok", "w-1", "", [1, 2]), ["a", "b"], 0, False) == [1, 2]
+    for values, errors in (([1, 2, 3], {}), ([1], {}), ([1, 2], {5: b"x"})):
+        with pytest.raises(SignatureError, match=r"chunk 3 from worker w-1 has \d values for its "
+                                                 r"2 items"):
+            _values(ChunkResult(3, "ok", "w-1", "", values, errors), ["a", "b"], 0, False)

@@ -197,3 +197,52 @@ def test_a_function_redis_lost_between_two_calls_is_uploaded_again(make_cluster)
     assert pyworker.pmap(fn, range(5), client=cluster.client,
                          timeout=60) == [x + 20_000 for x in range(5)]
     assert redis_bytes_in(cluster) - before < 20_000, "the function was sent again"
+
+
+def test_results_that_are_not_this_jobs_are_dropped_and_the_real_one_awaited(cluster, tmp_path,
+                                                                            caplog):
+    """Messages forged or moved by someone with Redis access but not the key: another job's
+    signed result, a signature made for another kind of message, unsigned control replies
+    ('lost', 'rejected', 'mismatch', 'resend') all claiming the chunk. Each is dropped with a
+    warning, none fails the item or reaches the user, and the worker's real result counts."""
+    import os
+    from pyworker import protocol, serialize
+    gate = str(tmp_path / "go")
+
+    def wait_for_gate(x):
+        import os
+        import time
+        end = time.monotonic() + 30
+        while not os.path.exists(gate) and time.monotonic() < end:
+            time.sleep(0.01)
+        return x * 10
+
+    client = cluster.client
+    signer = serialize.Signer(cluster.secret)
+    job = client.job()
+    (chunk,) = job.submit(protocol.MODE_ONE, job.add_function(wait_for_gate), [(0, [4])])
+    body = serialize.dumps_data(([999], {}, {}))
+    ok = protocol.result_header(chunk, protocol.STATUS_OK, "worker-0", protocol.INLINE)
+    forged = [
+        signer.seal(protocol.mac_context(protocol.KIND_RESULT, "another-job"), ok, body),
+        signer.seal(protocol.mac_context(protocol.KIND_OUTPUT, job.jid), ok, body),
+        signer.seal(protocol.mac_context(protocol.KIND_TASK), ok, body),
+        protocol.result_header(chunk, protocol.STATUS_LOST, "worker-0", "3"),
+        protocol.result_header(chunk, protocol.STATUS_REJECTED, "worker-0", "run evil.sh"),
+        protocol.result_header(chunk, protocol.STATUS_MISMATCH, "worker-0", "run evil.sh"),
+        protocol.result_header(chunk, protocol.STATUS_RESEND, "worker-0", "run evil.sh"),
+    ]
+    client.broker.redis.call("RPUSH", client.broker.keys.results(job.jid), *forged)
+    try:
+        with caplog.at_level("WARNING", logger="pyworker"):
+            assert job.next_result(time.monotonic() + 3) is None, "a forged result was taken"
+        dropped = [r for r in caplog.records if "dropped a" in r.getMessage()]
+        assert len(dropped) == len(forged), [r.getMessage() for r in caplog.records]
+        assert "Nothing of it was unpickled" in dropped[0].getMessage()
+        open(gate, "w").close()
+        result = job.next_result(time.monotonic() + 30)
+        assert result is not None and result.status == "ok" and result.values == [40]
+    finally:
+        if not os.path.exists(gate):
+            open(gate, "w").close()
+        job.close()

@@ -7,23 +7,59 @@ from pyworker import protocol, serialize
 from pyworker.errors import SerializationError, SignatureError
 
 
+TASK = protocol.mac_context(protocol.KIND_TASK)
+
+
 def test_sealed_message_opens_with_the_same_secret_only():
     header = protocol.task_header("job1", 3, "f" * 32, "3.11", "3.1.0")
-    sealed = serialize.Signer("k1").seal(header, b"payload")
-    got_header, payload = serialize.Signer("k1").open(sealed)
+    sealed = serialize.Signer("k1").seal(TASK, header, b"payload")
+    got_header, payload = serialize.Signer("k1").open(TASK, sealed)
     assert got_header == header and bytes(payload) == b"payload"
     with pytest.raises(SignatureError):
-        serialize.Signer("k2").open(sealed)
+        serialize.Signer("k2").open(TASK, sealed)
 
 
 @pytest.mark.parametrize("where", ["header", "payload"])
 def test_any_tampered_byte_breaks_the_signature(where):
     header = protocol.task_header("job1", 3, "f" * 32, "3.11", "3.1.0")
-    sealed = bytearray(serialize.Signer("k").seal(header, b"payload"))
+    sealed = bytearray(serialize.Signer("k").seal(TASK, header, b"payload"))
     pos = 2 if where == "header" else len(sealed) - 1
     sealed[pos] ^= 1
     with pytest.raises(SignatureError):
-        serialize.Signer("k").open(bytes(sealed))
+        serialize.Signer("k").open(TASK, bytes(sealed))
+
+
+def test_a_signature_is_bound_to_its_kind_and_job():
+    signer = serialize.Signer("k")
+    header = protocol.result_header(3, protocol.STATUS_OK, "w-1", protocol.INLINE)
+    ctx = protocol.mac_context(protocol.KIND_RESULT, "job1")
+    sealed = signer.seal(ctx, header, b"payload")
+    assert bytes(signer.open(ctx, sealed)[1]) == b"payload"
+    for other in (protocol.mac_context(protocol.KIND_RESULT, "job2"),  # another job's result
+                  protocol.mac_context(protocol.KIND_OUTPUT, "job1"),  # another kind
+                  TASK):
+        with pytest.raises(SignatureError):
+            signer.open(other, sealed)
+
+
+def test_a_function_blob_must_be_the_function_its_name_says():
+    signer = serialize.Signer("k")
+    one, two = serialize.dumps_function(abs), serialize.dumps_function(len)
+    blob = signer.seal_blob(one)
+    assert bytes(signer.open_blob(blob, serialize.function_sha(one))) == one
+    with pytest.raises(SignatureError, match="is another function"):
+        signer.open_blob(blob, serialize.function_sha(two))
+    with pytest.raises(SignatureError, match="signature does not match"):
+        serialize.Signer("k2").open_blob(blob, serialize.function_sha(one))
+
+
+def test_alive_records_are_bound_to_their_job_and_time():
+    signer = serialize.Signer("k")
+    mac = signer.alive_mac("job1", 1000)
+    assert mac == signer.alive_mac("job1", 1000)
+    assert mac != signer.alive_mac("job2", 1000) and mac != signer.alive_mac("job1", 1001)
+    assert protocol.parse_alive_record(protocol.alive_record(1000, mac)) == (1000, mac)
+    assert protocol.parse_alive_record(b"garbage") is None
 
 
 @pytest.mark.parametrize("secret", ["k", "x" * 64, "y" * 65, "é" * 200])

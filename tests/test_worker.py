@@ -184,26 +184,122 @@ def _queue_raw_task(cluster, jid, header, body):
     return b.submit(jid, [header + body], 1)
 
 
-def test_badly_signed_task_is_rejected_without_unpickling(make_cluster, tmp_path):
-    cluster = make_cluster(1)
-    canary = tmp_path / "unpickled"
+TASK = protocol.mac_context(protocol.KIND_TASK)
 
+
+def _evil_payload(canary):
     class Evil:
         def __reduce__(self):
             return (open, (str(canary), "w"))
+    return pickle.dumps((protocol.MODE_ONE, [Evil()]))
 
-    payload = pickle.dumps((protocol.MODE_ONE, [Evil()]))
+
+def _header(jid, sha="0" * 32, **kw):
+    return protocol.task_header(jid, 0, sha, serialize.PYTHON_VERSION,
+                                serialize.CLOUDPICKLE_VERSION, **kw)
+
+
+def _log(cluster, i=0):
+    return open(os.path.join(cluster.redis.dir, f"worker-{i}.log")).read()
+
+
+def test_a_task_it_cannot_verify_is_given_back_without_unpickling(make_cluster, tmp_path):
+    """Signed with another key: the worker neither runs nor fails it (the job's caller may
+    have the right key and other workers too): it goes back to the queue, the worker says
+    why, and takes no more of that job's tasks."""
+    cluster = make_cluster(1)
+    canary = tmp_path / "unpickled"
+    payload = _evil_payload(canary)
     jid = "evil00000001"
-    header = protocol.task_header(jid, 0, "0" * 32, serialize.PYTHON_VERSION,
-                                  serialize.CLOUDPICKLE_VERSION)
-    wrong = serialize.Signer("not-the-secret")
-    _queue_raw_task(cluster, jid, header, wrong.sign(header, payload) + payload)
+    header = _header(jid, alive=int(time.time()) + 60)
+    wrong = serialize.Signer("not-the-secret-16")
+    task = header + wrong.sign(TASK, header, payload) + payload
+    _queue_raw_task(cluster, jid, header, task[len(header):])
     b = cluster.client.broker
-    (reply,) = wait_until(lambda: b.pop_results(jid, 0.5), 20, "the worker's rejection")
-    assert b" rejected " in reply and b"PYWORKER_SECRET" in reply
+    wait_until(lambda: b.redis.call("SISMEMBER", b.keys.refused(jid), b"worker-0") == 1 or
+               any(b.redis.call("SMEMBERS", b.keys.refused(jid))), 20, "the worker's refusal")
+    assert b.redis.call("LRANGE", b.keys.queue(jid), 0, -1) == [task], "given back as it was"
+    assert b.redis.call("LLEN", b.keys.results(jid)) == 0
     assert not canary.exists(), "the worker unpickled an unsigned message"
-    log = open(os.path.join(cluster.redis.dir, "worker-0.log")).read()
-    assert "rejected task 0 of job evil00000001 without unpickling it" in log
+    assert "cannot verify the tasks of job evil00000001: signing key differs" in _log(cluster)
+    st = pyworker.status(cluster.client)
+    assert "signing key differs" in str(st)
+    # It takes no more of them: the task is still queued a while later, and the worker is
+    # still alive and runs other jobs' tasks.
+    assert pyworker.pmap(abs, [-1, -2], client=cluster.client, timeout=30) == [1, 2]
+    assert b.redis.call("LLEN", b.keys.queue(jid)) == 1
+
+
+def test_a_worker_with_another_key_does_not_fail_everyones_jobs(make_cluster):
+    cluster = make_cluster(2)
+    cluster.add_worker(name="odd-one", env={"PYWORKER_SECRET": "another-secret-of-16"})
+    cluster.wait_for_workers(3)
+    got = pyworker.pmap(lambda x: x * 2, range(60), chunksize=1, client=cluster.client,
+                        timeout=60)
+    assert got == [x * 2 for x in range(60)]
+    log = _log(cluster, 2)
+    assert "signing key differs" in log, "the odd worker was given a task and refused it"
+    odd = [w for w in pyworker.status(cluster.client).workers if w["name"] == "odd-one"]
+    assert odd and odd[0].get("refused"), "status() shows which worker refused"
+    assert "signing key differs" in str(pyworker.status(cluster.client))
+
+
+def test_an_old_task_of_a_job_that_is_not_alive_is_not_run(make_cluster, tmp_path):
+    """A signed task put back into Redis after its time (a replay) runs only if its job's
+    signed 'alive' record, which the caller's keep-alive renews, says the job lives."""
+    cluster = make_cluster(1)
+    canary = tmp_path / "ran"
+    signer = serialize.Signer(cluster.secret)
+    b = cluster.client.broker
+
+    def touch(path):
+        open(path, "w").close()
+        return 1
+
+    sha = serialize.function_sha(serialize.dumps_function(touch))
+    b.redis.call("SET", b.keys.fn(sha), signer.seal_blob(serialize.dumps_function(touch)))
+    payload = pickle.dumps((protocol.MODE_ONE, [str(canary)]))
+    jid = "old000000001"
+    header = _header(jid, sha, alive=int(time.time()) - 3600)
+    _queue_raw_task(cluster, jid, header, signer.sign(TASK, header, payload) + payload)
+    wait_until(lambda: "the job is not alive" in _log(cluster), 20, "the worker's refusal")
+    assert not canary.exists() and b.redis.call("LLEN", b.keys.results(jid)) == 0
+    # A forged record (no valid signature) does not help; the caller's own does.
+    until = int(time.time()) + 60
+    b.redis.call("HSET", b.keys.job(jid), "alive", protocol.alive_record(until, "00" * 32))
+    header2 = protocol.task_header(jid, 1, sha, serialize.PYTHON_VERSION,
+                                   serialize.CLOUDPICKLE_VERSION, alive=int(time.time()) - 3600)
+    b.submit(jid, [header2 + signer.sign(TASK, header2, payload) + payload], 1)
+    wait_until(lambda: _log(cluster).count("the job is not alive") >= 2, 20, "a 2nd refusal")
+    assert not canary.exists()
+    b.redis.call("HSET", b.keys.job(jid), "alive",
+                 protocol.alive_record(until, signer.alive_mac(jid, until)))
+    header3 = protocol.task_header(jid, 2, sha, serialize.PYTHON_VERSION,
+                                   serialize.CLOUDPICKLE_VERSION, alive=int(time.time()) - 3600)
+    b.submit(jid, [header3 + signer.sign(TASK, header3, payload) + payload], 1)
+    wait_until(canary.exists, 20, "the task of a job that is alive to run")
+
+
+def test_a_signed_function_under_another_functions_name_is_refused(make_cluster, tmp_path):
+    cluster = make_cluster(1)
+    canary = tmp_path / "swapped"
+    signer = serialize.Signer(cluster.secret)
+    b = cluster.client.broker
+
+    def swapped(x):
+        open(canary, "w").close()
+
+    real_sha = serialize.function_sha(serialize.dumps_function(abs))
+    b.redis.call("SET", b.keys.fn(real_sha), signer.seal_blob(serialize.dumps_function(swapped)))
+    payload = pickle.dumps((protocol.MODE_ONE, [-1]))
+    jid = "swap00000001"
+    header = _header(jid, real_sha, alive=int(time.time()) + 60)
+    _queue_raw_task(cluster, jid, header, signer.sign(TASK, header, payload) + payload)
+    (reply,) = wait_until(lambda: b.pop_results(jid, 0.5), 20, "the worker's rejection")
+    assert b" rejected " in reply and b"is another function" in reply
+    ctx = protocol.mac_context(protocol.KIND_RESULT, jid)
+    signer.open(ctx, reply)  # the rejection is signed, for this job
+    assert not canary.exists(), "the swapped function ran"
 
 
 def test_caller_with_another_secret_gets_a_clear_error(make_cluster):
