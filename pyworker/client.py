@@ -68,7 +68,7 @@ _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
 
 def _after_fork():
     """A forked child starts with no jobs and a lock nobody holds (the parent's keeper thread
-    may have held it at the fork); its Redis pools are emptied by resp."""
+    may have held it at the fork); its Redis pools are emptied by connection.py."""
     for client in list(_clients):
         client._lock = threading.Lock()
         client._jobs = weakref.WeakSet()

@@ -24,6 +24,19 @@ def _default_worker_name() -> str:
 class Settings:
     redis_url: str | None = None
     redis_password: str | None = None
+    # An ACL user (Redis 6+); the URL's user, if it has one, otherwise.
+    redis_username: str | None = None
+    # TLS (a rediss:// URL): the CA bundle that signed the server's certificate (else the
+    # system's), and a client certificate and key for servers that ask for one (mutual TLS).
+    redis_ca_file: str | None = None
+    redis_cert_file: str | None = None
+    redis_key_file: str | None = None
+    # Redis Sentinel: "host:port,host:port" of the sentinels and the name of the master they
+    # watch; the URL then only gives the database (redis:///0) and its password the master's.
+    # A failover is waited out (PYWORKER_RECONNECT_S) like any outage.
+    redis_sentinels: str | None = None
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: str | None = None
     secret: str | None = None
     prefix: str = "pyw"
     # A worker whose heartbeat is older than this is dead; its task runs again elsewhere.
@@ -119,6 +132,10 @@ class Settings:
                 f"PYWORKER_SECRET is {len(self.secret.encode())} byte(s) long; it must be at "
                 f"least {MIN_SECRET_BYTES}. Make a random one with: python -c \"import secrets; "
                 "print(secrets.token_urlsafe(32))\" (and give the same to the workers)")
+        if self.redis_sentinels and not self.redis_sentinel_master:
+            raise ConfigurationError(
+                "PYWORKER_REDIS_SENTINELS is set but PYWORKER_REDIS_SENTINEL_MASTER is not: set "
+                "it to the name the sentinels monitor the master under (e.g. mymaster)")
         if missing:
             raise ConfigurationError(
                 "pyworker has no Redis configured: set "
@@ -129,7 +146,24 @@ class Settings:
             )
 
 
-_SECRET_FIELDS = ("redis_password", "secret")
+_SECRET_FIELDS = ("redis_password", "redis_sentinel_password", "secret")
+
+
+def sentinel_addresses(value: str) -> list[tuple[str, int]]:
+    """PYWORKER_REDIS_SENTINELS ("host:port,host:port") as (host, port) pairs."""
+    out = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        host, _, port = part.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigurationError(
+                f"PYWORKER_REDIS_SENTINELS={value!r}: {part!r} is not host:port; expected "
+                "e.g. sentinel-0:26379,sentinel-1:26379")
+        out.append((host.strip("[]"), int(port)))
+    if not out:
+        raise ConfigurationError("PYWORKER_REDIS_SENTINELS is empty; expected host:port,...")
+    return out
 
 
 def url_without_password(url: str) -> str:

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 from urllib.parse import urlsplit
 
-from . import protocol, resp
-from .config import Settings, url_without_password
+from . import connection, protocol
+from .config import Settings, sentinel_addresses, url_without_password
 from .errors import ConnectionError as PyworkerConnectionError
-from .errors import RedisError
+from .errors import ConfigurationError, RedisError
 
 # Take the next task, round-robin over the jobs that have queued tasks, so one huge job cannot
 # starve a small one started later. The task moves into the worker's active hash in the same
@@ -371,7 +372,7 @@ _HINTS = {
 }
 
 
-def _reply_error(where: str, exc: resp.ReplyError) -> Exception:
+def _reply_error(where: str, exc: connection.ReplyError) -> Exception:
     """The pyworker error for an error reply: a retryable ConnectionError for a passing state,
     a ConnectionError for a refused password, else a RedisError naming what to change."""
     text = str(exc)
@@ -404,7 +405,7 @@ def translate_errors(method):
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
-        except resp.ReplyError as exc:
+        except connection.ReplyError as exc:
             raise _reply_error(self.where, exc) from None
         except PyworkerConnectionError:  # an OSError too: already said, keep its `retryable`
             raise
@@ -421,6 +422,28 @@ def _s(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _connect(settings: Settings) -> connection.Redis:
+    tls = {}
+    for name, option in (("redis_ca_file", "ssl_ca_certs"), ("redis_cert_file", "ssl_certfile"),
+                         ("redis_key_file", "ssl_keyfile")):
+        path = getattr(settings, name)
+        if path:
+            if not os.path.isfile(path):
+                raise ConfigurationError(f"PYWORKER_{name.upper()}={path!r}: no such file")
+            tls[option] = path
+    if bool(settings.redis_cert_file) != bool(settings.redis_key_file):
+        raise ConfigurationError("PYWORKER_REDIS_CERT_FILE and PYWORKER_REDIS_KEY_FILE go "
+                                 "together (the client certificate and its key)")
+    sentinels = ()
+    if settings.redis_sentinels:
+        sentinels = sentinel_addresses(settings.redis_sentinels)
+    return connection.Redis(settings.redis_url, password=settings.redis_password or None,
+                      username=settings.redis_username or None,
+                      connect_timeout=settings.connect_timeout_s, tls=tls or None,
+                      sentinels=sentinels, sentinel_master=settings.redis_sentinel_master,
+                      sentinel_password=settings.redis_sentinel_password or None)
+
+
 class Broker:
     """A Redis connection pool plus the operations pyworker needs, named for what they do."""
 
@@ -428,10 +451,10 @@ class Broker:
         settings.require_connection()
         self.settings = settings
         self.keys = protocol.Keys(settings.prefix)
-        self.where = describe_url(settings.redis_url)
+        self.where = (f"{settings.redis_sentinel_master} (Sentinel {settings.redis_sentinels})"
+                      if settings.redis_sentinels else describe_url(settings.redis_url))
         try:
-            self.redis = resp.Redis(settings.redis_url, password=settings.redis_password or None,
-                                    connect_timeout=settings.connect_timeout_s)
+            self.redis = _connect(settings)
         except ValueError as exc:
             shown = url_without_password(settings.redis_url)
             raise PyworkerConnectionError(
@@ -439,16 +462,16 @@ class Broker:
                 "expected redis://host:6379/0 (or unix:///path/to/redis.sock)",
                 retryable=False) from None
         prelude = self.keys.lua_prelude()
-        self._dequeue = resp.Script(prelude + _DEQUEUE)
-        self._finish = resp.Script(prelude + _FINISH)
-        self._submit = resp.Script(prelude + _SUBMIT)
-        self._beat = resp.Script(prelude + _BEAT)
-        self._keep = resp.Script(prelude + _KEEP)
-        self._reap = resp.Script(prelude + _REAP)
-        self._live = resp.Script(prelude + _LIVE)
-        self._held = resp.Script(prelude + _HELD)
-        self._give_back = resp.Script(prelude + _GIVE_BACK)
-        self._refused = resp.Script(prelude + _REFUSED)
+        self._dequeue = connection.Script(prelude + _DEQUEUE)
+        self._finish = connection.Script(prelude + _FINISH)
+        self._submit = connection.Script(prelude + _SUBMIT)
+        self._beat = connection.Script(prelude + _BEAT)
+        self._keep = connection.Script(prelude + _KEEP)
+        self._reap = connection.Script(prelude + _REAP)
+        self._live = connection.Script(prelude + _LIVE)
+        self._held = connection.Script(prelude + _HELD)
+        self._give_back = connection.Script(prelude + _GIVE_BACK)
+        self._refused = connection.Script(prelude + _REFUSED)
         # Jobs whose tasks this (worker's) broker cannot verify: dequeues skip them.
         self.skip_jobs: list[str] = []
         self._submit_loaded = False  # whether Redis is known to have the submit script
@@ -461,21 +484,21 @@ class Broker:
     def close(self):
         self.redis.close()
 
-    def _then_script(self, commands: list, script: resp.Script, *args, retry: bool = True):
+    def _then_script(self, commands: list, script: connection.Script, *args, retry: bool = True):
         """Send commands and a script call in one round trip; the script's reply. retry=False
-        for a script that moves tasks (resp.Redis._with_connection)."""
+        for a script that moves tasks (connection.Redis._with_connection)."""
         replies = self.redis.pipeline(commands + [("EVALSHA", script.sha, 0, *args)],
                                       raise_errors=False, retry=retry)
         return self._script_reply(replies, script, args, retry)
 
-    def _script_reply(self, replies: list, script: resp.Script, args, retry: bool = True):
+    def _script_reply(self, replies: list, script: connection.Script, args, retry: bool = True):
         """The last reply, a script's (run again by its source if Redis did not have it); an
         error reply of any command raises."""
         last = replies[-1]
-        if isinstance(last, resp.ReplyError) and str(last).startswith("NOSCRIPT"):
+        if isinstance(last, connection.ReplyError) and str(last).startswith("NOSCRIPT"):
             last = self.redis.run(script, *args, retry=retry)
         for reply in replies[:-1] + [last]:
-            if isinstance(reply, resp.ReplyError):
+            if isinstance(reply, connection.ReplyError):
                 raise reply
         return last
 
@@ -513,7 +536,7 @@ class Broker:
         FUNCTION_MISSING (nothing was queued: a function in ``check`` is no longer in Redis);
         with pop_s, (that, the first result message or None): the same round trip then waits up
         to pop_s for a result, which saves a round trip for short jobs, busy-polling for the
-        replies the first spin_s of it (resp.Connection.spin)."""
+        replies the first spin_s of it (connection.Redis._spin)."""
         commands = self._take_deferred()
         fields = [x for kv in meta.items() for x in kv] if meta else []
         for sha, blob in (fn_blobs or {}).items():
@@ -530,17 +553,17 @@ class Broker:
         load = [] if self._submit_loaded else [("SCRIPT", "LOAD", self._submit.source)]
         commands += load + [("EVALSHA", self._submit.sha, 0, *args)]
         # The replies up to the submit's come at once, the take's with its PEXPIRE's: a spin
-        # before the first and before the take's (see resp.Connection.pipeline).
+        # before the first and before the take's (see connection.Redis.pipeline).
         replies = self.redis.pipeline(
             commands + self._take_result(jid, pop_s), raise_errors=False, spin_s=spin_s,
             retry=False, timeout=pop_s + max(5.0, pop_s), spin_at=(0, len(commands)))
         queued, popped = replies[-3], replies[-2]
         self._submit_loaded = True
-        if isinstance(queued, resp.ReplyError) and str(queued).startswith("NOSCRIPT"):
+        if isinstance(queued, connection.ReplyError) and str(queued).startswith("NOSCRIPT"):
             self._submit_loaded = False
             queued, popped = self.redis.run(self._submit, *args), None
         for reply in replies[:-3] + [queued, popped, replies[-1]]:
-            if isinstance(reply, resp.ReplyError):
+            if isinstance(reply, connection.ReplyError):
                 raise reply
         return queued, popped
 

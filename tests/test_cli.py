@@ -87,7 +87,7 @@ def test_local_prints_how_to_connect_and_stops_everything_on_ctrl_c():
     assert res.stdout.strip() == "[0, 3, 6, 9]", res.stderr
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 0
-    from pyworker import resp
+    from pyworker import connection as resp
     with pytest.raises(OSError):  # Redis is gone with it
         resp.Redis(env["PYWORKER_REDIS_URL"], password=env["PYWORKER_REDIS_PASSWORD"],
                    connect_timeout=1).call("PING")

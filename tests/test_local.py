@@ -43,7 +43,7 @@ def test_negative_worker_count_is_refused():
 def test_local_processes_talk_through_the_unix_socket():
     with LocalCluster(1) as cluster:
         assert cluster.env["PYWORKER_REDIS_URL"] == cluster.redis.local_url
-        assert cluster.client.broker.redis.path == cluster.redis.socket_path
+        assert cluster.client.broker.redis._kwargs["path"] == cluster.redis.socket_path
         assert pyworker.pmap(abs, [-3]) == [3]
         # the worker came through the socket too: Redis counts unix-socket clients by path
         clients = cluster.client.broker.redis.call("CLIENT", "LIST").decode()
@@ -58,7 +58,7 @@ def test_a_socket_path_too_long_for_unix_falls_back_to_tcp(tmp_path):
     server = RedisServer(workdir=str(deep)).start()
     try:
         assert not server.has_socket and server.local_url == server.url
-        from pyworker import resp
+        from pyworker import connection as resp
         assert resp.Redis(server.local_url, password=server.password).call("PING") == b"PONG"
     finally:
         server.stop()

@@ -182,7 +182,7 @@ def test_surplus_wake_tokens_never_pile_up(redis_server):
 
 
 def test_live_workers_are_those_with_a_lease_in_one_round_trip(redis_server, monkeypatch):
-    from pyworker import resp
+    from pyworker import connection as resp
     from pyworker.config import Settings
     from pyworker.queue import Broker
     broker = Broker(Settings(redis_url=redis_server.url, redis_password=redis_server.password,
@@ -194,8 +194,8 @@ def test_live_workers_are_those_with_a_lease_in_one_round_trip(redis_server, mon
         broker.register_worker("c", {"shm": "id-c"})
         broker.redis.call("DEL", broker.keys.heartbeat("c"))  # its lease is gone
         sent = []
-        send = resp.Connection._send
-        monkeypatch.setattr(resp.Connection, "_send", lambda c, b: (sent.append(1), send(c, b)))
+        send = resp.Redis._send
+        monkeypatch.setattr(resp.Redis, "_send", lambda s, c, b: (sent.append(1), send(s, c, b)))
         assert sorted(broker.live_worker_shm()) == ["", "id-a"]
         assert len(sent) == 1, "one round trip, however many workers"
         assert broker.live_workers() == 2
@@ -308,15 +308,15 @@ def test_a_take_brings_the_results_already_in_and_keeps_them_until_acknowledged(
     """A caller's take waits for one result and brings up to ``more`` others that are in by
     then, in the same round trip; all of them stay in the taken list until the next take
     acknowledges them (an answer lost on the way loses none)."""
-    from pyworker import resp
+    from pyworker import connection as resp
     broker = _broker(redis_server)
     r, k = broker.redis, broker.keys
     try:
         results = [f"job1 {i} ok w i -\n".encode() for i in range(4)]
         r.call("RPUSH", k.results("job1"), *results[:3])
         sent = []
-        send = resp.Connection._send
-        monkeypatch.setattr(resp.Connection, "_send", lambda c, b: (sent.append(1), send(c, b)))
+        send = resp.Redis._send
+        monkeypatch.setattr(resp.Redis, "_send", lambda s, c, b: (sent.append(1), send(s, c, b)))
         assert broker.pop_results("job1", 1.0, more=8) == results[:3]
         assert len(sent) == 1, "one round trip for the three"
         assert r.call("LRANGE", k.results_taken("job1"), 0, -1) == results[:3]
@@ -341,7 +341,7 @@ def _worker_logs(cluster) -> list[str]:
 
 def _answers_with(server, code: str) -> bool:
     """Waits (bounded) until redis-server answers PING with the error reply ``code``."""
-    from pyworker import resp
+    from pyworker import connection as resp
     probe = resp.Redis(server.url, password=server.password)
 
     def refused():
@@ -349,7 +349,7 @@ def _answers_with(server, code: str) -> bool:
             probe.call("PING")
         except resp.ReplyError as exc:
             return str(exc).startswith(code)
-        except resp.RespConnectionError:
+        except resp.ConnectionLost:
             return False  # not listening yet
         return False  # not yet
 
@@ -364,7 +364,7 @@ def _restart_loading_slowly(cluster, filler_keys=10_000, key_delay_us=150):
     starts again on the same port, socket and password, loading them slowly (its key-load-delay,
     and loading-process-events-interval-bytes so that it answers meanwhile, as a big data set
     does): until it has loaded, every command gets -LOADING."""
-    from pyworker import resp
+    from pyworker import connection as resp
     server = cluster.redis
     r = resp.Redis(server.url, password=server.password)
     for start in range(0, filler_keys, 5_000):
@@ -372,7 +372,7 @@ def _restart_loading_slowly(cluster, filler_keys=10_000, key_delay_us=150):
                0, start, start + 4_999)
     try:
         r.call("SHUTDOWN", "SAVE")
-    except resp.RespConnectionError:
+    except resp.ConnectionLost:
         pass  # it closes the connection as it exits
     r.close()
     server.proc.wait(10)
@@ -404,7 +404,7 @@ def test_a_pmap_across_a_restart_that_loads_its_data_waits_for_it_and_workers_li
 def test_a_pmap_while_a_script_keeps_redis_busy_waits_for_it_and_workers_live_on(make_cluster):
     """Another client's Lua script runs for 2 s, over busy-reply-threshold: meanwhile every
     command of workers and caller gets -BUSY, which they wait out."""
-    from pyworker import resp
+    from pyworker import connection as resp
     cluster = make_cluster(2)
     server = cluster.redis
     r = cluster.client.broker.redis

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pyworker import resp
+from pyworker import connection as resp
 from support import ForkedChild, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,14 +76,18 @@ def test_unix_socket_urls_connect_with_the_password(redis_server):
         wrong.call("PING")
 
 
-def test_unix_urls_name_a_path_and_a_db(tmp_path):
+def test_unix_urls_name_a_path_and_a_db(tmp_path, redis_server):
+    r = resp.Redis(f"unix://{redis_server.socket_path}?db=3", password=redis_server.password)
+    try:
+        assert b" db=3 " in r.call("CLIENT", "INFO")
+    finally:
+        r.close()
     r = resp.Redis(f"unix://{tmp_path}/r.sock?db=3")
-    assert (r.path, r.db) == (f"{tmp_path}/r.sock", 3)
     with pytest.raises(ValueError, match="no socket path"):
         resp.Redis("unix://")
     with pytest.raises(ValueError, match="unix://"):
         resp.Redis("http://localhost:6379")
-    with pytest.raises(resp.RespConnectionError):
+    with pytest.raises(resp.ConnectionLost):
         r.call("PING")  # nothing listens there
 
 
@@ -99,7 +103,7 @@ def _blocked(fn):
 def _push_from_another_process(server, key):
     """RPUSH key, from a fresh Python process (so no thread of ours takes the GIL meanwhile);
     the value arrives after that process's start-up, a tenth of a second or more."""
-    code = ("import sys; from pyworker import resp; "
+    code = ("import sys; from pyworker import connection as resp; "
             "resp.Redis(sys.argv[1], password=sys.argv[2]).call('RPUSH', sys.argv[3], 'late')")
     return subprocess.Popen([sys.executable, "-c", code, server.url, server.password, key],
                             cwd=ROOT)
@@ -261,3 +265,191 @@ def test_a_forked_child_gets_connections_of_its_own(r):
             assert r.pipeline([("GET", "parent"), ("GET", "child")]) == [b"p", b"c"]
     finally:
         assert child.result(), "the child read a reply that was not its own"
+
+
+# --- what users of managed Redis need: CA bundle, mutual TLS, ACL users, Sentinel -------------
+
+def _openssl(*args):
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by it."""
+    from support import need
+    need(shutil.which("openssl"), "openssl is not installed (apt-get install openssl)")
+    d = tmp_path / "pki"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout",
+             d / "ca.key", "-out", d / "ca.pem", "-subj", "/CN=pyworker test CA")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", d / f"{name}.key", "-out",
+                 d / f"{name}.csr", "-subj", f"/CN={name}")
+        extfile = d / f"{name}.ext"
+        extfile.write_text(ext + "\n" if ext else "basicConstraints=CA:FALSE\n")
+        _openssl("x509", "-req", "-in", d / f"{name}.csr", "-CA", d / "ca.pem", "-CAkey",
+                 d / "ca.key", "-CAcreateserial", "-days", "1", "-out", d / f"{name}.pem",
+                 "-extfile", extfile)
+    return d
+
+
+def _start_redis(args, tmp_path, port, tls=False):
+    from support import need
+    need(shutil.which("redis-server"), "redis-server is not installed (apt-get install redis-server)")
+    proc = subprocess.Popen(["redis-server", *map(str, args), "--save", "", "--dir", tmp_path],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            assert proc.poll() is None, f"redis-server {args} did not start"
+            assert time.monotonic() < deadline, "redis-server did not listen in 10 s"
+            time.sleep(0.02)
+
+
+def _broker(**settings):
+    from pyworker.config import Settings
+    from pyworker.queue import Broker
+    return Broker(Settings(secret="test-secret-16-bytes", connect_timeout_s=2.0, **settings))
+
+
+def test_mutual_tls_with_a_ca_bundle_a_client_certificate_and_its_key(pki, tmp_path):
+    from pyworker.errors import ConfigurationError
+    from pyworker.errors import ConnectionError as PyworkerConnectionError
+    from pyworker.local import free_port
+    port = free_port()
+    proc = _start_redis(["--port", 0, "--tls-port", port, "--bind", "127.0.0.1",
+                         "--tls-cert-file", pki / "server.pem", "--tls-key-file",
+                         pki / "server.key", "--tls-ca-cert-file", pki / "ca.pem",
+                         "--tls-auth-clients", "yes", "--requirepass", "pw"], tmp_path, port)
+    url = f"rediss://127.0.0.1:{port}/0"
+    try:
+        b = _broker(redis_url=url, redis_password="pw", redis_ca_file=str(pki / "ca.pem"),
+                    redis_cert_file=str(pki / "client.pem"),
+                    redis_key_file=str(pki / "client.key"))
+        b.ping()
+        assert b.redis.call("SET", "k", "v") == b"OK"
+        b.close()
+        # the server wants a client certificate: without one the handshake fails
+        with pytest.raises(PyworkerConnectionError, match=f"cannot reach Redis at 127.0.0.1:{port}"):
+            _broker(redis_url=url, redis_password="pw",
+                    redis_ca_file=str(pki / "ca.pem")).ping()
+        # without the CA bundle the server's certificate is not trusted, and the error says so
+        with pytest.raises(PyworkerConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            _broker(redis_url=url, redis_password="pw", redis_cert_file=str(pki / "client.pem"),
+                    redis_key_file=str(pki / "client.key")).ping()
+        with pytest.raises(ConfigurationError, match="go together"):
+            _broker(redis_url=url, redis_cert_file=str(pki / "client.pem"))
+        with pytest.raises(ConfigurationError, match="no such file"):
+            _broker(redis_url=url, redis_ca_file=str(tmp_path / "missing.pem"))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_an_acl_user_with_its_password_from_settings_or_the_url(redis_server):
+    from pyworker.errors import ConnectionError as PyworkerConnectionError
+    admin = resp.Redis(redis_server.url, password=redis_server.password)
+    try:
+        admin.call("ACL", "SETUSER", "alice", "on", ">alice-password", "~pyw:*", "&*", "+@all")
+    finally:
+        admin.close()
+    host = f"127.0.0.1:{redis_server.port}"
+    for settings in ({"redis_url": f"redis://{host}/0", "redis_username": "alice",
+                      "redis_password": "alice-password"},
+                     {"redis_url": f"redis://alice:alice-password@{host}/0"}):
+        b = _broker(**settings)
+        assert b.redis.call("ACL", "WHOAMI") == b"alice"
+        assert b.redis.call("SET", "pyw:k", "v") == b"OK"
+        with pytest.raises(resp.ReplyError, match="NOPERM"):
+            b.redis.call("SET", "other:k", "v")  # outside what alice may touch
+        b.close()
+    with pytest.raises(PyworkerConnectionError, match="refused the password") as info:
+        _broker(redis_url=f"redis://{host}/0", redis_username="alice",
+                redis_password="wrong-password").ping()
+    assert not info.value.retryable and "wrong-password" not in str(info.value)
+
+
+def test_sentinel_failover_is_waited_out_by_a_running_pmap(tmp_path):
+    """A master, its replica and a sentinel; workers and caller find the master through the
+    sentinel. The master is killed while a pmap runs: the sentinel promotes the replica, and the
+    pmap ends with every result."""
+    import signal as _signal
+    import pyworker
+    from pyworker.client import Client
+    from pyworker.config import Settings
+    from pyworker.local import free_port
+    m, r, s = free_port(), free_port(), free_port()
+    auth = ["--requirepass", "pw", "--masterauth", "pw", "--bind", "127.0.0.1"]
+    procs = []
+    workers = []
+    try:
+        (tmp_path / "m").mkdir(), (tmp_path / "r").mkdir()
+        procs.append(_start_redis(["--port", m, *auth], tmp_path / "m", m))
+        procs.append(_start_redis(["--port", r, "--replicaof", "127.0.0.1", m, *auth],
+                                  tmp_path / "r", r))
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"port {s}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                        f"sentinel monitor mymaster 127.0.0.1 {m} 1\n"
+                        "sentinel auth-pass mymaster pw\n"
+                        "sentinel down-after-milliseconds mymaster 1000\n"
+                        "sentinel failover-timeout mymaster 10000\n")
+        procs.append(_start_redis([conf, "--sentinel"], tmp_path, s))
+        replica = resp.Redis(f"redis://127.0.0.1:{r}/0", password="pw")
+        wait_until(lambda: b"master_link_status:up" in replica.call("INFO", "replication"), 20,
+                   "the replica to sync")
+        env = {"PYWORKER_REDIS_URL": "redis:///0", "PYWORKER_REDIS_PASSWORD": "pw",
+               "PYWORKER_REDIS_SENTINELS": f"127.0.0.1:{s}",
+               "PYWORKER_REDIS_SENTINEL_MASTER": "mymaster", "PYWORKER_SECRET": "test-secret-16-bytes",
+               "PYWORKER_LEASE_S": "5"}
+        settings = Settings.from_env(environ=env)
+        client = Client(settings)
+        for i in range(2):
+            log = open(tmp_path / f"worker-{i}.log", "w")
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "pyworker", "worker"], cwd=ROOT, stdout=log,
+                stderr=subprocess.STDOUT, env={**os.environ, **env,
+                                                "PYWORKER_WORKER_NAME": f"w{i}"}))
+        wait_until(lambda: len(pyworker.status(client).alive) == 2, 30, "two workers")
+        started = tmp_path / "started"
+
+        def slow(x):
+            import time
+            open(str(started), "a").close()
+            time.sleep(0.3)
+            return x * x
+
+        box = {}
+
+        def run():
+            try:
+                box["result"] = pyworker.pmap(slow, range(40), chunksize=1, client=client,
+                                              timeout=120, progress=False)
+            except BaseException as exc:
+                box["error"] = exc
+
+        import threading
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        wait_until(started.exists, 30, "the pmap to start")
+        procs[0].send_signal(_signal.SIGKILL)  # the master
+        t.join(150)
+        assert "error" not in box, box.get("error")
+        assert box.get("result") == [x * x for x in range(40)]
+        assert b"role:master" in replica.call("INFO", "replication"), "the replica took over"
+        client.close()
+        replica.close()
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            try:
+                w.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                w.kill()
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=10)
