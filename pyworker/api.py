@@ -755,6 +755,8 @@ class Executor(cf.Executor):
             with self._lock:
                 if not self._futures:
                     self._reader = None
+                    if self._shutdown:  # shutdown(wait=False): the last call is done
+                        job.close()
                     return
                 expected = len(self._futures)
             try:

@@ -491,6 +491,15 @@ def test_executor_map_runs_everything_when_shut_down_before_reading(cluster):
     assert list(results) == list(range(n, 0, -1))
 
 
+def test_executor_map_runs_everything_after_shutdown_without_waiting(cluster):
+    from pyworker.api import MAP_MAX_CHUNKS_AHEAD
+    n = 2 * MAP_MAX_CHUNKS_AHEAD + 3
+    ex = Executor()
+    results = ex.map(abs, range(-n, 0))
+    ex.shutdown(wait=False)
+    assert list(results) == list(range(n, 0, -1))
+
+
 def test_executor_map_cancelled_by_shutdown_says_so(cluster):
     from pyworker.api import MAP_MAX_CHUNKS_AHEAD
     n = 2 * MAP_MAX_CHUNKS_AHEAD
