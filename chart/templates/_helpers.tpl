@@ -195,8 +195,10 @@ of a persistence fork), else "" (no limit given: none set).
 */}}
 {{- define "pyworker.redis.maxmemory" -}}
 {{- $limit := dig "limits" "memory" "" (.Values.redis.resources | default dict) }}
-{{- if ne (toString .Values.redis.maxmemory) "" }}
-{{- include "pyworker.bytes" .Values.redis.maxmemory }}
+{{- /* (default: a `helm upgrade --reuse-values` from a chart without the key has none) */}}
+{{- $given := .Values.redis.maxmemory | default "" }}
+{{- if ne (toString $given) "" }}
+{{- include "pyworker.bytes" $given }}
 {{- else if ne (toString $limit) "" }}
 {{- mulf (include "pyworker.bytes" $limit | float64) 0.8 | floor | int64 }}
 {{- end }}
@@ -284,8 +286,9 @@ every problem listed.
 {{- $errors = append $errors "lab.ingress.enabled needs lab.enabled" }}
 {{- end }}
 {{- $limit := dig "limits" "memory" "" ($v.redis.resources | default dict) }}
-{{- if and (include "pyworker.redis.enabled" .) (ne (toString $v.redis.maxmemory) "") (ne (toString $limit) "") }}
-{{- if ge (include "pyworker.bytes" $v.redis.maxmemory | int64) (include "pyworker.bytes" $limit | int64) }}
+{{- $maxmemory := $v.redis.maxmemory | default "" }}
+{{- if and (include "pyworker.redis.enabled" .) (ne (toString $maxmemory) "") (ne (toString $limit) "") }}
+{{- if ge (include "pyworker.bytes" $maxmemory | int64) (include "pyworker.bytes" $limit | int64) }}
 {{- $errors = append $errors (printf "redis.maxmemory (%v) must be below redis.resources.limits.memory (%v), with room for Redis' own overhead; leave it empty for 80 %% of the limit" $v.redis.maxmemory $limit) }}
 {{- end }}
 {{- end }}

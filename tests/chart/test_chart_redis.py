@@ -133,3 +133,9 @@ def test_maxmemory_over_the_limit_is_refused(helm):
     proc = helm.run("template", "par", str(CHART), "--set", "redis.maxmemory=1Gi")
     assert proc.returncode != 0
     assert "redis.maxmemory (1Gi) must be below redis.resources.limits.memory (1Gi)" in proc.stderr
+
+
+def test_values_without_maxmemory_render(helm):
+    """`helm upgrade --reuse-values` from a chart without redis.maxmemory renders with the old
+    release's values, which lack it (null removes a key, like that)."""
+    assert _maxmemory(helm, "--set", "redis.maxmemory=null") == str(int(2**30 * 0.8))
