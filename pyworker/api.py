@@ -5,6 +5,8 @@ import concurrent.futures as cf
 import sys
 import threading
 import time
+import weakref
+from collections import deque
 from itertools import chain, islice
 
 from . import config, protocol, serialize
@@ -16,8 +18,10 @@ from .errors import (JobLostError, PyworkerError, SerializationError, SignatureE
 _default: Client | None = None
 _default_lock = threading.Lock()
 MAX_AUTO_CHUNKSIZE = 10_000
-# Executor.map submits its tasks in round trips of at most this many.
+# Executor.map submits its tasks in round trips of at most this many, and has at most this many
+# chunks in Redis (and at most map_budget_bytes of items) ahead of the results its caller took.
 MAP_CHUNKS_PER_SUBMIT = 256
+MAP_MAX_CHUNKS_AHEAD = 4 * MAP_CHUNKS_PER_SUBMIT
 # A job that Redis loses (restart without persistence, flush) is sent again this many times.
 MAX_RELAUNCHES = 3
 # Automatic chunks stay below about this many pickled bytes, and a batch of chunks sent in one
@@ -558,6 +562,103 @@ class _Future(cf.Future):
             return False
 
 
+def map_budget_bytes(workers: int) -> int:
+    """Pickled items an Executor.map keeps in Redis at most (as pmap does): enough to keep
+    every worker busy with a full chunk, and half as many again waiting."""
+    return CHUNK_TARGET_BYTES * (max(workers, 1) * 3 // 2 + 2)
+
+
+class _MapFeed:
+    """The items of one Executor.map, submitted as room frees up rather than all at once: at
+    most MAP_MAX_CHUNKS_AHEAD chunks and about max_bytes of pickled items are in Redis ahead of
+    the results the caller has taken (shutdown(wait=True) counts those not done instead: it
+    runs what is left, as concurrent.futures does). Room is refilled once half of it is free,
+    in round trips of up to MAP_CHUNKS_PER_SUBMIT chunks."""
+
+    def __init__(self, executor: "Executor", fn, iterables, chunksize: int, max_bytes: int):
+        self.executor, self.fn, self.chunksize, self.max_bytes = executor, fn, chunksize, max_bytes
+        self.items = zip(*iterables)
+        self.ahead: deque = deque()  # (future, bytes of its items), not yet given to the caller
+        self.ahead_bytes = 0
+        self.first = 0  # index of the next item to submit
+        self.item_bytes: int | None = None  # one item, pickled (the first of each round trip)
+        self.exhausted = False
+        self.dropped = False  # cancelled with items never submitted
+        self.lock = threading.RLock()
+
+    def fill(self, chunks: int | None = None, nbytes: int | None = None):
+        """Submit items while chunks and nbytes in flight (default: those ahead of the caller)
+        leave room."""
+        with self.lock:
+            chunks = len(self.ahead) if chunks is None else chunks
+            nbytes = self.ahead_bytes if nbytes is None else nbytes
+            while not self.exhausted and chunks < MAP_MAX_CHUNKS_AHEAD and \
+                    (nbytes < self.max_bytes or chunks == 0):
+                batch, weights, batch_bytes = [], [], 0
+                while len(batch) < MAP_CHUNKS_PER_SUBMIT and chunks + len(batch) < \
+                        MAP_MAX_CHUNKS_AHEAD:
+                    chunk = list(islice(self.items, self.chunksize))
+                    if not chunk:
+                        self.exhausted = True
+                        break
+                    if not batch:  # sized again each round trip: items may grow
+                        self.item_bytes = max(_pickled_size(chunk[0]), 1)
+                    weight = self.item_bytes * len(chunk)
+                    batch.append((self.first, chunk))
+                    weights.append(weight)
+                    self.first += len(chunk)
+                    batch_bytes += weight
+                    if batch_bytes >= CHUNK_TARGET_BYTES or nbytes + batch_bytes >= self.max_bytes:
+                        break
+                if not batch:
+                    break
+                futures = self.executor._submit(self.fn, protocol.MODE_STAR, batch, None,
+                                                after_shutdown=True)
+                self.ahead.extend(zip(futures, weights))
+                self.ahead_bytes += batch_bytes
+                chunks += len(batch)
+                nbytes += batch_bytes
+
+    def next_future(self) -> cf.Future | None:
+        """The next chunk's future, in order, for the caller (None: none left); refills first
+        when half the room is free."""
+        with self.lock:
+            if not self.exhausted and len(self.ahead) <= MAP_MAX_CHUNKS_AHEAD // 2 and \
+                    self.ahead_bytes <= self.max_bytes // 2:
+                self.fill()
+            if not self.ahead:
+                if self.dropped:
+                    raise cf.CancelledError(
+                        f"items #{self.first} and after of this map were never submitted: the "
+                        "executor was shut down with cancel_futures=True")
+                return None
+            future, weight = self.ahead.popleft()
+            self.ahead_bytes -= weight
+            return future
+
+    def drain(self):
+        """Submit and run everything left, keeping Redis' share bounded by the chunks not done
+        (shutdown(wait=True): the caller may read the results after it)."""
+        with self.lock:
+            while not self.exhausted:
+                running = [(f, w) for f, w in self.ahead if not f.done()]
+                if len(running) <= MAP_MAX_CHUNKS_AHEAD // 2 and \
+                        sum(w for _, w in running) <= self.max_bytes // 2:
+                    self.fill(len(running), sum(w for _, w in running))
+                else:
+                    cf.wait([f for f, _ in running], timeout=1.0,
+                            return_when=cf.FIRST_COMPLETED)
+
+    def cancel(self):
+        """Nothing more is submitted; what is ahead is cancelled, and a caller still reading
+        gets CancelledError at the first item that was never submitted."""
+        with self.lock:
+            self.dropped = not self.exhausted
+            self.exhausted = True
+            for future, _ in self.ahead:
+                future.cancel()
+
+
 class Executor(cf.Executor):
     """A concurrent.futures.Executor on the workers: submit, map, as_completed, wait, with.
 
@@ -574,6 +675,7 @@ class Executor(cf.Executor):
         self._lock = threading.RLock()  # (a future cancelled under it calls back: _cancelled)
         self._reader: threading.Thread | None = None
         self._shutdown = False
+        self._feeds: weakref.WeakSet[_MapFeed] = weakref.WeakSet()  # maps with items to submit
 
     def __repr__(self):
         state = "shut down" if self._shutdown else f"{len(self._futures)} pending"
@@ -592,12 +694,14 @@ class Executor(cf.Executor):
                                  f"{name}(*{serialize._describe(args)})")
         return future
 
-    def _submit(self, fn, mode, chunks: list, what: str | None) -> list[cf.Future]:
+    def _submit(self, fn, mode, chunks: list, what: str | None,
+                after_shutdown: bool = False) -> list[cf.Future]:
         """Tasks, in one round trip, and their futures. what=None: chunks of a map, each
         (index of its first item, args tuples), whose future's result is the list of their
-        values, or the first failing item's exception."""
+        values, or the first failing item's exception. after_shutdown: the rest of a map
+        made before the shutdown."""
         with self._lock:
-            if self._shutdown:
+            if self._shutdown and not after_shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._job is None or not self._job.live:
                 self._job = (self._client or get_client()).job(self._task_timeout)
@@ -615,42 +719,35 @@ class Executor(cf.Executor):
             return futures
 
     def map(self, fn, *iterables, timeout=None, chunksize=1):
+        """concurrent.futures' map: results in order, ``timeout`` counted from this call. The
+        items are submitted in round trips of many (not one per item, as a submit would), and
+        not all at once: at most about map_budget_bytes() of pickled items (and
+        MAP_MAX_CHUNKS_AHEAD tasks) wait in Redis ahead of the results taken so far, so a long
+        map of big items cannot fill Redis. shutdown(wait=True) runs the rest, as
+        concurrent.futures does. With chunksize > 1 each task runs that many items, as in
+        ProcessPoolExecutor (pmap and imap size chunks themselves)."""
         if _nested(self._client):
             return iter(list(_in_task(fn, iterables, False)))
-        """concurrent.futures' map: every item is submitted now, results come in order. The
-        tasks go in round trips of many (not one per item, as a submit would), and with
-        chunksize > 1 each task runs that many items, as in ProcessPoolExecutor (pmap and imap
-        size chunks themselves)."""
         if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
             raise ValueError(f"chunksize must be a positive integer, not {chunksize!r}")
         end = None if timeout is None else time.monotonic() + timeout
-        items, futures, first, item_bytes = zip(*iterables), [], 0, None
-        while True:
-            batch = []  # chunks for one round trip: at most about CHUNK_TARGET_BYTES of items
-            while len(batch) < MAP_CHUNKS_PER_SUBMIT:
-                chunk = list(islice(items, chunksize))
-                if not chunk:
-                    break
-                if item_bytes is None:
-                    item_bytes = _pickled_size(chunk[0])
-                batch.append((first, chunk))
-                first += len(chunk)
-                if item_bytes * (first - batch[0][0]) >= CHUNK_TARGET_BYTES:
-                    break
-            if not batch:
-                break
-            futures += self._submit(fn, protocol.MODE_STAR, batch, None)
+        workers = (self._client or get_client()).live_workers()
+        feed = _MapFeed(self, fn, iterables, chunksize, map_budget_bytes(workers))
+        feed.fill()  # the first round trips now: a bad first item raises here, work starts
+        with self._lock:
+            if not feed.exhausted:
+                self._feeds.add(feed)
 
         def results():
             try:
-                futures.reverse()  # popped from the end, in order: a done chunk is let go
-                while futures:
-                    future = futures.pop()
+                while True:
+                    future = feed.next_future()
+                    if future is None:
+                        return
                     yield from (future.result() if end is None
                                 else future.result(end - time.monotonic()))
             finally:
-                for future in futures:
-                    future.cancel()
+                feed.cancel()  # (done: a no-op; abandoned: its queued tasks leave Redis)
         return results()
 
     def _read(self, job: Job):
@@ -658,6 +755,8 @@ class Executor(cf.Executor):
             with self._lock:
                 if not self._futures:
                     self._reader = None
+                    if self._shutdown:  # shutdown(wait=False): the last call is done
+                        job.close()
                     return
                 expected = len(self._futures)
             try:
@@ -731,11 +830,21 @@ class Executor(cf.Executor):
     def shutdown(self, wait=True, *, cancel_futures=False):
         with self._lock:
             self._shutdown = True
-            job = self._job
+            feeds = list(self._feeds)
             if cancel_futures:
                 for chunk, (future, *_) in list(self._futures.items()):
                     if future.cancel():
                         self._futures.pop(chunk, None)
+        # The maps' items not yet submitted: dropped, run now, or run by a thread of their own
+        # (wait=False), as concurrent.futures runs every item of a map that was not cancelled.
+        for feed in feeds:
+            if cancel_futures:
+                feed.cancel()
+            elif wait:
+                feed.drain()
+            else:
+                threading.Thread(target=feed.drain, daemon=True, name="pyworker-map").start()
+        job = self._job
         if job is not None and cancel_futures:
             job.drop_queued()
         reader = self._reader

@@ -106,6 +106,7 @@ class Client:
 
     def ping(self):
         self.broker.ping()
+        self.broker.check_eviction_policy()
         return self
 
     def close(self):
@@ -142,6 +143,7 @@ class Client:
             if self._last_sweep is None or now - self._last_sweep > SHM_SWEEP_EVERY_S:
                 self._last_sweep = now
                 self.shm.sweep()
+        self.broker.check_eviction_policy()  # once per Broker: a warning if Redis can evict
         job = Job(self, task_timeout)
         with self._lock:
             self._jobs.add(job)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from urllib.parse import urlsplit
@@ -10,6 +11,8 @@ from . import connection, protocol
 from .config import Settings, sentinel_addresses, url_without_password
 from .errors import ConnectionError as PyworkerConnectionError
 from .errors import ConfigurationError, RedisError
+
+log = logging.getLogger("pyworker.queue")
 
 # Take the next task, round-robin over the jobs that have queued tasks, so one huge job cannot
 # starve a small one started later. The task moves into the worker's active hash in the same
@@ -398,6 +401,27 @@ def _reply_error(where: str, exc: connection.ReplyError) -> Exception:
     return RedisError(f"Redis at {where} refused a command ({line}): {hint}")
 
 
+def eviction_warning(where: str, policy: str) -> str | None:
+    """What to tell the user about a Redis whose maxmemory-policy is ``policy``; None when it
+    never evicts. volatile-* policies evict only keys with a TTL, but that is no comfort: every
+    key of a job (its hash, queue, results, payloads), every function and every worker's lease
+    has one, so they evict exactly pyworker's keys."""
+    if policy in ("", "noeviction"):
+        return None
+    if policy.startswith("volatile-"):
+        how = ("evicts keys that have a TTL, and pyworker's keys (jobs, their queues and "
+               "results, functions, workers' leases) all have one")
+    else:
+        how = "evicts any key"
+    return (f"Redis at {where} has maxmemory-policy {policy}: when full, it {how}. An evicted "
+            "lease, queue or result strands jobs (a pmap without a timeout can wait for ever). "
+            "Set maxmemory-policy noeviction on that Redis: when full, it then refuses new work "
+            "with an OOM error instead")
+
+
+_warned_eviction: set[str] = set()  # Redis URLs (without password) warned about, in this process
+
+
 def translate_errors(method):
     """Redis errors become one clear line, not a stack of socket errors or a raw reply."""
 
@@ -480,6 +504,8 @@ class Broker:
         # Clean-ups of finished jobs ride along with the next pipeline instead of costing a
         # round trip each; if none comes, the keys expire by themselves.
         self._deferred: list[tuple] = []
+        self._policy_checked = False
+        self._policy: str | None = None
 
     def close(self):
         self.redis.close()
@@ -507,6 +533,42 @@ class Broker:
     @translate_errors
     def ping(self) -> None:
         self.redis.call("PING")
+
+    def eviction_policy(self) -> str | None:
+        """Redis' maxmemory-policy, from INFO memory or else CONFIG GET; None when Redis tells
+        neither (managed Redis often refuses CONFIG, proxies INFO). Raises OSError (or a
+        pyworker ConnectionError) when Redis cannot be reached."""
+        for command in (("INFO", "memory"), ("CONFIG", "GET", "maxmemory-policy")):
+            try:
+                reply = self.redis.call(*command)
+            except connection.ReplyError as exc:
+                log.debug("Redis at %s refused %s (%s): its maxmemory-policy is not known",
+                          self.where, command[0], _one_line(exc))
+                continue
+            if command[0] == "INFO":
+                for line in _s(reply).splitlines():
+                    if line.startswith("maxmemory_policy:"):
+                        return line.split(":", 1)[1].strip()
+            elif reply and len(reply) >= 2:
+                return _s(reply[1])
+        return None
+
+    def check_eviction_policy(self) -> str | None:
+        """Warn, once per process and Redis, when Redis can evict pyworker's keys; returns the
+        policy (None: Redis would not tell). Asks Redis once per Broker."""
+        if self._policy_checked:
+            return self._policy
+        try:
+            policy = self.eviction_policy()
+        except (OSError, PyworkerConnectionError):
+            return None  # asked again next time; the caller's own command reports the outage
+        self._policy_checked, self._policy = True, policy
+        url = url_without_password(self.settings.redis_url)
+        message = eviction_warning(self.where, policy or "")
+        if message and url not in _warned_eviction:
+            _warned_eviction.add(url)
+            log.warning("pyworker: %s", message)
+        return policy
 
     @translate_errors
     def reap(self, force_name: str = "", release: bool = False) -> list[str]:

@@ -108,6 +108,7 @@ class Supervisor:
     def run(self) -> int:
         b = self.broker
         self._wait_for_redis()
+        b.check_eviction_policy()  # a warning in the worker's log if Redis can evict its keys
         # A worker restarted under the same name first puts back what its last life held.
         b.reap(force_name=self.name)
         store = shm.Store.open(self.settings)

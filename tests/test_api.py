@@ -436,6 +436,81 @@ def test_executor_map_submits_many_tasks_per_round_trip(cluster, monkeypatch):
         assert [len(call) for call in calls] == [3, 3, 1]
 
 
+def _counted(items, taken):
+    """items, counting in taken[0] how many the consumer has read."""
+    for item in items:
+        taken[0] += 1
+        yield item
+
+
+def test_executor_map_keeps_a_bounded_number_of_bytes_in_redis(cluster, monkeypatch):
+    """Big items are read and submitted as results are taken, not all at the call: at most
+    about map_budget_bytes of them are ahead of the caller, in Redis (or shared memory)."""
+    from pyworker import api
+    calls = _submits(monkeypatch)
+    item = 2**20  # 1 MiB each, 60 of them: 3 times the budget of 2 workers (20 MiB)
+    budget = api.map_budget_bytes(cluster.client.live_workers())
+    assert 60 * item > 2 * budget
+    taken = [0]
+    with Executor() as ex:
+        results = ex.map(len, _counted((bytes([i % 256]) * item for i in range(60)), taken))
+        ahead = taken[0]
+        # The first round trips: up to the budget, and no more than one chunk past it.
+        assert budget // item <= ahead <= budget // item + 1, ahead
+        most_ahead, got = ahead, []
+        for value in results:
+            got.append(value)
+            most_ahead = max(most_ahead, taken[0] - len(got))
+        assert got == [item] * 60
+    assert most_ahead <= budget // item + 1, most_ahead
+    assert len(_sizes(calls)) == 60 and len(calls) > 3, "submitted in several refills"
+
+
+def test_executor_map_keeps_a_bounded_number_of_tasks_in_redis(cluster, monkeypatch):
+    """Small items: at most MAP_MAX_CHUNKS_AHEAD tasks ahead, refilled in full round trips
+    once half of them are taken (not a round trip per result)."""
+    from pyworker.api import MAP_CHUNKS_PER_SUBMIT, MAP_MAX_CHUNKS_AHEAD
+    calls = _submits(monkeypatch)
+    n = 3 * MAP_MAX_CHUNKS_AHEAD + 10
+    taken = [0]
+    with Executor() as ex:
+        results = ex.map(abs, _counted(range(-n, 0), taken))
+        assert taken[0] == MAP_MAX_CHUNKS_AHEAD
+        assert list(results) == list(range(n, 0, -1))
+        assert all(len(call) <= MAP_CHUNKS_PER_SUBMIT for call in calls)
+        assert len(calls) <= 2 * n // MAP_CHUNKS_PER_SUBMIT + 4, "refills are round trips of many"
+
+
+def test_executor_map_runs_everything_when_shut_down_before_reading(cluster):
+    """`with Executor() as ex: results = ex.map(...)`, read after the block: shutdown(wait=True)
+    runs the items not yet submitted, as concurrent.futures does."""
+    from pyworker.api import MAP_MAX_CHUNKS_AHEAD
+    n = 2 * MAP_MAX_CHUNKS_AHEAD + 7
+    with Executor() as ex:
+        results = ex.map(abs, range(-n, 0))
+    assert list(results) == list(range(n, 0, -1))
+
+
+def test_executor_map_runs_everything_after_shutdown_without_waiting(cluster):
+    from pyworker.api import MAP_MAX_CHUNKS_AHEAD
+    n = 2 * MAP_MAX_CHUNKS_AHEAD + 3
+    ex = Executor()
+    results = ex.map(abs, range(-n, 0))
+    ex.shutdown(wait=False)
+    assert list(results) == list(range(n, 0, -1))
+
+
+def test_executor_map_cancelled_by_shutdown_says_so(cluster):
+    from pyworker.api import MAP_MAX_CHUNKS_AHEAD
+    n = 2 * MAP_MAX_CHUNKS_AHEAD
+    ex = Executor()
+    results = ex.map(abs, range(n))
+    ex.shutdown(wait=True, cancel_futures=True)
+    with pytest.raises(cf.CancelledError):
+        list(results)
+    assert redis_keys(cluster, "pyw:job:*:q") == []
+
+
 def test_executor_map_in_chunks_keeps_its_timeout(cluster):
     import time
     with Executor() as ex:

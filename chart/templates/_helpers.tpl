@@ -133,6 +133,78 @@ Call with (dict "ctx" $ "key" "lab-token" "given" .Values.lab.token).
 {{- end }}
 
 {{/*
+pyworker.secretData: the data of the release's Secret (key -> base64 value) as JSON, worked out
+once per render and kept on the root context: the Secret and the checksums on the pod templates
+then see the same values, generated ones included (each randAlphaNum call would give another).
+redis.conf is Redis' own setting of the password (requirepass, quoted as Redis' config parser
+reads it), so that the password is on no command line.
+*/}}
+{{- define "pyworker.secretData" -}}
+{{- if not (hasKey . "pyworkerSecretData") }}
+{{- $data := dict
+  "pyworker-secret" (include "pyworker.secretValue" (dict "ctx" . "key" "pyworker-secret" "given" .Values.signingKey))
+  "lab-token" (include "pyworker.secretValue" (dict "ctx" . "key" "lab-token" "given" .Values.lab.token)) }}
+{{- if include "pyworker.redis.enabled" . }}
+{{- $password := include "pyworker.secretValue" (dict "ctx" . "key" "redis-password" "given" .Values.redis.password) }}
+{{- $quoted := b64dec $password | replace "\\" "\\\\" | replace "\"" "\\\"" }}
+{{- $_ := set $data "redis-password" $password }}
+{{- $_ := set $data "redis.conf" (printf "requirepass \"%s\"\n" $quoted | b64enc) }}
+{{- else if and .Values.externalRedis.password (not .Values.externalRedis.existingSecret) }}
+{{- $_ := set $data "redis-password" (.Values.externalRedis.password | b64enc) }}
+{{- end }}
+{{- $_ := set . "pyworkerSecretData" $data }}
+{{- end }}
+{{- get . "pyworkerSecretData" | toJson }}
+{{- end }}
+
+{{/*
+pyworker.secretChecksum: a pod annotation that changes when a key of the Secret the pod reads
+changes (`helm upgrade --set signingKey=...`), so the pod is replaced instead of keeping the old
+value until it happens to restart; it stays the same across upgrades that change none (generated
+values are kept by lookup). The release's namespace and name salt the hash.
+Call with (dict "ctx" $ "keys" (list "pyworker-secret" "redis-password")).
+*/}}
+{{- define "pyworker.secretChecksum" -}}
+{{- $data := include "pyworker.secretData" .ctx | fromJson }}
+{{- $parts := list .ctx.Release.Namespace .ctx.Release.Name }}
+{{- range .keys }}
+{{- $parts = append $parts (printf "%s=%s" . (get $data . | toString)) }}
+{{- end }}
+{{- join "\n" $parts | sha256sum }}
+{{- end }}
+
+{{/*
+pyworker.bytes: a Kubernetes quantity (512Mi, 1G, 1.5Gi, 1073741824) in bytes, as an integer.
+*/}}
+{{- define "pyworker.bytes" -}}
+{{- $q := toString . }}
+{{- $num := regexFind "^[0-9.]+([eE][-+]?[0-9]+)?" $q }}
+{{- $unit := trimPrefix $num $q }}
+{{- $units := dict "" 1.0 "m" 0.001 "k" 1000.0 "M" 1000000.0 "G" 1000000000.0 "T" 1000000000000.0
+  "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 }}
+{{- if not (hasKey $units $unit) }}
+{{- fail (printf "cannot read %q as a number of bytes: use a quantity such as 800Mi or 1Gi" $q) }}
+{{- end }}
+{{- mulf (float64 $num) (get $units $unit) | floor | int64 }}
+{{- end }}
+
+{{/*
+pyworker.redis.maxmemory: Redis' maxmemory in bytes: redis.maxmemory if given, else 80 % of the
+container's memory limit (the rest is for Redis' own overhead, client buffers and the copy-on-write
+of a persistence fork), else "" (no limit given: none set).
+*/}}
+{{- define "pyworker.redis.maxmemory" -}}
+{{- $limit := dig "limits" "memory" "" (.Values.redis.resources | default dict) }}
+{{- /* (default: a `helm upgrade --reuse-values` from a chart without the key has none) */}}
+{{- $given := .Values.redis.maxmemory | default "" }}
+{{- if ne (toString $given) "" }}
+{{- include "pyworker.bytes" $given }}
+{{- else if ne (toString $limit) "" }}
+{{- mulf (include "pyworker.bytes" $limit | float64) 0.8 | floor | int64 }}
+{{- end }}
+{{- end }}
+
+{{/*
 pyworker.redisPasswordEnv: the env entry PYWORKER_REDIS_PASSWORD (or another name, via .name)
 from the right Secret; renders nothing for an external Redis without a password.
 Call with (dict "ctx" $ "name" "PYWORKER_REDIS_PASSWORD").
@@ -212,6 +284,13 @@ every problem listed.
 {{- end }}
 {{- if and $v.lab.ingress.enabled (not $v.lab.enabled) }}
 {{- $errors = append $errors "lab.ingress.enabled needs lab.enabled" }}
+{{- end }}
+{{- $limit := dig "limits" "memory" "" ($v.redis.resources | default dict) }}
+{{- $maxmemory := $v.redis.maxmemory | default "" }}
+{{- if and (include "pyworker.redis.enabled" .) (ne (toString $maxmemory) "") (ne (toString $limit) "") }}
+{{- if ge (include "pyworker.bytes" $maxmemory | int64) (include "pyworker.bytes" $limit | int64) }}
+{{- $errors = append $errors (printf "redis.maxmemory (%v) must be below redis.resources.limits.memory (%v), with room for Redis' own overhead; leave it empty for 80 %% of the limit" $v.redis.maxmemory $limit) }}
+{{- end }}
 {{- end }}
 {{- if $errors }}
 {{- fail (printf "\n\nInvalid values for the pyworker chart:\n  - %s\n" (join "\n  - " $errors)) }}

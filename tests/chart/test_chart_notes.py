@@ -35,7 +35,7 @@ def test_nodeport(helm):
     assert ("kubectl --namespace ns get service par-pyworker-lab -o jsonpath='{.spec.ports[0].nodePort}'"
             in notes)
     assert 'echo "http://$NODE_IP:$NODE_PORT/lab"' in notes
-    assert "port-forward" not in notes
+    assert "port-forward service/" not in notes  # (the plain-HTTP warning names port-forward)
 
 
 def test_nodeport_fixed(helm):
@@ -49,7 +49,7 @@ def test_loadbalancer(helm, port, url):
     common(notes)
     assert "{.status.loadBalancer.ingress[0].ip}{.status.loadBalancer.ingress[0].hostname}" in notes
     assert url in notes
-    assert "port-forward" not in notes
+    assert "port-forward service/" not in notes  # (the plain-HTTP warning names port-forward)
 
 
 def test_ingress_with_host_and_tls(helm):
@@ -57,7 +57,7 @@ def test_ingress_with_host_and_tls(helm):
                        "--set", "lab.ingress.tls.secretName=tls")
     common(notes)
     assert "https://lab.example.com/lab" in notes
-    assert "port-forward" not in notes
+    assert "port-forward service/" not in notes  # (the plain-HTTP warning names port-forward)
 
 
 def test_ingress_without_host(helm):
@@ -75,3 +75,31 @@ def test_no_lab(helm):
     assert "app.kubernetes.io/instance: par" in notes  # the NetworkPolicy admits only labelled pods
     assert PMAP_CLIENT in notes
     assert "lab-token" not in notes and "port-forward" not in notes
+
+
+PLAIN_HTTP = "WARNING: JupyterLab is served over plain HTTP"
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--set", "lab.service.type=NodePort"], "(lab.service.type=NodePort)"),
+    (["--set", "lab.service.type=LoadBalancer"], "(lab.service.type=LoadBalancer)"),
+    (["--set", "lab.ingress.enabled=true"], "(an Ingress without lab.ingress.tls.secretName)"),
+    (["--set", "lab.ingress.enabled=true", "--set", "lab.ingress.host=lab.example.com"],
+     "(an Ingress without lab.ingress.tls.secretName)"),
+    (["--set", "lab.ingress.enabled=true", "--set", "lab.service.type=NodePort"],
+     "(lab.service.type=NodePort; an Ingress without lab.ingress.tls.secretName)"),
+])
+def test_plain_http_warns(helm, args, why):
+    notes = helm.notes(*args)
+    assert f"{PLAIN_HTTP} {why}." in notes
+    assert "the login token, code and data cross the network in the clear" in notes.replace("\n   ", " ").lower()
+    assert "lab.ingress.tls.secretName" in notes and "kubectl port-forward" in notes
+
+
+@pytest.mark.parametrize("args", [
+    [],  # ClusterIP: kubectl port-forward, through the API server's TLS
+    ["--set", "lab.ingress.enabled=true", "--set", "lab.ingress.tls.secretName=tls"],
+    ["--set", "lab.enabled=false", "--set", "lab.service.type=NodePort"],  # no Lab, no token
+])
+def test_no_warning_without_plain_http(helm, args):
+    assert "WARNING" not in helm.notes(*args)

@@ -127,16 +127,24 @@ def test_redis_contract(helm):
                   "--set", "redis.image.pullPolicy=Never")
     c = container(docs, "Deployment", "-redis", "redis")
     assert c["image"] == "pyworker/redis:dev" and c["imagePullPolicy"] == "Never"
-    # Options only, so the image's own entrypoint (tini -- redis-server, or the official image's
-    # docker-entrypoint.sh) stays in front.
-    assert "command" not in c and c["args"][0].startswith("--")
+    # A config file then options only, so the image's own entrypoint (tini -- redis-server, or
+    # the official image's docker-entrypoint.sh, which takes a first argument ending in .conf
+    # for redis-server's) stays in front.
+    assert "command" not in c
     args = c["args"]
-    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
-    assert env_of(c)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "par-pyworker", "key": "redis-password"}
+    assert args[0] == "/etc/redis-secret/redis.conf" and args[1].startswith("--")
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/redis-secret")
+    assert mount["readOnly"] is True
+    volume = next(v for v in one(docs, "Deployment", "-redis")["spec"]["template"]["spec"]["volumes"]
+                  if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "par-pyworker"
+    assert volume["secret"]["items"] == [{"key": "redis.conf", "path": "redis.conf"}]
+    assert "--requirepass" not in args
+    # redis-cli reads REDISCLI_AUTH: the probes' command lines carry no password.
+    assert env_of(c)["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == {"name": "par-pyworker", "key": "redis-password"}
     for probe in ("livenessProbe", "readinessProbe"):
         cmd = c[probe]["exec"]["command"]
-        assert cmd[:2] == ["sh", "-c"]
-        assert 'redis-cli -a "$REDIS_PASSWORD" --no-auth-warning ping' in cmd[2]
+        assert cmd[:2] == ["sh", "-c"] and cmd[2].startswith("redis-cli ping | grep")
     assert one(docs, "Service", "-redis")["spec"]["ports"][0]["port"] == 6379
 
 

@@ -1,5 +1,6 @@
 """The chart lints, renders valid Kubernetes objects for every scenario in chart/ci/, and rejects
 bad values before rendering anything. Each test runs with Helm 4 and with Helm 3."""
+import json
 import re
 import shutil
 
@@ -96,6 +97,9 @@ def test_workers_sets_replicas(helm, workers):
     ("image.pullPolicy=Sometimes", r"image.*pullPolicy"),
     ("redis.persistence.enabled=maybe", r"redis.*persistence.*enabled"),
     ("signingKey=short", r"signingKey.*(equal to 16|want 16)"),
+    ("lab.token=short-token", r"lab.*token.*(equal to 16|want 16)"),
+    ("redis.password=short-password", r"redis.*password.*(equal to 16|want 16)"),
+    ("redis.maxmemory=lots", r"redis.*maxmemory"),
 ])
 def test_bad_values_fail_schema_and_render_nothing(helm, bad, error):
     proc = helm.run("template", "par", str(CHART), "--set", bad)
@@ -213,3 +217,26 @@ def test_long_release_name_fits(helm):
         assert len(d["metadata"]["name"]) <= 63, d["metadata"]["name"]
         for v in d["metadata"]["labels"].values():
             assert len(v) <= 63
+
+
+@pytest.mark.parametrize("key", ["redis.password", "externalRedis.password"])
+def test_control_characters_in_a_password_are_refused(helm, key, tmp_path):
+    """A trailing newline (--set-file of a file that ends in one) is a password nobody types."""
+    section = {"password": "a-password-of-16-chars\n"}
+    if key.startswith("external"):
+        section["url"] = "redis://r:6379/0"
+    values = tmp_path / "values.json"
+    values.write_text(json.dumps({key.split(".")[0]: section}))
+    proc = helm.run("template", "par", str(CHART), "-f", str(values))
+    assert proc.returncode != 0 and proc.stdout.strip() == ""
+    assert re.search(key.replace(".", r".*") + ".*(pattern|does not match)", proc.stderr), proc.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["--set", "lab.token=", "--set", "redis.password=", "--set", "signingKey="],
+    ["--set", "lab.token=a-token-of-16-chars", "--set", "redis.password=a-password-of-16-c"],
+    ["--set", "externalRedis.url=redis://r:6379/0", "--set", "externalRedis.password=short"],
+])
+def test_good_secrets_pass_the_schema(helm, args):
+    """Empty means generated; an external Redis' password is whatever that Redis has."""
+    assert helm.run("template", "par", str(CHART), *args).returncode == 0

@@ -19,17 +19,19 @@ def secret_values(docs):
 
 def test_generated_when_not_given(helm):
     first, second = secret_values(helm.template()), secret_values(helm.template())
-    assert set(first) == KEYS
+    assert set(first) == KEYS | {"redis.conf"}
+    assert first["redis.conf"] == f'requirepass "{first["redis-password"]}"\n'
     for key in KEYS:
         assert len(first[key]) == 40 and first[key].isalnum()
         assert first[key] != second[key], "a fresh install without lookup must generate new values"
-    assert len(set(first.values())) == 3
+    assert len({first[key] for key in KEYS}) == 3
 
 
 def test_given_values_used(helm):
     values = secret_values(helm.template(*GIVEN))
     assert values == {"redis-password": "given-redis-pw-123", "lab-token": "given-lab-token-456",
-                      "pyworker-secret": "given-signing-key-789"}
+                      "pyworker-secret": "given-signing-key-789",
+                      "redis.conf": 'requirepass "given-redis-pw-123"\n'}
 
 
 def _existing_secret(values, namespace="ns", release="par"):
@@ -55,10 +57,11 @@ def test_kept_across_upgrade(helm, tmp_path):
         if helm.name == "helm4":  # helm 4 validates against the server's OpenAPI, which the fake lacks
             args.append("--disable-openapi-validation")
         docs = helm.template(*args, env=env)
-        assert secret_values(docs) == kept
+        conf = {"redis.conf": 'requirepass "kept-redis"\n'}
+        assert secret_values(docs) == {**kept, **conf}
         assert one(docs, "Deployment", "-worker")["spec"]["replicas"] == 5
-        docs = helm.template(*args, "--set", "lab.token=new-token", env=env)
-        assert secret_values(docs) == {**kept, "lab-token": "new-token"}
+        docs = helm.template(*args, "--set", "lab.token=new-token-of-16-chars", env=env)
+        assert secret_values(docs) == {**kept, **conf, "lab-token": "new-token-of-16-chars"}
     assert "/api/v1/namespaces/ns/secrets/par-pyworker" in api.requests, "lookup never asked the server"
 
 
@@ -106,3 +109,62 @@ def test_pods_read_secrets_by_reference(helm):
                 if any(k in e["name"] for k in ("PASSWORD", "SECRET", "TOKEN")):
                     assert "value" not in e, f"{e['name']} must come from a secretKeyRef"
                     assert e["valueFrom"]["secretKeyRef"]["name"] == "par-pyworker"
+
+
+# --- pods roll when the values they read change, and only then ----------------------------------
+
+def secret_checksums(docs):
+    return {d["metadata"]["name"].rsplit("-", 1)[-1]:
+            d["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+            for d in by_kind(docs, "Deployment")}
+
+
+def _upgrade(helm, tmp_path, kept, *args):
+    """Render as `helm upgrade` does, with the Secret `kept` (decoded values) in the cluster."""
+    with FakeAPIServer(_existing_secret(kept)) as api:
+        env = {"KUBECONFIG": str(api.kubeconfig(tmp_path / "kubeconfig", "ns"))}
+        extra = ["--disable-openapi-validation"] if helm.name == "helm4" else []
+        return helm.template("--dry-run=server", *extra, *args, env=env)
+
+
+def test_every_pod_template_has_a_secret_checksum(helm):
+    sums = secret_checksums(helm.template())
+    assert set(sums) == {"worker", "lab", "redis"}
+    assert all(len(v) == 64 for v in sums.values())
+    assert len(set(sums.values())) == 3, "each pod sums the keys it reads"
+
+
+def test_checksums_stay_across_an_upgrade_of_generated_secrets(helm, tmp_path):
+    """The first install generates the secrets (lookup finds nothing); `helm upgrade` then finds
+    them in the cluster and must render the same checksums, or every upgrade after the install
+    would restart Redis (losing the queues) and every pod. The checksums on the install are
+    those of the values in its Secret, not of other random values."""
+    installed = helm.template()
+    kept = secret_values(installed)
+    upgraded = _upgrade(helm, tmp_path, kept, "--set", "workers=5")
+    assert secret_values(upgraded) == kept
+    assert secret_checksums(upgraded) == secret_checksums(installed)
+
+
+def test_given_secrets_give_the_same_checksums_every_render(helm):
+    """Without lookup (helm template, GitOps) given values give stable checksums."""
+    assert secret_checksums(helm.template(*GIVEN)) == secret_checksums(helm.template(*GIVEN))
+
+
+@pytest.mark.parametrize("change, rolled", [
+    ("signingKey=another-signing-key-0", {"worker", "lab"}),
+    ("redis.password=another-redis-pw-0", {"worker", "lab", "redis"}),
+    ("lab.token=another-lab-token-000", {"lab"}),
+    ("workers=7", set()),
+])
+def test_a_changed_secret_rolls_the_pods_that_read_it(helm, tmp_path, change, rolled):
+    installed = helm.template()
+    before = secret_checksums(installed)
+    after = secret_checksums(_upgrade(helm, tmp_path, secret_values(installed), "--set", change))
+    assert {name for name in before if before[name] != after[name]} == rolled
+
+
+def test_checksums_are_salted_with_the_release(helm):
+    """The same password in two releases gives two checksums (no table of known hashes helps)."""
+    assert secret_checksums(helm.template(*GIVEN, release="one")) != \
+        secret_checksums(helm.template(*GIVEN, release="two"))
