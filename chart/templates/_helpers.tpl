@@ -101,13 +101,15 @@ Settings.
 
 {{/* pyworker.redis.enabled: "true" when the chart deploys Redis (no externalRedis.url), else "". */}}
 {{- define "pyworker.redis.enabled" -}}
-{{- if not .Values.externalRedis.url }}true{{ end }}
+{{- if not (or .Values.externalRedis.url .Values.externalRedis.sentinel.master) }}true{{ end }}
 {{- end }}
 
 {{/* pyworker.redis.url: what PYWORKER_REDIS_URL is: the chart's Redis Service, or externalRedis.url. */}}
 {{- define "pyworker.redis.url" -}}
 {{- if .Values.externalRedis.url }}
 {{- .Values.externalRedis.url }}
+{{- else if .Values.externalRedis.sentinel.master }}
+{{- "redis:///0" }}
 {{- else }}
 {{- printf "redis://%s:6379/0" (include "pyworker.redis.fullname" .) }}
 {{- end }}
@@ -248,6 +250,27 @@ the secrets from the Secret, and its own pod name as PYWORKER_WORKER_NAME.
 {{- include "pyworker.redisPasswordEnv" (dict "ctx" . "name" "PYWORKER_REDIS_PASSWORD") }}
 {{- end }}
 
+{{/*
+pyworker.redisTls: the volume and the mount of externalRedis.tls.existingSecret (the CA bundle, and
+the client certificate and key), for every pyworker container; nothing without it.
+Call with (dict "ctx" $ "part" "volume") or (dict "ctx" $ "part" "mount").
+*/}}
+{{- define "pyworker.redisTls" -}}
+{{- $tls := .ctx.Values.externalRedis.tls }}
+{{- if $tls.existingSecret }}
+{{- if eq .part "volume" }}
+- name: redis-tls
+  secret:
+    secretName: {{ $tls.existingSecret }}
+    defaultMode: 0440
+{{- else }}
+- name: redis-tls
+  mountPath: /etc/pyworker/redis-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* pyworker.configChecksum: sha256 of the rendered ConfigMap; a pod annotation, so pods roll when settings change. */}}
 {{- define "pyworker.configChecksum" -}}
 {{- include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
@@ -276,8 +299,20 @@ every problem listed.
 {{- if and $v.externalRedis.password $v.externalRedis.existingSecret }}
 {{- $errors = append $errors "set only one of externalRedis.password and externalRedis.existingSecret" }}
 {{- end }}
-{{- if and (not $v.externalRedis.url) (or $v.externalRedis.password $v.externalRedis.existingSecret) }}
-{{- $errors = append $errors "externalRedis.password/existingSecret are set but externalRedis.url is empty: set the URL, or use redis.password for the chart's Redis" }}
+{{- if and $v.externalRedis.sentinel.master (not $v.externalRedis.sentinel.hosts) }}
+{{- $errors = append $errors "externalRedis.sentinel.master needs externalRedis.sentinel.hosts (the sentinels, host:port)" }}
+{{- end }}
+{{- if and $v.externalRedis.sentinel.hosts (not $v.externalRedis.sentinel.master) }}
+{{- $errors = append $errors "externalRedis.sentinel.hosts needs externalRedis.sentinel.master (the name the sentinels monitor the master under)" }}
+{{- end }}
+{{- if and $v.externalRedis.tls.existingSecret (not (hasPrefix "rediss://" $v.externalRedis.url)) }}
+{{- $errors = append $errors "externalRedis.tls.existingSecret needs a rediss:// externalRedis.url (rediss:///0 with Sentinel)" }}
+{{- end }}
+{{- if and $v.externalRedis.tls.clientCertificate (not $v.externalRedis.tls.existingSecret) }}
+{{- $errors = append $errors "externalRedis.tls.clientCertificate needs externalRedis.tls.existingSecret (with tls.crt and tls.key)" }}
+{{- end }}
+{{- if and (not (or $v.externalRedis.url $v.externalRedis.sentinel.master)) (or $v.externalRedis.password $v.externalRedis.existingSecret $v.externalRedis.username) }}
+{{- $errors = append $errors "externalRedis.password/existingSecret/username are set but externalRedis.url is empty: set the URL, or use redis.password for the chart's Redis" }}
 {{- end }}
 {{- if and $v.lab.service.nodePort (eq $v.lab.service.type "ClusterIP") }}
 {{- $errors = append $errors "lab.service.nodePort needs lab.service.type NodePort or LoadBalancer" }}

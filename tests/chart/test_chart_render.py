@@ -114,6 +114,13 @@ def test_bad_values_fail_schema_and_render_nothing(helm, bad, error):
     (["--set", "lab.service.nodePort=30080"], "nodePort needs lab.service.type NodePort"),
     (["--set", "externalRedis.password=x"], "externalRedis.url is empty"),
     (["--set", "lab.enabled=false", "--set", "lab.ingress.enabled=true"], "lab.ingress.enabled needs lab.enabled"),
+    (["--set", "externalRedis.sentinel.master=m"], "sentinel.master needs externalRedis.sentinel.hosts"),
+    (["--set", "externalRedis.sentinel.hosts={s:26379}"], "sentinel.hosts needs externalRedis.sentinel.master"),
+    (["--set", "externalRedis.url=redis://r:6379/0", "--set", "externalRedis.tls.existingSecret=t"],
+     "needs a rediss:// externalRedis.url"),
+    (["--set", "externalRedis.url=rediss://r:6379/0", "--set", "externalRedis.tls.clientCertificate=true"],
+     "clientCertificate needs externalRedis.tls.existingSecret"),
+    (["--set", "externalRedis.username=u"], "externalRedis.url is empty"),
 ])
 def test_values_checked_across_keys(helm, args, error):
     proc = helm.run("template", "par", str(CHART), *args)
@@ -143,6 +150,37 @@ def test_external_redis_deploys_no_redis(helm):
     assert env["PYWORKER_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "shared-redis", "key": "password"}
     assert env["OMP_NUM_THREADS"]["value"] == "1"
     assert "redis-password" not in one(docs, "Secret")["data"]
+
+
+def test_managed_redis_with_sentinel_mutual_tls_and_an_acl_user(helm):
+    docs = helm.template("-f", str(CHART / "ci" / "managed-redis-values.yaml"))
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-redis")], "no Redis deployed"
+    cm = one(docs, "ConfigMap", "-config")["data"]
+    assert cm["PYWORKER_REDIS_URL"] == "rediss:///0"
+    assert cm["PYWORKER_REDIS_USERNAME"] == "pyworker"
+    assert cm["PYWORKER_REDIS_SENTINEL_MASTER"] == "mymaster"
+    assert cm["PYWORKER_REDIS_SENTINELS"] == ("sentinel-0.sentinel.data.svc.cluster.local:26379,"
+                                              "sentinel-1.sentinel.data.svc.cluster.local:26379")
+    assert cm["PYWORKER_REDIS_CA_FILE"] == "/etc/pyworker/redis-tls/ca.crt"
+    assert (cm["PYWORKER_REDIS_CERT_FILE"], cm["PYWORKER_REDIS_KEY_FILE"]) == (
+        "/etc/pyworker/redis-tls/tls.crt", "/etc/pyworker/redis-tls/tls.key")
+    pods = pod_specs(docs)
+    assert len(pods) == 3  # worker, Lab, test pod: each reads the TLS Secret, read-only
+    for _, spec, _ in pods:
+        vols = {v["name"]: v for v in spec["volumes"]}
+        assert vols["redis-tls"]["secret"]["secretName"] == "managed-redis-tls"
+        for c in spec["containers"]:
+            mounts = {m["name"]: m for m in c["volumeMounts"]}
+            assert mounts["redis-tls"] == {"name": "redis-tls", "readOnly": True,
+                                           "mountPath": "/etc/pyworker/redis-tls"}
+            env = {e["name"]: e for e in c["env"]}
+            assert env["PYWORKER_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+                "name": "managed-redis", "key": "password"}
+
+
+def test_without_tls_material_no_pod_mounts_any(helm):
+    for _, spec, _ in pod_specs(helm.template("--set", "externalRedis.url=rediss://r:6379/0")):
+        assert "redis-tls" not in {v["name"] for v in spec["volumes"]}
 
 
 def test_external_redis_without_password_sets_none(helm):
