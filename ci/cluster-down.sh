@@ -2,8 +2,8 @@
 # Stop the offline test cluster and remove every trace of it from the host: processes (by recorded
 # PID; container shims by their containerd socket), pod network namespaces, the cni0 bridge and the
 # k8s0 dummy interface, the KUBE-*/CNI-* iptables chains, kube-router's KUBE-* ipsets, the egress
-# guard's nftables table, mounts under the state directories, and
-# the host sysctls kubelet/kube-proxy changed (restored). Safe to run when nothing runs.
+# guard's nftables table, mounts under the state directories, and the host sysctls
+# kubelet/kube-proxy changed (restored). Safe to run when nothing runs.
 # Keeps the build cache and the image store; PURGE=1 also deletes the image store.
 # Ends with a check and exits non-zero if anything of the cluster is left behind.
 set -euo pipefail
