@@ -4,6 +4,7 @@
 #   - Kubernetes v$K8S_VERSION (6 binaries) through a wrapper module with the staging `replace`s
 #   - etcd (the version the Kubernetes build pins) through its own wrapper module
 #   - CoreDNS v$COREDNS_VERSION (go install)
+#   - kube-router v$KUBE_ROUTER_VERSION (NetworkPolicy enforcement) through a wrapper module
 #   - image tarballs: pause (static C), CoreDNS, busybox (Debian's busybox-static)
 # Binaries land in $CLUSTER_CACHE/bin/<name>-v<version>/, Go caches in $GO_CACHE_ROOT (GOMODCACHE, GOCACHE).
 # Each build's duration goes to $CLUSTER_CACHE/timings.log. Usage: ci/cluster-build.sh [bins|images|all]
@@ -13,7 +14,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/cluster-lib.sh"
 
 MIN_FREE_GIB=${MIN_FREE_GIB:-8}
-APT_PACKAGES=(containerd runc containernetworking-plugins iptables conntrack openssl busybox-static gcc libc6-dev)
+APT_PACKAGES=(containerd runc containernetworking-plugins iptables ipset nftables conntrack openssl busybox-static gcc libc6-dev)
 
 export GOMODCACHE=$GO_CACHE_ROOT/mod GOCACHE=$GO_CACHE_ROOT/build
 export GOFLAGS="-modcacherw -buildvcs=false" GOTOOLCHAIN=local CGO_ENABLED=0
@@ -135,6 +136,34 @@ build_coredns() {
   record_time "coredns v$COREDNS_VERSION" $((SECONDS - t0)) "($(du -h "$bin" | cut -f1))"
 }
 
+# kube-router v2.1.0 (the only version the module proxy serves) requires dependencies with published
+# vulnerabilities (golang.org/x/net, grpc, ...): the wrapper module raises them to these fixed
+# releases, which it builds and runs with (its firewall controller is all the cluster uses).
+KUBE_ROUTER_DEP_BUMPS=(golang.org/x/net@v0.63.0 golang.org/x/sys@v0.50.0 golang.org/x/text@v0.44.0
+  golang.org/x/oauth2@v0.38.0 google.golang.org/grpc@v1.85.0 google.golang.org/protobuf@v1.36.12)
+
+build_kube_router() {
+  local bin=$KUBE_ROUTER_BIN
+  if [[ -x $bin ]]; then log "kube-router v$KUBE_ROUTER_VERSION: cached"; return 0; fi
+  local dir=$WORK/kube-router-v$KUBE_ROUTER_VERSION t0=$SECONDS
+  log "kube-router v$KUBE_ROUTER_VERSION: module download + tidy through a wrapper module"
+  mkdir -p "$dir" "$(dirname "$bin")"
+  (
+    cd "$dir" && rm -f go.mod go.sum
+    go mod init offline.local/kube-router-build 2>/dev/null
+    go mod edit -require="github.com/cloudnativelabs/kube-router/v2@v$KUBE_ROUTER_VERSION"
+    printf '//go:build tools\n\npackage tools\n\nimport _ "github.com/cloudnativelabs/kube-router/v2/cmd/kube-router"\n' >tools.go
+    go mod tidy
+    go get "${KUBE_ROUTER_DEP_BUMPS[@]}"
+    go mod tidy
+    log "kube-router v$KUBE_ROUTER_VERSION: modules ready ($((SECONDS - t0))s); compiling"
+    go build -trimpath -ldflags "-s -w -X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=v$KUBE_ROUTER_VERSION" \
+      -o "$bin.tmp" github.com/cloudnativelabs/kube-router/v2/cmd/kube-router
+  )
+  mv "$bin.tmp" "$bin"
+  record_time "kube-router v$KUBE_ROUTER_VERSION" $((SECONDS - t0)) "($(du -h "$bin" | cut -f1))"
+}
+
 # ---- images: one-file (or few-file) root file systems -> docker import -> docker save tarball --------
 # The tarballs are cached, so starting the cluster never needs a Docker engine.
 image_tar() { echo "$IMAGES_DIR/$(echo "$1" | tr '/:' '__').tar"; }
@@ -203,9 +232,9 @@ main() {
   command -v go >/dev/null || die "go is not on PATH"
   log "go: $(go version | cut -d' ' -f3-); GOMODCACHE=$GOMODCACHE GOCACHE=$GOCACHE"
   if [[ $what == all || $what == bins ]]; then
-    if [[ ${CLUSTER_BUILD_PARALLEL:-1} == 1 ]] && ! { have_k8s && etcd_bin >/dev/null && [[ -x $COREDNS_BIN_DIR/coredns ]]; }; then
-      # etcd + CoreDNS build next to Kubernetes (the long pole): on 2 shared cores this took the
-      # cold wall time from ~42 to ~26 minutes. etcd's version comes from Kubernetes' go.mod.
+    if [[ ${CLUSTER_BUILD_PARALLEL:-1} == 1 ]] && ! { have_k8s && etcd_bin >/dev/null && [[ -x $COREDNS_BIN_DIR/coredns && -x $KUBE_ROUTER_BIN ]]; }; then
+      # etcd + CoreDNS + kube-router build next to Kubernetes (the long pole): on 2 shared cores
+      # this took the cold wall time from ~42 to ~26 minutes. etcd's version comes from Kubernetes' go.mod.
       if [[ -z $(etcd_version) ]]; then
         local gomod
         gomod=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
@@ -214,23 +243,24 @@ main() {
         export ETCD_VERSION
       fi
       local side_log=$CLUSTER_CACHE/build-etcd-coredns.log
-      log "etcd v$(etcd_version) and coredns v$COREDNS_VERSION build in the background (log: $side_log)"
-      (build_etcd && build_coredns) >"$side_log" 2>&1 &
+      log "etcd v$(etcd_version), coredns v$COREDNS_VERSION and kube-router v$KUBE_ROUTER_VERSION build in the background (log: $side_log)"
+      (build_etcd && build_coredns && build_kube_router) >"$side_log" 2>&1 &
       side_pid=$!
       build_k8s
-      if ! wait "$side_pid"; then side_pid=; tail -n 30 "$side_log" >&2; die "etcd/coredns build failed (log: $side_log)"; fi
+      if ! wait "$side_pid"; then side_pid=; tail -n 30 "$side_log" >&2; die "etcd/coredns/kube-router build failed (log: $side_log)"; fi
       side_pid=
       grep -E 'took|cached|FAILED' "$side_log" >&2 || true
     else
       build_k8s
       build_etcd
       build_coredns
+      build_kube_router
     fi
   fi
   if [[ $what == all || $what == images ]]; then
     build_images
   fi
-  log "done in $((SECONDS - t0))s: kubernetes v$K8S_VERSION, etcd $(etcd_bin || echo '?'), coredns v$COREDNS_VERSION"
+  log "done in $((SECONDS - t0))s: kubernetes v$K8S_VERSION, etcd $(etcd_bin || echo '?'), coredns v$COREDNS_VERSION, kube-router v$KUBE_ROUTER_VERSION"
 }
 
 main "$@"

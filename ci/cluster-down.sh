@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stop the offline test cluster and remove every trace of it from the host: processes (by recorded
 # PID; container shims by their containerd socket), pod network namespaces, the cni0 bridge and the
-# k8s0 dummy interface, the KUBE-*/CNI-* iptables chains, mounts under the state directories, and
-# the host sysctls kubelet/kube-proxy changed (restored). Safe to run when nothing runs.
+# k8s0 dummy interface, the KUBE-*/CNI-* iptables chains, kube-router's KUBE-* ipsets, the egress
+# guard's nftables table, mounts under the state directories, and the host sysctls
+# kubelet/kube-proxy changed (restored). Safe to run when nothing runs.
 # Keeps the build cache and the image store; PURGE=1 also deletes the image store.
 # Ends with a check and exits non-zero if anything of the cluster is left behind.
 set -euo pipefail
@@ -113,6 +114,14 @@ sweep_iptables() {
   done
 }
 
+# kube-router's ipsets (KUBE-SRC-*, KUBE-DST-*): destroyable once no rule refers to them
+our_ipsets() { command -v ipset >/dev/null && ipset list -n 2>/dev/null | grep -E '^KUBE-' || true; }
+remove_ipsets() {
+  local s n=0
+  for s in $(our_ipsets); do ipset destroy "$s" 2>/dev/null && n=$((n + 1)); done
+  ((n == 0)) || log "destroyed $n ipsets"
+}
+
 # nftables tables the cluster created (listed at start) and left empty: delete them
 remove_new_nft_tables() {
   local before=$CLUSTER_STATE/nft-tables.before fam name
@@ -145,6 +154,8 @@ leftovers() {
   for p in $(pgrep -f "^$CLUSTER_CACHE/bin/" || true); do bad+=("process $p: $({ tr '\0' ' ' </proc/$p/cmdline; } 2>/dev/null | cut -c1-80)"); done
   for p in $(pgrep -f -- "--config $CLUSTER_STATE/conf/containerd.toml" || true); do bad+=("containerd pid $p"); done
   [[ -z $(our_mounts) ]] || bad+=("mounts: $(our_mounts | head -3 | tr '\n' ' ')")
+  nft list table inet "$EGRESS_NFT_TABLE" >/dev/null 2>&1 && bad+=("nftables table inet $EGRESS_NFT_TABLE")
+  [[ -z $(our_ipsets) ]] || bad+=("ipsets: $(our_ipsets | head -3 | tr '\n' ' ')")
   ip link show "$CNI_BRIDGE" >/dev/null 2>&1 && bad+=("interface $CNI_BRIDGE")
   ip link show "$NODE_IF" >/dev/null 2>&1 && bad+=("interface $NODE_IF")
   for p in iptables ip6tables; do
@@ -155,7 +166,7 @@ leftovers() {
     log "LEFT BEHIND: ${bad[*]}"
     return 1
   fi
-  log "nothing of the cluster is left (processes, mounts, interfaces, iptables chains)"
+  log "nothing of the cluster is left (processes, mounts, interfaces, iptables chains, ipsets)"
 }
 
 main() {
@@ -166,6 +177,7 @@ main() {
   # node agents first, so nothing restarts the pods we remove
   stop_daemon kubelet 20
   stop_daemon kube-proxy 10
+  stop_daemon kube-router 10   # before the chain sweep: it would put its chains back
   stop_containers
   local d
   for d in kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_daemon "$d" 20; done
@@ -178,6 +190,8 @@ main() {
     timeout 60 "$K8S_BIN_DIR/kube-proxy" --cleanup >/dev/null 2>&1 || true
   fi
   sweep_iptables
+  remove_ipsets
+  nft delete table inet "$EGRESS_NFT_TABLE" 2>/dev/null && log "deleted nftables table inet $EGRESS_NFT_TABLE" || true
   remove_new_nft_tables
   unmount_all
   restore_sysctls

@@ -4,6 +4,9 @@
 
 K8S_VERSION=${K8S_VERSION:-1.34.4}          # Kubernetes (kubelet 1.35+ refuses cgroup v1 by default)
 COREDNS_VERSION=${COREDNS_VERSION:-1.12.4}  # CoreDNS, built with `go install`
+# NetworkPolicy enforcement: kube-router's firewall controller alone (iptables + ipset). The Go proxy
+# serves only v2.1.0; docs/cluster.md says why not kube-network-policies (no nft `queue` here).
+KUBE_ROUTER_VERSION=${KUBE_ROUTER_VERSION:-2.1.0}
 # etcd: by default the version the Kubernetes build pins (go.etcd.io/etcd/client/v3); ETCD_VERSION overrides.
 
 PYWORKER_CACHE=${PYWORKER_CACHE:-$HOME/.cache/pyworker}
@@ -22,6 +25,7 @@ SERVICE_CIDR=10.96.0.0/16
 KUBERNETES_SVC_IP=10.96.0.1
 DNS_IP=10.96.0.10
 CNI_BRIDGE=cni0
+EGRESS_NFT_TABLE=pyworker_cluster   # nftables table (inet) of the pod egress guard
 
 # Images used by the cluster itself: local tags of images built here, never pulled.
 PAUSE_IMAGE=registry.k8s.io/pause:3.10
@@ -30,6 +34,7 @@ BUSYBOX_IMAGE=pyworker/busybox:dev
 
 K8S_BIN_DIR=$CLUSTER_CACHE/bin/kubernetes-v$K8S_VERSION
 COREDNS_BIN_DIR=$CLUSTER_CACHE/bin/coredns-v$COREDNS_VERSION
+KUBE_ROUTER_BIN=$CLUSTER_CACHE/bin/kube-router-v$KUBE_ROUTER_VERSION/kube-router
 IMAGES_DIR=$CLUSTER_CACHE/images
 K8S_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
 

@@ -139,8 +139,10 @@ EOF
   # traffic stays on the machine: CoreDNS has no upstream, and pod egress outside the pod range is rejected
   body=$(timeout 10 busybox nslookup example.com "$DNS_IP" 2>&1 || true)
   check "DNS has no upstream (example.com does not resolve)" "$(grep -qE 'NXDOMAIN|SERVFAIL|REFUSED|can.t find' <<<"$body" && echo 0 || echo 1)"
-  check "egress guard in place (iptables CNI-ADMIN rejects pods -> outside)" \
-    "$(iptables -C CNI-ADMIN -s "$POD_CIDR" ! -d "$POD_CIDR" -m comment --comment pyworker-cluster-egress -j REJECT 2>/dev/null && echo 0 || echo 1)"
+  check "egress guard in place (nft inet $EGRESS_NFT_TABLE rejects pods -> outside, before iptables)" \
+    "$(nft list chain inet "$EGRESS_NFT_TABLE" egress 2>/dev/null | grep -qE 'hook forward priority (filter - 1|-1);' &&
+       nft list chain inet "$EGRESS_NFT_TABLE" egress | grep -qF "ip saddr $POD_CIDR ip daddr != $POD_CIDR" &&
+       nft list chain inet "$EGRESS_NFT_TABLE" egress | grep -q 'reject' && echo 0 || echo 1)"
   ((fails == 0)) || dump_debug
   summary $t0
 }

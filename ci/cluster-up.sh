@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start the offline single-node Kubernetes test cluster as host processes:
 #   containerd (own socket) -> etcd -> kube-apiserver -> controller-manager, scheduler -> kubelet,
-#   kube-proxy -> CoreDNS (no upstream). Waits (bounded) until the node is Ready and DNS answers,
+#   kube-proxy, kube-router (NetworkPolicy enforcement only) -> CoreDNS (no upstream). Waits (bounded) until the node is Ready and DNS answers,
 #   then writes the admin kubeconfig to $KUBECONFIG_OUT and prints its path on stdout (last line).
 # Builds whatever is missing first (ci/cluster-build.sh). Idempotent: a healthy cluster is left
 # as it is; a half-started one is torn down and started again. On failure the trap tears down.
@@ -12,7 +12,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/cluster-lib.sh"
 
 UP_TIMEOUT=${UP_TIMEOUT:-120}
-DAEMONS=(containerd etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
+DAEMONS=(containerd etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kube-router)
 PKI=$CLUSTER_STATE/pki
 CONF=$CLUSTER_STATE/conf
 SYSCTLS=(net.ipv4.conf.all.route_localnet vm.overcommit_memory vm.panic_on_oom kernel.panic
@@ -42,7 +42,7 @@ on_exit() {
 preflight() {
   [[ $(id -u) == 0 ]] || die "must run as root (containerd, kubelet, iptables)"
   local c
-  for c in containerd runc ctr iptables ip6tables conntrack openssl ip ss curl busybox; do
+  for c in containerd runc ctr iptables ip6tables ipset nft conntrack openssl ip ss curl busybox; do
     command -v "$c" >/dev/null || die "$c is missing (run ci/cluster-build.sh)"
   done
   local free; free=$(free_gib /var/lib)
@@ -96,11 +96,20 @@ setup_network() {
  {"type":"firewall"},
  {"type":"loopback"}]}
 EOF
-  # Egress guard: the CNI firewall plugin evaluates CNI-ADMIN first; reject pod traffic to any
-  # address outside the pod network (service IPs are DNATed to pods before FORWARD).
-  iptables -N CNI-ADMIN 2>/dev/null || true
-  iptables -C CNI-ADMIN -s "$POD_CIDR" ! -d "$POD_CIDR" -m comment --comment pyworker-cluster-egress -j REJECT 2>/dev/null ||
-    iptables -A CNI-ADMIN -s "$POD_CIDR" ! -d "$POD_CIDR" -m comment --comment pyworker-cluster-egress -j REJECT
+  # Egress guard: reject pod traffic to any address outside the pod network (service IPs are
+  # DNATed to pods before FORWARD). In an nftables table of its own, hooked before the iptables
+  # filter table (priority -1 < 0): kube-router ACCEPTs the traffic NetworkPolicy allows at the top
+  # of FORWARD, so a rule further down (the CNI firewall plugin's CNI-ADMIN) would never be reached.
+  nft -f - <<EOF
+table inet $EGRESS_NFT_TABLE
+delete table inet $EGRESS_NFT_TABLE
+table inet $EGRESS_NFT_TABLE {
+  chain egress {
+    type filter hook forward priority -1; policy accept;
+    ip saddr $POD_CIDR ip daddr != $POD_CIDR counter reject comment "pyworker-cluster-egress"
+  }
+}
+EOF
 }
 
 # ---- PKI and kubeconfigs -------------------------------------------------------------------------
@@ -156,6 +165,7 @@ subjectAltName=DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,
   mkcert scheduler /CN=system:kube-scheduler "$client"
   mkcert kube-proxy /CN=system:kube-proxy "$client"
   mkcert kubelet "/O=system:nodes/CN=system:node:$NODE_NAME" "$client"
+  mkcert kube-router /CN=system:kube-router "$client"
   openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
   openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
   kubeconfig admin kubernetes-admin admin
@@ -163,6 +173,7 @@ subjectAltName=DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,
   kubeconfig scheduler system:kube-scheduler scheduler
   kubeconfig kube-proxy system:kube-proxy kube-proxy
   kubeconfig kubelet "system:node:$NODE_NAME" kubelet
+  kubeconfig kube-router system:kube-router kube-router
   log "PKI and kubeconfigs written to $PKI ($((SECONDS - t0))s)"
 }
 
@@ -317,6 +328,44 @@ EOF
   log "node $NODE_NAME Ready"
 }
 
+# kube-router with only its firewall controller: it enforces NetworkPolicy with iptables chains
+# (KUBE-ROUTER-*, KUBE-POD-FW-*, KUBE-NWPLCY-*) and ipsets (KUBE-SRC-*, KUBE-DST-*) on the pods of
+# this node; routing and service proxying stay with the bridge CNI and kube-proxy.
+start_kube_router() {
+  daemon_alive kube-router && return 0
+  [[ -x $KUBE_ROUTER_BIN ]] || die "no kube-router binary (ci/cluster-build.sh)"
+  # its informers watch these (services/endpoints too, although only the firewall runs)
+  kubectl_ apply -f - >/dev/null <<EOF
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "system:kube-router"}
+rules:
+- apiGroups: [""]
+  resources: [namespaces, pods, services, nodes, endpoints]
+  verbs: [get, list, watch]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, list, watch]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "system:kube-router"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:kube-router"}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:kube-router"}]
+EOF
+  # health and metrics servers off: they would listen on every host address
+  start_daemon kube-router "$KUBE_ROUTER_BIN" --kubeconfig="$PKI/kube-router.conf" \
+    --hostname-override="$NODE_NAME" --run-firewall=true --run-router=false --run-service-proxy=false \
+    --enable-cni=false --service-cluster-ip-range="$SERVICE_CIDR" --service-node-port-range=30000-32767 \
+    --health-port=0 --metrics-port=0
+  wait_for "kube-router's NetworkPolicy chains in FORWARD" "$UP_TIMEOUT" sh -c \
+    'iptables -S FORWARD | grep -q -- "-j KUBE-ROUTER-FORWARD"'
+  log "kube-router enforces NetworkPolicy"
+}
+
 deploy_coredns() {
   kubectl_ apply -f - >/dev/null <<EOF
 apiVersion: v1
@@ -416,6 +465,7 @@ main() {
     trap on_exit EXIT
     succeeded=1   # a healthy cluster is never torn down by a failing re-check
     start_node
+    start_kube_router
     deploy_coredns
     write_outputs
     echo "$KUBECONFIG_OUT"
@@ -439,6 +489,7 @@ main() {
   start_etcd
   start_control_plane
   start_node
+  start_kube_router
   deploy_coredns
   write_outputs
   succeeded=1

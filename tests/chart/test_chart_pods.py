@@ -176,21 +176,38 @@ def test_test_pod_runs_pmap(helm):
 
 
 def test_test_pod_script_logic(helm):
-    """Run the rendered script with a stand-in pmap: it passes with enough distinct hosts and
-    fails with too few."""
+    """Run the rendered script with a stand-in pyworker: it passes with enough distinct hosts and
+    fails with too few; it waits out refusals that waiting may fix (a NetworkPolicy enforcer that
+    has not seen the new pod yet), not a refused password."""
     import subprocess
     import sys
     script = one(render(helm, None, "--set", "workers=3"), "Pod", "-test-pmap")["spec"]["containers"][0]["args"][2]
-    for hosts, ok in ((3, True), (2, False)):
+
+    def run_script(hosts, refusals=0, retryable=True):
         fake = ("import itertools, socket, sys, types\n"
                 f"names = itertools.cycle(['w%d' % i for i in range({hosts})])\n"
                 "socket.gethostname = lambda: next(names)\n"
-                "sys.modules['pyworker'] = types.SimpleNamespace(pmap=lambda f, xs: [f(x) for x in xs])\n"
+                "class ConnectionError(Exception):\n"
+                "    def __init__(self, m, retryable=True): super().__init__(m); self.retryable = retryable\n"
+                f"refusals = [{refusals}]\n"
+                "def connect():\n"
+                "    if refusals[0]:\n"
+                "        refusals[0] -= 1\n"
+                f"        raise ConnectionError('cannot reach Redis: Connection refused', {retryable})\n"
+                "sys.modules['pyworker'] = types.SimpleNamespace(pmap=lambda f, xs: [f(x) for x in xs],\n"
+                "    connect=connect, ConnectionError=ConnectionError)\n"
                 "import time; time.sleep = lambda s: None\n")
-        proc = subprocess.run([sys.executable, "-c", fake + script], capture_output=True, text=True, timeout=30)
+        return subprocess.run([sys.executable, "-c", fake + script], capture_output=True, text=True, timeout=30)
+
+    for hosts, ok in ((3, True), (2, False)):
+        proc = run_script(hosts)
         assert (proc.returncode == 0) is ok, proc.stdout + proc.stderr
         if ok:
             assert f"on {hosts} distinct worker pods (want >= 3 of 3)" in proc.stdout
+    proc = run_script(3, refusals=3)
+    assert proc.returncode == 0 and "on 3 distinct worker pods" in proc.stdout, proc.stdout + proc.stderr
+    proc = run_script(3, refusals=1, retryable=False)
+    assert proc.returncode != 0 and "Connection refused" in proc.stderr, proc.stdout + proc.stderr
 
 
 def test_network_policy_admits_only_this_release(helm):

@@ -170,42 +170,86 @@ def test_two_releases_do_not_mix(k8s, make_namespace):
 
 
 # --- 4. NetworkPolicy ----------------------------------------------------------------------------
+# The cluster enforces NetworkPolicy (kube-router's firewall, docs/cluster.md): these prove the
+# chart's policy admits this release's pods to Redis and nothing else.
 
 PROBE = """
-import socket, sys
+import socket, sys, time
+host, patience = sys.argv[1], float(sys.argv[2])
 try:
-    s = socket.create_connection((sys.argv[1], 6379), timeout=5)
-    s.settimeout(5)
-    s.sendall(b"PING\\r\\n")
-    print("REPLY:" + s.recv(200).decode(errors="replace").strip())
+    addr = socket.gethostbyname(host)
 except OSError as exc:
-    print("BLOCKED:" + repr(exc))
+    sys.exit("NORESOLVE:" + repr(exc))  # not a verdict on the policy: DNS itself failed
+# A new pod the policy admits can start before the enforcer has added its address to the
+# policy's rules: retry for `patience` seconds. A pod expected to be refused gets one 5 s attempt.
+deadline = time.monotonic() + patience
+while True:
+    try:
+        s = socket.create_connection((addr, 6379), timeout=5)
+        s.settimeout(5)
+        s.sendall(b"PING\\r\\n")
+        print("REPLY:" + s.recv(200).decode(errors="replace").strip())
+        break
+    except OSError as exc:
+        if time.monotonic() >= deadline:
+            print("BLOCKED:" + repr(exc))
+            break
+        time.sleep(1)
+"""
+
+# An authenticated PING with the settings the chart gives its pods (URL through the Service name).
+REDIS_PING = """
+import os, redis
+r = redis.Redis.from_url(os.environ["PYWORKER_REDIS_URL"],
+                         password=os.environ.get("PYWORKER_REDIS_PASSWORD") or None,
+                         socket_connect_timeout=5, socket_timeout=5)
+print("PING:" + repr(r.ping()))
 """
 
 
-def probe_redis(k8s, ns, name, labels, host):
+def probe_pod(k8s, ns, name, labels, host, patience):
+    """PROBE from a new pod with these labels (no service account token); returns its output."""
     overrides = {"metadata": {"labels": labels}, "spec": {"automountServiceAccountToken": False}}
     k8s.kubectl(ns, "run", name, f"--image={imagelib.IMG}", "--image-pull-policy=Never",
                 "--restart=Never", f"--overrides={json.dumps(overrides)}", "--command", "--",
-                "python", "-c", PROBE, host)
+                "python", "-c", PROBE, host, str(patience))
     wait_for(lambda: k8s.json(ns, "pod", name)["status"].get("phase") in ("Succeeded", "Failed"),
              90, f"probe pod {name}", on_fail=lambda: k8s.describe(ns))
     return k8s.kubectl(ns, "logs", name).stdout.strip()
 
 
-def test_network_policy_admits_only_release_pods(k8s, namespace):
+def exec_python(k8s, ns, pod, container, code, *args):
+    return k8s.kubectl(ns, "exec", pod, "-c", container, "--", "python", "-c", code, *args,
+                       timeout=60).stdout.strip()
+
+
+def test_network_policy_admits_only_release_pods(k8s, make_namespace):
+    ns, other_ns = make_namespace("e2e-np"), make_namespace("e2e-np-other")
     rel = "np"
-    k8s.install(namespace, rel, "lab.enabled=false", workers=1)
-    k8s.kubectl(namespace, "get", "networkpolicy", f"{rel}-pyworker-redis")
-    host = f"{rel}-pyworker-redis"
-    inside = probe_redis(k8s, namespace, "probe-in",
-                         {"app.kubernetes.io/name": "pyworker", RELEASE_LABEL: rel}, host)
+    k8s.install(ns, rel, workers=1)                             # with the Lab
+    k8s.install(other_ns, "other", "lab.enabled=false", workers=1)
+    k8s.kubectl(ns, "get", "networkpolicy", f"{rel}-pyworker-redis")
+    host = f"{rel}-pyworker-redis.{ns}.svc.cluster.local"
+
+    # Admitted: this release's worker and Lab (authenticated PING through the Service) ...
+    worker = k8s.worker_pods(ns, rel)[0]
+    assert exec_python(k8s, ns, worker, "worker", REDIS_PING) == "PING:True"
+    assert exec_python(k8s, ns, k8s.lab_pod(ns, rel), "lab", REDIS_PING) == "PING:True"
+    # ... and any pod of this namespace carrying the release's labels (as the helm test pod does).
+    inside = probe_pod(k8s, ns, "probe-in", {"app.kubernetes.io/name": "pyworker", RELEASE_LABEL: rel},
+                       host, patience=30)
     assert inside.startswith("REPLY:") and "NOAUTH" in inside, inside
-    outside = probe_redis(k8s, namespace, "probe-out", {"role": "stranger"}, host)
-    if outside.startswith("REPLY:"):
-        pytest.skip("the cluster's network plugin does not enforce NetworkPolicy (bridge CNI, "
-                    f"docs/cluster.md): a pod without the release's labels reached Redis ({outside})")
-    assert outside.startswith("BLOCKED:"), outside
+
+    # Refused: a worker of another release (which does reach its own Redis) ...
+    other_worker = k8s.worker_pods(other_ns, "other")[0]
+    assert exec_python(k8s, other_ns, other_worker, "worker", REDIS_PING) == "PING:True"
+    crossed = exec_python(k8s, other_ns, other_worker, "worker", PROBE, host, "0")
+    assert crossed.startswith("BLOCKED:"), f"another release's worker reached {host}: {crossed}"
+    # ... a pod of this namespace labelled as another release, and one with no release labels.
+    for name, labels in (("probe-other", {"app.kubernetes.io/name": "pyworker", RELEASE_LABEL: "other"}),
+                         ("probe-out", {"role": "stranger"})):
+        out = probe_pod(k8s, ns, name, labels, host, patience=0)
+        assert out.startswith("BLOCKED:"), f"{name} ({labels}) reached {host}: {out}"
 
 
 # --- 5. uninstall leaves nothing behind ----------------------------------------------------------
