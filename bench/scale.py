@@ -4,9 +4,13 @@
       generator, after the rest), and the caller's peak RSS beyond a baseline taken after
       building the input list and starting the cluster (ru_maxrss of a fresh process); of it,
       the output as allocated, and so the peak beyond the input and the output;
-  (b) 64 worker processes on one Redis, 640 x 0.1 s sleep tasks: wall vs the ideal 1.0 s.
+  (b) 64 worker processes on one Redis, 640 x 0.1 s sleep tasks: wall vs the ideal 1.0 s;
+  (c) 500 idle workers registered (simulated by bench.idle: real pyworker code, many workers in
+      one process) beside 2 real ones: Redis commands per second at idle (INFO's
+      total_commands_processed, which counts the commands scripts run too), per worker; and W5
+      (200 one-item pmaps, p50) on the 2 real workers with and without the 500 registered.
 
-    python -m bench.scale [--only a|b] [--items 1000000] [--workers 64]
+    python -m bench.scale [--only a|b|c] [--items 1000000] [--workers 64] [--idle 500]
 
 Each part runs in its own process group with a time limit.
 """
@@ -77,6 +81,77 @@ def part_b(workers, tasks=640, seconds=0.1):
             "start_s": started, "wall_s": wall, "ideal_s": ideal, "wall_over_ideal": wall / ideal}
 
 
+def _commands(client) -> tuple[int, dict]:
+    """Redis' total_commands_processed, and calls per command (INFO commandstats)."""
+    info = client.broker.redis.call("INFO", "all").decode()
+    total, calls = 0, {}
+    for line in info.splitlines():
+        if line.startswith("total_commands_processed:"):
+            total = int(line.split(":")[1])
+        elif line.startswith("cmdstat_"):
+            name, rest = line[len("cmdstat_"):].split(":", 1)
+            calls[name] = int(rest.split("calls=")[1].split(",")[0])
+    return total, calls
+
+
+def _idle_rate(client, seconds):
+    """Commands per second over ``seconds`` with no job (the two INFO calls left out), and the
+    busiest commands' rates."""
+    t0, (n0, c0) = time.perf_counter(), _commands(client)
+    time.sleep(seconds)
+    t1, (n1, c1) = time.perf_counter(), _commands(client)
+    span = t1 - t0
+    per = {k: (v - c0.get(k, 0)) / span for k, v in c1.items() if k != "info"}
+    top = dict(sorted(((k, v) for k, v in per.items() if v > 0), key=lambda kv: -kv[1])[:6])
+    return (n1 - n0 - 1) / span, top
+
+
+def part_c(idle, seconds=10.0):
+    from pyworker import LocalCluster, pmap
+    from bench.workloads import w5_latency
+
+    def w5(client):
+        return w5_latency(lambda fn, xs: pmap(fn, xs, progress=False, client=client), 2)
+
+    with LocalCluster(2) as cluster:
+        client = cluster.client
+        time.sleep(cluster.settings().lease_s)  # every worker through its reaping cycle
+        alone_rate, alone_top = _idle_rate(client, seconds)
+        before = w5(client)
+        env = {**os.environ, **cluster.env}
+        sim = subprocess.Popen([sys.executable, "-m", "bench.idle", "--workers", str(idle)],
+                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            t = time.perf_counter()
+            line = sim.stdout.readline()
+            if not line.startswith("ready"):
+                raise RuntimeError(f"bench.idle did not start: {line!r}")
+            register_s = time.perf_counter() - t
+            # every simulated worker through at least one reaping cycle and its idle wait
+            time.sleep(cluster.settings().lease_s + 2)
+            live = client.broker.live_workers()
+            rate, top = _idle_rate(client, seconds)
+            with_idle = w5(client)
+            ran = sum(int(w.get("done") or 0) for w in client.broker.snapshot()["workers"]
+                      if w.get("host") == "bench-idle")
+        finally:
+            sim.stdin.close()
+            try:
+                sim.wait(60)
+            except subprocess.TimeoutExpired:
+                sim.kill()
+                sim.wait()
+        after = w5(client)
+    n = idle + 2
+    return {"part": "c", "idle": idle, "live": live, "register_s": register_s,
+            "alone_cmds_per_s": alone_rate, "alone_top": alone_top,
+            "cmds_per_s": rate, "cmds_per_worker_s": rate / n, "top": top,
+            "w5_alone_p50_ms": (before["p50_ms"] + after["p50_ms"]) / 2,
+            "w5_alone_runs_ms": [before["p50_ms"], after["p50_ms"]],
+            "w5_with_idle_p50_ms": with_idle["p50_ms"], "w5_with_idle_p99_ms": with_idle["p99_ms"],
+            "idle_ran_tasks": ran}
+
+
 def run_part(args, timeout_s):
     cmd = [sys.executable, "-m", "bench.scale", "--child", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -99,7 +174,7 @@ def run_part(args, timeout_s):
     return rows[-1] if rows else {"error": f"exited with {proc.returncode}"}
 
 
-def report(a, b):
+def report(a, b, c=None):
     load = os.getloadavg()
     print(f"\nMachine: {platform.platform()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
@@ -128,16 +203,28 @@ def report(a, b):
         f"{b['start_s']:.1f} s |",
         f"| (b) {b['tasks']} x {b['task_s']} s sleep: wall vs ideal {b['ideal_s']:.1f} s"
         f" | {b['wall_s']:.2f} s ({b['wall_over_ideal']:.2f}× ideal) |"])
+    rows(c, "(c) idle workers", lambda c: [
+        f"| (c) 2 workers alone, at idle: Redis commands/s | {c['alone_cmds_per_s']:.1f} "
+        f"({c['alone_cmds_per_s'] / 2:.2f} per worker) |",
+        f"| (c) {c['idle']} idle workers + 2 ({c['live']} live), at idle: Redis commands/s | "
+        f"{c['cmds_per_s']:,.0f} (**{c['cmds_per_worker_s']:.2f} per worker**; "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in c["top"].items()) + ") |",
+        f"| (c) W5 p50 on 2 workers with {c['idle']} idle registered | "
+        f"{c['w5_with_idle_p50_ms']:.2f} ms (p99 {c['w5_with_idle_p99_ms']:.2f}), "
+        f"**{c['w5_with_idle_p50_ms'] / c['w5_alone_p50_ms']:.2f}×** W5 alone "
+        f"({' and '.join(f'{x:.2f}' for x in c['w5_alone_runs_ms'])} ms, before and after); "
+        f"tasks the idle ones ran: {c['idle_ran_tasks']} |"])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["a", "b"])
+    ap.add_argument("--only", choices=["a", "b", "c"])
     ap.add_argument("--items", type=int, default=1_000_000)
     ap.add_argument("--workers", type=int, default=64)
     ap.add_argument("--timeout-s", type=int, default=600, help="per part")
-    ap.add_argument("--child", choices=["a", "b"], help=argparse.SUPPRESS)
+    ap.add_argument("--idle", type=int, default=500, help="(c): idle workers registered")
+    ap.add_argument("--child", choices=["a", "b", "c"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # SIGTERM unwinds the with-blocks, which stop Redis and the workers
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -147,14 +234,20 @@ def main():
     if args.child == "b":
         print(json.dumps(part_b(args.workers)), flush=True)
         return
-    a = b = None
+    if args.child == "c":
+        print(json.dumps(part_c(args.idle)), flush=True)
+        return
+    a = b = c = None
     if args.only in (None, "a"):
         print(f"[scale] (a) {args.items:,} items ...", file=sys.stderr, flush=True)
         a = run_part(["a", "--items", str(args.items)], args.timeout_s)
     if args.only in (None, "b"):
         print(f"[scale] (b) {args.workers} workers ...", file=sys.stderr, flush=True)
         b = run_part(["b", "--workers", str(args.workers)], args.timeout_s)
-    report(a, b)
+    if args.only in (None, "c"):
+        print(f"[scale] (c) {args.idle} idle workers ...", file=sys.stderr, flush=True)
+        c = run_part(["c", "--idle", str(args.idle)], args.timeout_s)
+    report(a, b, c)
 
 
 if __name__ == "__main__":
