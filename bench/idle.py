@@ -7,8 +7,10 @@ one thread does for every worker what a supervisor does between tasks (superviso
 lease, reaping, registering again). Only the fork, the board and signals are left out. The
 connection settings come from the PYWORKER_* environment (a LocalCluster's env).
 
-It prints one line "ready <n>" once every worker is registered, and on SIGTERM (or stdin
-closing) it deregisters them all, as a stopping supervisor does, and exits.
+The executors run in a child process (threads), the leases in this one (one thread), as
+supervisor and executor are two processes for real. It prints one line "ready <n>" once every
+worker is registered, and on SIGTERM (or stdin closing) it deregisters them all, as a stopping
+supervisor does, prints how many items the idle workers ran, and exits.
 """
 import argparse
 import dataclasses
@@ -21,6 +23,8 @@ import time
 from pyworker.config import Settings
 from pyworker.queue import Broker
 from pyworker.worker import Worker
+
+TICK_S = 0.1
 
 try:  # this tree's supervisor (the one the worker processes run)
     from pyworker.supervisor import Lease
@@ -60,6 +64,26 @@ def _info(i):
             "shm": "", "handoff": "1"}
 
 
+report_w = None  # the executors' process writes how many items they ran here
+
+
+def _executors(base, leases):
+    """The executors' process: a real worker.Worker loop per worker, in threads."""
+    broker = Broker(base)  # (its pool grows to one connection per waiting worker)
+    workers = []
+    for lease in leases:
+        if Lease is not None:  # the same worker in Redis as its lease
+            w = Worker(lease.settings, broker=broker, worker_id=lease.id)
+        else:
+            w = Worker(lease.settings, broker=broker)
+        threading.Thread(target=w.run, daemon=True).start()
+        workers.append(w)
+    done = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: done.set())
+    done.wait()
+    os.write(report_w, f"{sum(w.done for w in workers)}\n".encode())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=500)
@@ -67,52 +91,59 @@ def main():
     args = ap.parse_args()
     base = Settings.from_env()
     lease_broker = Broker(base)  # the supervisors' beats: one thread, one connection
-    leases, workers = [], []
+    leases = []
+    global report_w
+    report_r, report_w = os.pipe()
     for i in range(args.workers):
         settings = dataclasses.replace(base, worker_name=f"{args.name}-{i}",
                                        heartbeat_file=None, shared_memory=False)
         if Lease is not None:
-            lease = Lease(settings, lease_broker, info=_info(i))
+            lease = Lease(settings, lease_broker, info=lambda i=i: _info(i))
         else:
             lease = _OldLease(settings, lease_broker, settings.worker_name, _info(i))
         lease.register()
         leases.append(lease)
-    # The executors share one broker (its pool grows to one connection per waiting worker).
-    exec_broker = Broker(base)
-    for lease in leases:
-        w = Worker(dataclasses.replace(lease.settings), broker=exec_broker)
-        if Lease is not None:
-            w.instance = lease.instance  # the same worker in Redis as its lease
-        t = threading.Thread(target=w.run, daemon=True)
-        t.start()
-        workers.append(w)
+    # The executors run in a process of their own, as they do for real: 500 threads waking in
+    # the process that beats would take the GIL from its beats, and leases would lapse.
+    child = os.fork()
+    if child == 0:
+        try:
+            _executors(base, leases)
+        finally:
+            os._exit(0)
     print(f"ready {len(leases)}", flush=True)
-
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     hb = base.heartbeat_s
     # Each worker beats every heartbeat_s, spread over the interval as independent processes'
-    # beats would be.
+    # beats would be; this process wakes every TICK_S for those due (Redis sees the same
+    # beats; a wake-up every 2 ms would take CPU from the real workers on a 2-core machine,
+    # which 500 pods elsewhere would not).
     due = [time.monotonic() + hb * i / len(leases) for i in range(len(leases))]
     while not stop.is_set():
         now = time.monotonic()
         for i, lease in enumerate(leases):
             if due[i] <= now:
-                due[i] = now + hb
+                due[i] += hb
                 try:
                     lease.beat()
                 except Exception as exc:  # a beat that fails is a missed beat, as for real
                     print(f"beat failed: {exc}", file=sys.stderr, flush=True)
-        stop.wait(max(0.0, min(due) - time.monotonic()))
-    for w in workers:
-        w.stopping.set()
+        stop.wait(TICK_S)
+    os.kill(child, signal.SIGUSR1)  # the executors: how many tasks they ran, then exit
+    ran = 0
+    try:
+        ran = int(os.read(report_r, 64).decode().strip() or 0)
+    except (OSError, ValueError):
+        pass
+    os.waitpid(child, 0)
     for lease in leases:
         try:
             lease.stop()
         except Exception as exc:
             print(f"deregister failed: {exc}", file=sys.stderr, flush=True)
-    print("stopped", flush=True)
+    print(f"stopped; the idle workers ran {ran} items", flush=True)
     os._exit(0)  # executor threads blocked in a wait go with the process
 
 

@@ -6,9 +6,10 @@
       the output as allocated, and so the peak beyond the input and the output;
   (b) 64 worker processes on one Redis, 640 x 0.1 s sleep tasks: wall vs the ideal 1.0 s;
   (c) 500 idle workers registered (simulated by bench.idle: real pyworker code, many workers in
-      one process) beside 2 real ones: Redis commands per second at idle (INFO's
-      total_commands_processed, which counts the commands scripts run too), per worker; and W5
-      (200 one-item pmaps, p50) on the 2 real workers with and without the 500 registered.
+      one process) beside 2 real ones: Redis commands per second at idle over 10 s, 40 s after
+      they registered (INFO's total_commands_processed, which counts the commands scripts run
+      too), per worker; and W5 (200 one-item pmaps, p50) on the 2 real workers with the 500
+      registered against W5 on the 2 alone, in turn, 3 times each (medians).
 
     python -m bench.scale [--only a|b|c] [--items 1000000] [--workers 64] [--idle 500]
 
@@ -20,6 +21,7 @@ import os
 import platform
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -106,49 +108,80 @@ def _idle_rate(client, seconds):
     return (n1 - n0 - 1) / span, top
 
 
-def part_c(idle, seconds=10.0):
+def part_c(idle, seconds=10.0, settle_s=40.0, rounds=3):
     from pyworker import LocalCluster, pmap
     from bench.workloads import w5_latency
 
     def w5(client):
         return w5_latency(lambda fn, xs: pmap(fn, xs, progress=False, client=client), 2)
 
-    with LocalCluster(2) as cluster:
-        client = cluster.client
-        time.sleep(cluster.settings().lease_s)  # every worker through its reaping cycle
-        alone_rate, alone_top = _idle_rate(client, seconds)
-        before = w5(client)
+    def start_idle(client, real):
+        """The idle workers, registered and idle; the real ones then on top of the idle stack
+        again (the most recently idle, which a submit wakes first: as the two workers that
+        serve a user's sequential calls would be, among 500 idle ones)."""
         env = {**os.environ, **cluster.env}
         sim = subprocess.Popen([sys.executable, "-m", "bench.idle", "--workers", str(idle)],
                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = sim.stdout.readline()
+        if not line.startswith("ready"):
+            sim.kill()
+            raise RuntimeError(f"bench.idle did not start: {line!r}")
+        r, keys = client.broker.redis, client.broker.keys
+        deadline = time.monotonic() + 60
+        while r.call("LLEN", keys.idle) < idle + len(real):  # each joins it at its first look
+            if time.monotonic() > deadline:
+                stop_idle(sim)
+                raise RuntimeError("the idle workers did not all go idle within 60 s")
+            time.sleep(0.1)
+        for wid in real:
+            r.pipeline([("LREM", keys.idle, 0, wid), ("LPUSH", keys.idle, wid)])
+        return sim
+
+    def stop_idle(sim) -> int:
+        """Stop them (they deregister); how many items they ran."""
         try:
-            t = time.perf_counter()
-            line = sim.stdout.readline()
-            if not line.startswith("ready"):
-                raise RuntimeError(f"bench.idle did not start: {line!r}")
-            register_s = time.perf_counter() - t
-            # every simulated worker through at least one reaping cycle and its idle wait
-            time.sleep(cluster.settings().lease_s + 2)
-            live = client.broker.live_workers()
-            rate, top = _idle_rate(client, seconds)
-            with_idle = w5(client)
-            ran = sum(int(w.get("done") or 0) for w in client.broker.snapshot()["workers"]
-                      if w.get("host") == "bench-idle")
-        finally:
-            sim.stdin.close()
+            out, _ = sim.communicate(input="", timeout=60)  # (stdin closed: it stops)
+        except subprocess.TimeoutExpired:
+            sim.kill()
+            out, _ = sim.communicate()
+        # "stopped; the idle workers ran N items"
+        return next((int(line.split(" ran ")[1].split()[0]) for line in out.splitlines()
+                     if line.startswith("stopped")), -1)
+
+    alone, with_idle, ran = [], [], 0
+    with LocalCluster(2) as cluster:
+        client = cluster.client
+        real = [w["id"] for w in client.broker.snapshot()["workers"] if "id" in w] or \
+            [w["name"] for w in client.broker.snapshot()["workers"]]  # (a tree before ids)
+        time.sleep(settle_s)  # (into their longest idle wait: worker.IDLE_WAIT_MAX_S)
+        alone_rate, alone_top = _idle_rate(client, seconds)
+        # W5 alone and with the idle workers in turn, ``rounds`` times: this machine's W5
+        # moves by ±30 % from one minute to the next
+        for k in range(rounds):
+            alone.append(w5(client))
+            sim = start_idle(client, real)
             try:
-                sim.wait(60)
-            except subprocess.TimeoutExpired:
-                sim.kill()
-                sim.wait()
-        after = w5(client)
+                t = time.monotonic()
+                live = client.broker.live_workers()
+                if k == 0:
+                    # every worker through its reaping cycles and into its longest idle wait
+                    time.sleep(settle_s)
+                    rate, top = _idle_rate(client, seconds)
+                else:
+                    time.sleep(max(0.0, cluster.settings().lease_s - (time.monotonic() - t)))
+                with_idle.append(w5(client))
+            finally:
+                ran += stop_idle(sim)
     n = idle + 2
-    return {"part": "c", "idle": idle, "live": live, "register_s": register_s,
+    med = statistics.median
+    return {"part": "c", "idle": idle, "live": live,
             "alone_cmds_per_s": alone_rate, "alone_top": alone_top,
             "cmds_per_s": rate, "cmds_per_worker_s": rate / n, "top": top,
-            "w5_alone_p50_ms": (before["p50_ms"] + after["p50_ms"]) / 2,
-            "w5_alone_runs_ms": [before["p50_ms"], after["p50_ms"]],
-            "w5_with_idle_p50_ms": with_idle["p50_ms"], "w5_with_idle_p99_ms": with_idle["p99_ms"],
+            "w5_alone_p50_ms": med(x["p50_ms"] for x in alone),
+            "w5_alone_p99_ms": med(x["p99_ms"] for x in alone),
+            "w5_with_idle_p50_ms": med(x["p50_ms"] for x in with_idle),
+            "w5_with_idle_p99_ms": med(x["p99_ms"] for x in with_idle),
+            "w5_ratios": [w["p50_ms"] / a["p50_ms"] for a, w in zip(alone, with_idle)],
             "idle_ran_tasks": ran}
 
 
@@ -211,9 +244,11 @@ def report(a, b, c=None):
         + ", ".join(f"{k} {v:,.0f}" for k, v in c["top"].items()) + ") |",
         f"| (c) W5 p50 on 2 workers with {c['idle']} idle registered | "
         f"{c['w5_with_idle_p50_ms']:.2f} ms (p99 {c['w5_with_idle_p99_ms']:.2f}), "
-        f"**{c['w5_with_idle_p50_ms'] / c['w5_alone_p50_ms']:.2f}×** W5 alone "
-        f"({' and '.join(f'{x:.2f}' for x in c['w5_alone_runs_ms'])} ms, before and after); "
-        f"tasks the idle ones ran: {c['idle_ran_tasks']} |"])
+        f"**{c['w5_with_idle_p50_ms'] / c['w5_alone_p50_ms']:.2f}×** W5 on the 2 alone "
+        f"({c['w5_alone_p50_ms']:.2f} ms, p99 {c['w5_alone_p99_ms']:.2f}); medians of "
+        f"{len(c['w5_ratios'])} runs each, in turn (round by round: "
+        + ", ".join(f"{x:.2f}×" for x in c["w5_ratios"])
+        + f"); items the idle ones ran: {c['idle_ran_tasks']} |"])
 
 
 def main():

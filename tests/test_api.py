@@ -353,7 +353,7 @@ def test_timeout_cancels_the_job(cluster):
 def test_worker_output_reaches_the_caller_with_the_worker_name(cluster, capsys):
     pmap(lambda x: print(f"hello from item {x}"), range(3))
     out = capsys.readouterr().out
-    names = {w["name"] for w in pyworker.status().alive}
+    names = {n for w in pyworker.status().alive for n in (w["name"], w.get("id"))}
     for x in range(3):
         line = next(line for line in out.splitlines() if line.endswith(f"hello from item {x}"))
         assert line.split("] ")[0].lstrip("[") in names
