@@ -622,3 +622,13 @@ def test_a_forked_child_and_its_parent_both_call_pmap_at_once(cluster):
             assert client.live_workers(max_age_s=0) == 2
     finally:
         assert child.result(), "the child's pmap went wrong"
+
+
+def test_status_shows_a_workers_name_and_its_id_only_when_names_collide():
+    from pyworker.status import Status
+    workers = [{"name": "twin", "id": "twin.0a1b2c3d", "alive": True},
+               {"name": "twin", "id": "twin.4e5f6a7b", "alive": True},
+               {"name": "solo", "id": "solo.8c9d0e1f", "alive": True}]
+    text = str(Status({"workers": workers, "jobs": [], "items_per_s": 0.0}, "here"))
+    assert "twin.0a1b2c3d" in text and "twin.4e5f6a7b" in text
+    assert " solo " in text and "solo.8c9d0e1f" not in text
