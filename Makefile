@@ -45,7 +45,7 @@ bench-duel: ## Head to head: pyworker against ProcessPoolExecutor and Pool turn 
 	@$(SETUP) test
 	$(PYTHON) -m bench.duel
 
-bench-scale: ## Scale benchmark: 1,000,000 items in one pmap, and 64 workers on one Redis (bench/README.md)
+bench-scale: ## Scale benchmark: 1,000,000 items in one pmap, 64 workers on one Redis, 500 idle workers (bench/README.md)
 	@$(SETUP) test
 	$(PYTHON) -m bench.scale
 

@@ -8,7 +8,12 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
     P:wake                list   tokens that wake idle workers blocked in BLPOP (trimmed)
     P:idle                list   idle workers, the most recently idle first: a new task goes
                                  to the first (its caches are warm), through its own wake list
-    P:workers             set    names of registered workers
+    P:workers             set    ids of registered workers (an id is "<name>.<instance>":
+                                 two workers that report the same name are two workers)
+    P:leases              zset   worker id -> the earliest Redis time (ms) its lease can have
+                                 ended: the reaper looks at those due, not at every worker
+    P:reaper              string the id of the worker that reaps now (SET NX, PX lease/2):
+                                 one reaper at a time among the workers
     P:job:<jid>           hash   job metadata; exists while the job is alive (TTL, kept alive by
                                  the caller; its absence means cancelled, finished or abandoned)
     P:job:<jid>:q         list   queued task messages of the job
@@ -24,13 +29,14 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
     P:job:<jid>:k         set    workers that could not verify the job's tasks (their signing key
                                  differs): they gave them back and take no more of them
     P:fn:<sha>            string a signed, pickled function (shared by every task that uses it)
-    P:worker:<name>:hb    string the worker's lease; expires when the worker stops heart-beating
-    P:worker:<name>:info  hash   host, pid, started, done, current, seen (for status()), shm
-                                 (its shared-memory folder identity, shm.py; empty: none),
-                                 handoff (1: it takes tasks handed over in its wake list)
-    P:worker:<name>:active hash  "<jid> <chunk>" -> the task message it is running (and the one
+    P:worker:<id>:hb      string the worker's lease; expires when the worker stops heart-beating
+    P:worker:<id>:info    hash   name (readable; not unique), host, pid, started, done, seen (for
+                                 status()), lease (ms), shm (its shared-memory folder identity,
+                                 shm.py; empty: none), handoff (1: it takes tasks handed over in
+                                 its wake list)
+    P:worker:<id>:active  hash   "<jid> <chunk>" -> the task message it is running (and the one
                                  it took ahead, if any)
-    P:worker:<name>:wake  list   for this worker alone (it blocks on it and P:wake): task messages
+    P:worker:<id>:wake    list   for this worker alone (it blocks on it and P:wake): task messages
                                  handed over by a submit (in its active hash already), or wake
                                  tokens '1' if its info has no handoff=1 (a worker from before)
     P:stats:<unix second> string items finished in that second (expires)
@@ -75,6 +81,7 @@ Later versions may append fields to a task header or an ok result's; readers ign
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -103,6 +110,14 @@ MODE_STAR = 1  # fn(*item)
 MODE_CALL = 2  # fn(*args, **kwargs) with item == (args, kwargs)
 
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+INSTANCE_HEX = 8  # the random part of a worker id
+
+
+def worker_id(name: str, instance: str | None = None) -> str:
+    """A worker's id in Redis: its name and a random instance, so that two workers that report
+    the same name (two ``--network host`` containers: same host name, both pid 1) never take
+    each other's tasks or lease. ``name`` is checked (check_name) by the caller."""
+    return f"{name}.{instance or secrets.token_hex(INSTANCE_HEX // 2)}"
 
 
 def check_name(kind: str, value: str) -> str:
@@ -133,6 +148,14 @@ class Keys:
     @property
     def idle(self) -> str:
         return f"{self.prefix}:idle"
+
+    @property
+    def leases(self) -> str:
+        return f"{self.prefix}:leases"
+
+    @property
+    def reaper(self) -> str:
+        return f"{self.prefix}:reaper"
 
     def job(self, jid: str) -> str:
         return f"{self.prefix}:job:{jid}"
@@ -197,6 +220,7 @@ local K_JOBS = P .. ':jobs'
 local K_WAKE = P .. ':wake'
 local K_WORKERS = P .. ':workers'
 local K_IDLE = P .. ':idle'
+local K_LEASES = P .. ':leases'
 local function k_job(j) return P .. ':job:' .. j end
 local function k_queue(j) return P .. ':job:' .. j .. ':q' end
 local function k_results(j) return P .. ':job:' .. j .. ':r' end

@@ -76,15 +76,17 @@ end
 return t
 """
 
-# A worker's beat, at most once per heartbeat interval: renew its lease, say it is alive
-# (re-registering it if it was reaped meanwhile), and count the items it finished since the last
-# beat (throughput for status(), and its total). A busy worker beats with a result, an idle or
-# long-running one from its heartbeat thread.
+# An executor's beat, at most once per heartbeat interval: renew its worker's lease and count
+# the items it finished since the last beat (throughput for status(), and its total). A busy
+# executor beats with a result, an idle one after its last. It only renews a lease (XX): one
+# that ended (the worker was reaped, or Redis lost its data) comes back only with its
+# supervisor's full registration (Lease.beat), which also puts it into the reaper's index
+# (P:leases) -- a lease outside the index would never be reaped.
 _BEAT_FN = r"""
 local function beat(worker, lease, seen, n, total)
-  redis.call('SET', k_hb(worker), '1', 'PX', lease)
-  redis.call('HSET', k_info(worker), 'seen', seen, 'done', total)
-  redis.call('SADD', K_WORKERS, worker)
+  if redis.call('SET', k_hb(worker), '1', 'PX', lease, 'XX') then
+    redis.call('HSET', k_info(worker), 'seen', seen, 'done', total)
+  end
   if n ~= '0' then
     local now = redis.call('TIME')[1]
     redis.call('INCRBY', k_stats(now), n)
@@ -153,6 +155,7 @@ return {kept, nxt or '', held or ''}
 # The functions found get their full TTL back. A new job is created here, in the same step as
 # its first tasks.
 JOB_GONE, FUNCTION_MISSING = -1, -2
+REAP_MAX = 512  # workers a reap looks at in one script run (see _REAP)
 _SUBMIT = r"""
 local jid, ttl, nfields = ARGV[1], ARGV[2], tonumber(ARGV[4])
 for sha in string.gmatch(ARGV[5], '%S+') do
@@ -210,24 +213,22 @@ end
 return len
 """
 
-# A supervisor's beat (supervisor.py): renew the worker's lease and say it is alive (re-adding
-# it if it was reaped meanwhile), but not the items done, which its executor counts (_BEAT_FN).
-# ARGV[4...]: "<jid> <chunk>" of the tasks its executor runs; returns those whose job no longer
-# exists (cancelled, timed out or abandoned) or whose call was cancelled (Future.cancel): they
-# are stopped.
+# A supervisor's beat while its executor runs a task (supervisor.Lease; between tasks a plain
+# SET XX does): renew the worker's lease (only renew it, as _BEAT_FN), and find which of the
+# tasks ARGV[3...] ("<jid> <chunk>") are to stop: their job no longer exists (cancelled, timed
+# out or abandoned) or their call was cancelled (Future.cancel).
+# Returns {1 if the lease had ended (the supervisor registers again) else 0, tasks to stop...}.
 _KEEP = r"""
-redis.call('SET', k_hb(ARGV[1]), '1', 'PX', ARGV[2])
-redis.call('HSET', k_info(ARGV[1]), 'seen', ARGV[3])
-redis.call('SADD', K_WORKERS, ARGV[1])
-local gone = {}
-for i = 4, #ARGV do
+local out = {0}
+if not redis.call('SET', k_hb(ARGV[1]), '1', 'PX', ARGV[2], 'XX') then out[1] = 1 end
+for i = 3, #ARGV do
   local jid, chunk = string.match(ARGV[i], '^(%S+) (%S+)$')
   if jid and (redis.call('EXISTS', k_job(jid)) == 0
               or redis.call('SISMEMBER', k_cancelled(jid), chunk) == 1) then
-    gone[#gone + 1] = ARGV[i]
+    out[#out + 1] = ARGV[i]
   end
 end
-return gone
+return out
 """
 
 # The shared-memory identity ('' for none) of every worker with a live lease, in one step.
@@ -241,51 +242,74 @@ end
 return out
 """
 
-# Re-queue the tasks of workers whose lease expired (ARGV[2], if given, names a worker to treat
-# as dead anyway: a restarted worker reclaiming its own name). A task whose workers died more
-# than ARGV[1] times is queued wrapped as lost instead (a worker answers 'lost' for it). With
-# ARGV[3] == '1' the named worker is stopping and gives back tasks it had not started: they are
-# re-queued and not counted.
+# Re-queue the tasks of workers whose lease expired. A task whose workers died more than
+# ARGV[1] times is queued wrapped as lost instead (a worker answers 'lost' for it). ARGV[2], if given, names a worker to treat
+# as dead anyway: with ARGV[3] == '1' it is stopping and gives back the tasks it had not
+# started: they are re-queued and not counted.
+# Which workers: not every registered one (each EXISTS costs a call, and every worker reaping
+# every worker is O(W^2)), but those due in the index P:leases, whose score is the earliest
+# Redis time (ms) their lease can have ended. A due worker whose lease still runs gets the time
+# its lease now ends as its score (its beats do not touch the index: they stay one command);
+# one whose lease is gone is reaped. So each live worker costs a PTTL and a ZADD about once a
+# lease, and a dead one is found at the first reap after its lease ended. At most ARGV[4]
+# workers are looked at per run (the rest at the next: a script blocks Redis while it runs).
+# Returns {workers still registered, reaped worker ids...}.
 _REAP = r"""
 local max_retries = tonumber(ARGV[1])
 local release = ARGV[3] == '1'
-local names
-if ARGV[2] and ARGV[2] ~= '' then names = {ARGV[2]} else names = redis.call('SMEMBERS', K_WORKERS) end
-local reaped = {}
-for _, name in ipairs(names) do
-  if (ARGV[2] and ARGV[2] ~= '') or redis.call('EXISTS', k_hb(name)) == 0 then
-    local act = redis.call('HGETALL', k_active(name))
-    for i = 1, #act, 2 do
-      local jid, chunk = string.match(act[i], '^(%S+) (%S+)$')
-      if jid and redis.call('EXISTS', k_job(jid)) == 1 then
-        local ttl = math.max(redis.call('PTTL', k_job(jid)), 1000)
-        local n = 0
-        if not release then
-          n = redis.call('HINCRBY', k_attempts(jid), chunk, 1)
-          redis.call('PEXPIRE', k_attempts(jid), ttl)
-        end
-        local t = act[i + 1]
-        if n > max_retries then
-          -- Failed for good: Redis has no key to sign the 'lost' answer, so the task goes back
-          -- wrapped (protocol LOST_MARK) for a worker to check and answer.
-          t = jid .. ' ' .. chunk .. ' !lost ' .. name .. ' ' .. n .. '\n'
-              .. (string.match(t, '^%S+ %S+ !lost [^\n]*\n(.*)$') or t)
-        end
-        redis.call('LPUSH', k_queue(jid), t)
-        redis.call('PEXPIRE', k_queue(jid), ttl)
-        if not redis.call('LPOS', K_JOBS, jid) then redis.call('LPUSH', K_JOBS, jid) end
-        redis.call('RPUSH', K_WAKE, '1')
-      end
+local names = {}
+local forced = ARGV[2] and ARGV[2] ~= ''
+if forced then
+  names = {ARGV[2]}
+else
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local due = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
+  for _, name in ipairs(due) do
+    local left = redis.call('PTTL', k_hb(name))
+    if left == -2 then
+      names[#names + 1] = name
+    else  -- alive (-1, a lease without a TTL, is not pyworker's: looked at again in 60 s)
+      if left < 0 then left = 60000 end
+      redis.call('ZADD', K_LEASES, now + left, name)
     end
-    -- tokens it was woken with and did not take wake another worker instead
-    local owed = redis.call('LLEN', k_wake(name))
-    for _ = 1, owed do redis.call('RPUSH', K_WAKE, '1') end
-    redis.call('DEL', k_active(name), k_info(name), k_wake(name))
-    redis.call('SREM', K_WORKERS, name)
-    redis.call('LREM', K_IDLE, 0, name)
-    table.insert(reaped, name)
   end
 end
+local reaped = {0}
+for _, name in ipairs(names) do
+  local act = redis.call('HGETALL', k_active(name))
+  for i = 1, #act, 2 do
+    local jid, chunk = string.match(act[i], '^(%S+) (%S+)$')
+    if jid and redis.call('EXISTS', k_job(jid)) == 1 then
+      local ttl = math.max(redis.call('PTTL', k_job(jid)), 1000)
+      local n = 0
+      if not release then
+        n = redis.call('HINCRBY', k_attempts(jid), chunk, 1)
+        redis.call('PEXPIRE', k_attempts(jid), ttl)
+      end
+      local t = act[i + 1]
+      if n > max_retries then
+        -- Failed for good: Redis has no key to sign the 'lost' answer, so the task goes back
+        -- wrapped (protocol LOST_MARK) for a worker to check and answer.
+        t = jid .. ' ' .. chunk .. ' !lost ' .. name .. ' ' .. n .. '\n'
+            .. (string.match(t, '^%S+ %S+ !lost [^\n]*\n(.*)$') or t)
+      end
+      redis.call('LPUSH', k_queue(jid), t)
+      redis.call('PEXPIRE', k_queue(jid), ttl)
+      if not redis.call('LPOS', K_JOBS, jid) then redis.call('LPUSH', K_JOBS, jid) end
+      redis.call('RPUSH', K_WAKE, '1')
+    end
+  end
+  -- tokens it was woken with and did not take wake another worker instead
+  local owed = redis.call('LLEN', k_wake(name))
+  for _ = 1, owed do redis.call('RPUSH', K_WAKE, '1') end
+  redis.call('DEL', k_active(name), k_info(name), k_wake(name))
+  redis.call('SREM', K_WORKERS, name)
+  redis.call('ZREM', K_LEASES, name)
+  redis.call('LREM', K_IDLE, 0, name)
+  table.insert(reaped, name)
+end
+reaped[1] = redis.call('ZCARD', K_LEASES)
 return reaped
 """
 
@@ -572,9 +596,23 @@ class Broker:
 
     @translate_errors
     def reap(self, force_name: str = "", release: bool = False) -> list[str]:
-        reaped = self.redis.run(self._reap, self.settings.max_retries, force_name,
-                                1 if release else 0)
-        return [_s(n) for n in reaped or []]
+        """Reap the workers whose lease ended (see _REAP); the ids reaped."""
+        return self._reap_due(force_name, release)[1]
+
+    def _reap_due(self, force_name: str = "", release: bool = False) -> tuple[int, list[str]]:
+        reply = self.redis.run(self._reap, self.settings.max_retries, force_name,
+                               1 if release else 0, REAP_MAX)
+        return int(reply[0]), [_s(n) for n in reply[1:]]
+
+    @translate_errors
+    def try_reap(self, worker: str) -> tuple[int, list[str]] | None:
+        """Reap, if no other worker has within lease/2 (P:reaper): one reaper at a time, so
+        that W workers trying cost W plain commands and one reap. None: another worker reaped;
+        else (workers registered, ids reaped)."""
+        if self.redis.call("SET", self.keys.reaper, worker, "NX", "PX",
+                           max(self._lease_ms // 2, 1)) is None:
+            return None
+        return self._reap_due()
 
     # --- caller side ---------------------------------------------------------------------------
 
@@ -716,31 +754,38 @@ class Broker:
     # --- worker side ---------------------------------------------------------------------------
 
     @translate_errors
-    def register_worker(self, name: str, info: dict) -> None:
+    def register_worker(self, name: str, info: dict) -> int:
+        """Register a worker (its id) with its lease, and put it into the reaper's index (due
+        at once: the next reap gives it the time its lease ends). Returns how many workers are
+        registered."""
         fields = [x for kv in info.items() for x in kv]
-        self.redis.pipeline([
+        return self.redis.pipeline([
             ("SET", self.keys.heartbeat(name), "1", "PX", self._lease_ms),
             ("HSET", self.keys.info(name), *fields),
             ("SADD", self.keys.workers, name),
-        ])
-
-    @translate_errors
-    def registration_lost(self, name: str) -> bool:
-        """Whether Redis lost what register_worker wrote (a beat alone re-adds lease and
-        liveness, not the rest)."""
-        return self.redis.call("HEXISTS", self.keys.info(name), "started") == 0
+            ("ZADD", self.keys.leases, 0, name),
+            ("ZCARD", self.keys.leases),
+        ])[-1]
 
     @translate_errors
     def heartbeat(self, name: str, n: int = 0, total: int = 0) -> None:
-        """The worker's beat (see _BEAT_FN): lease, liveness, and n more items done."""
+        """The executor's beat (see _BEAT_FN): renew the lease, and n more items done."""
         self.redis.run(self._beat, name, self._lease_ms, f"{time.time():.3f}", n, total)
 
     @translate_errors
-    def keep(self, name: str, fields=()) -> list[str]:
-        """A supervisor's beat (see _KEEP): of the tasks ``fields`` ("<jid> <chunk>"), those
-        to stop (their job is gone, or their call was cancelled)."""
-        gone = self.redis.run(self._keep, name, self._lease_ms, f"{time.time():.3f}", *fields)
-        return [_s(f) for f in gone or []]
+    def renew_lease(self, name: str) -> bool:
+        """A supervisor's beat between tasks, one command: renew the worker's lease if it still
+        has one; False if it had ended (reaped, or Redis lost it: register again)."""
+        return self.redis.call("SET", self.keys.heartbeat(name), "1", "PX", self._lease_ms,
+                               "XX") is not None
+
+    @translate_errors
+    def keep(self, name: str, fields=()) -> tuple[list[str], bool]:
+        """A supervisor's beat while a task runs (see _KEEP): (of the tasks ``fields``
+        ("<jid> <chunk>"), those to stop (their job is gone, or their call was cancelled);
+        whether the lease had ended: register again)."""
+        reply = self.redis.run(self._keep, name, self._lease_ms, *fields)
+        return [_s(f) for f in reply[1:]], reply[0] == 1
 
     @translate_errors
     def push_output(self, jid: str, messages: list[bytes]) -> None:
@@ -799,7 +844,8 @@ class Broker:
         # Anything still held (a task taken ahead and not started) goes back to the queue first.
         self.reap(force_name=name, release=True)
         self.redis.pipeline([("DEL", self.keys.heartbeat(name), self.keys.info(name)),
-                             ("SREM", self.keys.workers, name)])
+                             ("SREM", self.keys.workers, name),
+                             ("ZREM", self.keys.leases, name)])
 
     @translate_errors
     def dequeue(self, name: str):
@@ -807,16 +853,24 @@ class Broker:
         return self.redis.run(self._dequeue, name, 1, *self.skip_jobs, retry=False)
 
     @translate_errors
-    def wait_and_dequeue(self, name: str, timeout_s: float):
+    def wait_and_dequeue(self, name: str, timeout_s: float, stopping=None):
         """Block until woken or timeout_s. Woken with a task (a submit handed it over: it is in
         this worker's active hash already), that task, in one round trip and no script; woken
         with a token (its own from a caller from before hand-offs, or a common one), or after
-        the wait, the worker takes a task itself (dequeue)."""
+        the wait, the worker takes a task itself (dequeue) -- unless ``stopping`` (an Event)
+        is set by then: its supervisor woke it to stop."""
         got = self.redis.call("BLPOP", self.keys.worker_wake(name), self.keys.wake,
                               f"{timeout_s:.3f}", timeout=timeout_s + 5.0, retry=False)
         if got is not None and got[1] != b"1":
             return got[1]
+        if stopping is not None and stopping.is_set():
+            return None
         return self.dequeue(name)
+
+    @translate_errors
+    def wake_worker(self, name: str) -> None:
+        """Wake a worker's executor from its idle wait (a token in its own wake list)."""
+        self.redis.call("RPUSH", self.keys.worker_wake(name), "1")
 
     @translate_errors
     def unhand(self, name: str, tasks: list[bytes]) -> None:
@@ -903,7 +957,7 @@ class Broker:
         now = int(r.call("TIME")[0])
         commands = []
         for name in names:
-            commands += [("HGETALL", self.keys.info(name)), ("EXISTS", self.keys.heartbeat(name)),
+            commands += [("HGETALL", self.keys.info(name)), ("PTTL", self.keys.heartbeat(name)),
                          ("HKEYS", self.keys.active(name))]
         for jid in jids:
             commands += [("LLEN", self.keys.queue(jid)), ("HGETALL", self.keys.job(jid))]
@@ -921,7 +975,12 @@ class Broker:
             current = held[0] if held else ""
             if len(held) > 1:
                 current += f" (+{len(held) - 1} taken ahead)"
-            info.update(name=name, alive=bool(out[3 * i + 1]), current=current)
+            left = out[3 * i + 1]  # ms of lease left; -2: none
+            if left > 0 and info.get("lease"):  # beats between tasks do not write 'seen'
+                info["seen"] = f"{time.time() - (float(info['lease']) - left) / 1000:.3f}"
+            # 'name' is what the worker reports (readable, not unique), 'id' its key in Redis
+            info.update(id=name, name=info.get("name") or name, alive=left != -2,
+                        current=current)
             workers.append(info)
         base = 3 * len(names)
         jobs = [{"id": jid, "queued_chunks": out[base + 2 * i], **as_dict(out[base + 2 * i + 1])}

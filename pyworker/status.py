@@ -17,13 +17,16 @@ class Status:
 
     def _worker_rows(self):
         now = time.time()
+        names = [w["name"] for w in self.workers]
         for w in self.workers:
             seen = float(w.get("seen") or 0)
             state = "alive" if w.get("alive") else "lease expired"
             if w.get("refused"):  # Worker._refuse: it gives back what it cannot verify
                 state += (f", signing key differs: gave back {w['refused']} task(s) it could "
                           "not verify (check its PYWORKER_SECRET)")
-            yield (w["name"], w.get("host", ""), w.get("pid", ""),
+            # the name a worker reports; its id in Redis when another reports the same
+            shown = w.get("id", w["name"]) if names.count(w["name"]) > 1 else w["name"]
+            yield (shown, w.get("host", ""), w.get("pid", ""),
                    w.get("current") or "idle", w.get("done", "0"),
                    f"{now - seen:.1f} s ago" if seen else "never", state)
 

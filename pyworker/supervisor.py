@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import random
 import select
 import signal
 import socket
@@ -51,13 +52,89 @@ MAX_IDLE_DEATHS = 5
 HEALTHY_AFTER_S = 10.0
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _CRASHES = {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE}
+# Reaping: one worker at a time reaps, for lease/2 (queue.Broker.try_reap). Each worker tries
+# every lease/2 times (registered workers / REAPERS_PER_ROUND), at most REAP_TRY_MAX_ROUNDS
+# times lease/2: about REAPERS_PER_ROUND tries per lease/2 in all, so a dead worker is found
+# about as soon after its lease ended as when every worker reaped every lease/2, and W workers
+# cost O(W) commands, not O(W^2).
+REAPERS_PER_ROUND = 8
+REAP_TRY_MAX_ROUNDS = 10
+
+
+class Lease:
+    """A worker's place in Redis, kept by its supervisor: registration under a unique id
+    (protocol.worker_id), the lease's beats, reaping dead workers, registering again, and
+    deregistering. No user code and no fork here, so bench.idle runs hundreds of them in one
+    process exactly as supervisors do.
+
+    What a beat costs Redis, with nothing to run: one SET (the lease, XX), plus, about every
+    W/8 beats, a SET NX that elects the reaper. The reaper looks only at the workers due in the
+    index of leases (queue._REAP)."""
+
+    def __init__(self, settings: Settings, broker: Broker, info=None,
+                 worker_id: str | None = None):
+        self.settings = settings
+        self.broker = broker
+        self.name = protocol.check_name("worker name", settings.worker_name)
+        self.id = worker_id or protocol.worker_id(self.name)
+        self._info = info or (lambda: {})  # what to register (a function: fields that change)
+        self.workers = 1  # registered workers, as last seen: how often to try to reap
+        self._next_reap = 0.0
+        self.stopping = False
+
+    def info(self) -> dict:
+        return {**self._info(), "name": self.name, "lease": int(self.settings.lease_s * 1000)}
+
+    def register(self):
+        self.workers = self.broker.register_worker(self.id, self.info())
+
+    def beat(self, running: str | None = None) -> list[str]:
+        """Renew the lease (whatever the executor does: it may hold the GIL for minutes); of
+        the task ``running``, if its job is gone or its call cancelled, [it]. Now and then, try
+        to reap. A lease that had ended (the worker was reaped, or Redis lost its data) comes
+        back with a full registration, which also puts it into the reaper's index."""
+        b = self.broker
+        if running:
+            gone, lost = b.keep(self.id, [running])
+        else:
+            gone, lost = [], not b.renew_lease(self.id)
+        if lost and not self.stopping:
+            self.register()
+            # Reaped, it left the idle stack: its executor, perhaps in a long idle wait, looks
+            # for work now and so joins the stack again (a busy one drops the token).
+            self.wake()
+            log.warning("worker %s: its lease had ended (Redis restarted without persistence, "
+                        "or the worker missed its lease); registered again", self.id)
+        now = time.monotonic()
+        if now >= self._next_reap:
+            rounds = min(max(1.0, self.workers / REAPERS_PER_ROUND), REAP_TRY_MAX_ROUNDS)
+            # (spread: workers started together must not try together)
+            self._next_reap = now + self.settings.lease_s / 2 * rounds * random.uniform(0.8, 1.2)
+            got = b.try_reap(self.id)
+            if got is not None:
+                self.workers, reaped = got
+                for dead in reaped:
+                    log.info("worker %s: worker %s missed its lease; its tasks were re-queued",
+                             self.id, dead)
+        return gone
+
+    def wake(self):
+        """Wake the executor from its idle wait (it is stopping)."""
+        self.broker.wake_worker(self.id)
+
+    def stop(self):
+        """Deregister: what the worker still holds goes back to the queue, counting no death."""
+        self.stopping = True
+        self.broker.deregister_worker(self.id)
 
 
 class Supervisor:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.name = protocol.check_name("worker name", settings.worker_name)
         self.broker = Broker(settings)
+        self.lease = Lease(settings, self.broker, self._info)
+        # its id in Redis; logs and status() show it (the name alone may not be unique)
+        self.name = self.lease.id
         self.board = Board()
         self.plans: dict[str, TaskPlan] = {}
         self.stopping = 0  # signals received: 1 stop after the task, 2 stop now
@@ -109,15 +186,15 @@ class Supervisor:
         b = self.broker
         self._wait_for_redis()
         b.check_eviction_policy()  # a warning in the worker's log if Redis can evict its keys
-        # A worker restarted under the same name first puts back what its last life held.
-        b.reap(force_name=self.name)
+        # (What a former life of this worker held goes back once its lease has ended: it had
+        # another id, so nothing here can take the tasks of a live worker of the same name.)
         store = shm.Store.open(self.settings)
         if store is not None:
             swept = store.sweep()
             if swept:
                 log.info("worker %s: removed %d shared-memory segment(s) of callers that are gone",
                          self.name, swept)
-        b.register_worker(self.name, self._info())
+        self.lease.register()
         self._touch_heartbeat_file()
         log.info("worker %s started: redis %s, pid %d, python %s, cloudpickle %s", self.name,
                  b.where, os.getpid(), serialize.PYTHON_VERSION, serialize.CLOUDPICKLE_VERSION)
@@ -129,7 +206,7 @@ class Supervisor:
                 os.kill(self.pid, signal.SIGKILL)
                 os.waitpid(self.pid, 0)
             try:
-                b.deregister_worker(self.name)  # gives back what it holds, counting no death
+                self.lease.stop()  # gives back what it holds, counting no death
             except PyworkerConnectionError as exc:
                 log.error("worker %s: could not deregister: %s", self.name, exc)
             log.info("worker %s stopped", self.name)
@@ -137,15 +214,16 @@ class Supervisor:
 
     def _supervise(self) -> int:
         hb = self.settings.heartbeat_s
-        next_beat = next_reap = time.monotonic()
+        next_beat = time.monotonic()
+        woken = False
         self._spawn()
         while self.pid is not None:
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + hb
-                self._beat(reap=now >= next_reap)
-                if now >= next_reap:
-                    next_reap = now + self.settings.lease_s / 2
+                self._beat()
+            if self.stopping and not woken:
+                woken = self._wake_idle_executor()
             if self._wait(min(POLL_S, max(0.0, next_beat - time.monotonic()))):
                 code = self._exited()
                 if code is not None:
@@ -178,7 +256,7 @@ class Supervisor:
         if pid == 0:  # the executor
             code = 1
             try:
-                code = _executor(self.settings, self.board, self.plans, parent)
+                code = _executor(self.settings, self.board, self.plans, parent, self.name)
             except BaseException:
                 log.exception("worker %s: the executor failed", self.name)
             finally:
@@ -335,28 +413,30 @@ class Supervisor:
 
     # --- heartbeat -----------------------------------------------------------------------------
 
-    def _beat(self, reap: bool):
-        """Every heartbeat: renew the lease (whatever the executor does: it may hold the GIL
-        for minutes), touch the liveness file, stop a task whose job is gone; every lease/2,
-        also reap the workers whose lease ended and register again if Redis lost this
-        worker's registration."""
+    def _wake_idle_executor(self) -> bool:
+        """An idle executor waits in Redis for long (worker.IDLE_WAIT_MAX_S): a stopping
+        supervisor wakes it (its own wake list), so that it stops at once. One running a task
+        stops after it without waiting (it got SIGTERM before). Done: True."""
+        if self.pid is None or self.board.read().state == boards.RUNNING:
+            return True
+        try:
+            self.lease.wake()
+            return True
+        except (PyworkerConnectionError, RedisError):
+            return False
+
+    def _beat(self):
+        """Every heartbeat: the lease's beat (Lease.beat: renew, now and then reap, register
+        again if Redis forgot this worker), touch the liveness file, stop a task whose job is
+        gone."""
         try:
             snap = self.board.read()
             running = snap.field if snap.state == boards.RUNNING and snap.field else None
-            gone = self.broker.keep(self.name, [running] if running else [])
+            self.lease.stopping = bool(self.stopping)
+            gone = self.lease.beat(running)
             self._touch_heartbeat_file()
             if running and gone and self.board.read().field == running:
                 self._kill(("gone", running))
-            if reap:
-                for dead in self.broker.reap():
-                    log.info("worker %s: worker %s missed its lease; its tasks were re-queued",
-                             self.name, dead)
-                # A beat re-registers a worker Redis forgot, but with its lease alone: the
-                # rest (host, shared memory, hand-offs) goes back here.
-                if not self.stopping and self.broker.registration_lost(self.name):
-                    self.broker.register_worker(self.name, self._info())
-                    log.warning("worker %s: Redis had lost this worker's registration (a "
-                                "restart without persistence?); registered again", self.name)
         except (PyworkerConnectionError, RedisError) as exc:
             log.error("worker %s: heartbeat failed: %s", self.name, exc)
         except Exception:  # the heartbeat must outlive any surprise
@@ -373,12 +453,13 @@ class Supervisor:
                     f.write(f"{self.name}\n")
 
 
-def _executor(settings: Settings, board: Board, plans: dict, parent: int) -> int:
+def _executor(settings: Settings, board: Board, plans: dict, parent: int,
+              worker_id: str) -> int:
     """The executor's life, in the forked child."""
     _die_with(parent)
     config.IN_EXECUTOR = True
     logging.getLogger().addHandler(TaskLogHandler())
-    worker = Worker(settings, board=board, plans=plans)
+    worker = Worker(settings, board=board, plans=plans, worker_id=worker_id)
     worker.install_signal_handlers()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     code = worker.run()

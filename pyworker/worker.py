@@ -31,6 +31,12 @@ FUNCTION_CACHE_BYTES = 256 * 2**20  # pickled
 LOOKAHEAD_MAX_S = 1.0
 # A connection failure this long after the last one is retried at once (see _loop).
 RETRY_AT_ONCE_AFTER_S = 5.0
+# An idle executor's wait in Redis doubles from PYWORKER_IDLE_WAIT_S up to this: a submit or a
+# re-queued task wakes it at once (its wake list, or the common one), its supervisor wakes it to
+# stop, so the wait's end only guards against a wake token that got lost (a worker killed after
+# taking one) and a connection that died silently. Waking every second would cost Redis two
+# commands per second per idle worker; this costs about one per 30 s.
+IDLE_WAIT_MAX_S = 30.0
 
 
 class _Report(NamedTuple):
@@ -367,12 +373,14 @@ class Worker:
     """The executor: takes tasks from Redis, runs them, sends the results back. It runs user
     code, so it runs in a process of its own that its supervisor (supervisor.py) forks and
     replaces when it dies; the supervisor registers the worker, keeps its lease and reaps.
-    Both use the worker's one name in Redis."""
+    Both use the worker's one id in Redis (``worker_id``, the supervisor's; by default the
+    name itself)."""
 
     def __init__(self, settings: Settings, broker: Broker | None = None,
-                 board: Board | None = None, plans: dict[str, TaskPlan] | None = None):
+                 board: Board | None = None, plans: dict[str, TaskPlan] | None = None,
+                 worker_id: str | None = None):
         self.settings = settings
-        self.name = protocol.check_name("worker name", settings.worker_name)
+        self.name = worker_id or protocol.check_name("worker name", settings.worker_name)
         self.broker = broker or Broker(settings)
         self.signer = serialize.Signer(settings.secret)
         self.limit_bytes = int(settings.max_message_mb * 2**20)
@@ -469,6 +477,7 @@ class Worker:
         like the one it runs, so a worker that dies loses neither, and one that stops gives
         back what it had not started (deregister_worker)."""
         answer = None  # settles a result sent ahead: its answer is (kept, tasks taken)
+        idle_wait = self.settings.idle_wait_s
         resync = False  # after a lost connection: what does Redis say this worker holds?
         last_failure = float("-inf")
         if not held:
@@ -496,11 +505,21 @@ class Worker:
                     continue
                 if not held:
                     # Reached only when the queues were empty at the last look.
+                    # (items done and not yet counted go in within a beat, not a long wait)
+                    wait = min(idle_wait, self.settings.heartbeat_s) if self._uncounted \
+                        else idle_wait
                     if self.refused:
+                        # Off the idle stack (it skips jobs it cannot verify): nothing wakes
+                        # it for a new task but a common token, so it looks for itself.
                         self._skip_refused()
-                    task = self.broker.wait_and_dequeue(self.name, self.settings.idle_wait_s)
+                        wait = min(wait, self.settings.idle_wait_s)
+                    task = self.broker.wait_and_dequeue(self.name, wait, self.stopping)
                     if task is not None:
                         held.append(task)
+                        idle_wait = self.settings.idle_wait_s
+                    else:
+                        idle_wait = min(idle_wait * 2, max(IDLE_WAIT_MAX_S,
+                                                           self.settings.idle_wait_s))
                     continue
                 started = time.monotonic()
                 report = self._process(held[0])

@@ -30,10 +30,10 @@ def wait_until(predicate, timeout_s, what, interval_s=0.05):
 
 def executors(cluster) -> dict[int, tuple[str, object]]:
     """Each live worker's executor pid (the process its tasks run in: os.getpid() in a task)
-    -> (worker name, the worker's process in cluster.workers)."""
+    -> (worker id in Redis, the worker's process in cluster.workers)."""
     import pyworker
     procs = {p.pid: p for p in cluster.workers}
-    return {int(w["executor"]): (w["name"], procs.get(int(w["pid"])))
+    return {int(w["executor"]): (w.get("id", w["name"]), procs.get(int(w["pid"])))
             for w in pyworker.status(cluster.client).alive if w.get("executor")}
 
 

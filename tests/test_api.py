@@ -354,7 +354,7 @@ def test_timeout_cancels_the_job(cluster):
 def test_worker_output_reaches_the_caller_with_the_worker_name(cluster, capsys):
     pmap(lambda x: print(f"hello from item {x}"), range(3))
     out = capsys.readouterr().out
-    names = {w["name"] for w in pyworker.status().alive}
+    names = {n for w in pyworker.status().alive for n in (w["name"], w.get("id"))}
     for x in range(3):
         line = next(line for line in out.splitlines() if line.endswith(f"hello from item {x}"))
         assert line.split("] ")[0].lstrip("[") in names
@@ -745,3 +745,13 @@ def test_a_result_with_more_or_fewer_values_than_its_chunk_has_items_is_refused(
         with pytest.raises(SignatureError, match=r"chunk 3 from worker w-1 has \d values for its "
                                                  r"2 items"):
             _values(ChunkResult(3, "ok", "w-1", "", values, errors), ["a", "b"], 0, False)
+
+
+def test_status_shows_a_workers_name_and_its_id_only_when_names_collide():
+    from pyworker.status import Status
+    workers = [{"name": "twin", "id": "twin.0a1b2c3d", "alive": True},
+               {"name": "twin", "id": "twin.4e5f6a7b", "alive": True},
+               {"name": "solo", "id": "solo.8c9d0e1f", "alive": True}]
+    text = str(Status({"workers": workers, "jobs": [], "items_per_s": 0.0}, "here"))
+    assert "twin.0a1b2c3d" in text and "twin.4e5f6a7b" in text
+    assert " solo " in text and "solo.8c9d0e1f" not in text

@@ -515,3 +515,80 @@ def test_a_submit_with_big_payloads_creates_the_job_with_its_fields_and_not_a_go
         assert broker.redis.call("EXISTS", broker.keys.job("job1")) == 0
     finally:
         broker.close()
+
+
+def _calls(broker, command):
+    info = broker.redis.call("INFO", "commandstats").decode()
+    for line in info.splitlines():
+        if line.startswith(f"cmdstat_{command}:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+def test_the_reaper_looks_only_at_the_workers_due(redis_server):
+    """A reap does not look at every registered worker (O(W) per reaper, O(W^2) in all): a
+    newly registered worker is due at once and gets the time its lease ends; after that, a
+    reap finds none due, and the one worker whose lease ended is reaped alone -- its task
+    re-queued and its death counted."""
+    broker = _broker(redis_server)
+    try:
+        ids = [f"w{i}" for i in range(200)]
+        for wid in ids:
+            broker.register_worker(wid, {"pid": "1"})
+        assert broker.reap() == []
+        pttl = _calls(broker, "pttl")
+        assert broker.reap() == [], "nothing due"
+        assert _calls(broker, "pttl") == pttl, "a reap with nothing due looks at no lease"
+        # w7 runs a task and dies: its lease ends
+        task = b"job1 0 fn 3.11 3 i -\n" + b"x" * 40
+        broker.submit("job1", [task], 0, meta={"created": "1"})
+        assert broker.dequeue("w7") == task
+        broker.redis.call("DEL", broker.keys.heartbeat("w7"))
+        broker.redis.call("ZADD", broker.keys.leases, 0, "w7")  # (its lease's end was due)
+        assert broker.reap() == ["w7"]
+        # its lease looked at, and its job's TTL (for the re-queued task): no other lease
+        assert _calls(broker, "pttl") == pttl + 2, "the due worker alone was looked at"
+        assert broker.redis.call("LRANGE", broker.keys.queue("job1"), 0, -1) == [task]
+        assert broker.redis.call("HGET", broker.keys.attempts("job1"), "0") == b"1"
+        assert broker.redis.call("SISMEMBER", broker.keys.workers, "w7") == 0
+        assert broker.redis.call("ZSCORE", broker.keys.leases, "w7") is None
+        assert broker.redis.call("ZCARD", broker.keys.leases) == 199
+    finally:
+        broker.close()
+
+
+def test_one_worker_at_a_time_reaps(redis_server):
+    broker = _broker(redis_server)
+    try:
+        broker.register_worker("a", {"pid": "1"})
+        broker.register_worker("b", {"pid": "2"})
+        assert broker.try_reap("a") == (2, [])
+        assert broker.try_reap("b") is None, "a reaped within lease/2: b does not"
+        assert 0 < broker.redis.call("PTTL", broker.keys.reaper) <= broker._lease_ms // 2
+    finally:
+        broker.close()
+
+
+def test_a_beat_renews_a_lease_and_never_creates_one(redis_server):
+    """Only a full registration creates a lease (and so puts the worker into the reaper's
+    index): a beat of a worker whose lease ended says so and leaves no half registration."""
+    broker = _broker(redis_server)
+    try:
+        broker.register_worker("a", {"pid": "1", "started": "1"})
+        assert broker.renew_lease("a") is True
+        assert broker.keep("a", ["job1 0"]) == (["job1 0"], False)  # (job1 does not exist)
+        broker.reap(force_name="a")
+        broker.redis.call("DEL", broker.keys.heartbeat("a"))
+        assert broker.renew_lease("a") is False
+        assert broker.keep("a") == ([], True)
+        broker.heartbeat("a", 3, 3)  # the executor's beat
+        assert broker.redis.call("EXISTS", broker.keys.heartbeat("a"), broker.keys.info("a")) == 0
+        assert broker.redis.call("SISMEMBER", broker.keys.workers, "a") == 0
+    finally:
+        broker.close()
+
+
+def test_worker_ids_are_unique_per_start():
+    from pyworker import protocol
+    a, b = protocol.worker_id("host-1"), protocol.worker_id("host-1")
+    assert a != b and a.startswith("host-1.") and protocol.check_name("worker id", a) == a

@@ -308,3 +308,94 @@ def test_executor_shutdown_cancel_futures_stops_running_calls(make_cluster, tmp_
     wait_until(lambda: all(_pid_gone(p) for p in pids), 5, "the running calls to stop")
     assert pyworker.pmap(abs, [-1, -2], client=cluster.client, timeout=20) == [1, 2]
     assert all(_alive(cluster))
+
+
+def test_two_workers_with_the_same_name_are_two_workers(make_cluster, tmp_path):
+    """Two workers that report the same name (two --network host containers: same host name,
+    both pid 1) register under ids of their own: the second one's start takes nothing of the
+    first's, both run the job, status() shows the name, and killing one re-queues its tasks
+    alone."""
+    from support import executors
+    cluster = make_cluster(0, replace_workers=False)
+    r, keys = cluster.client.broker.redis, cluster.client.broker.keys
+    log = tmp_path / "runs"
+
+    def slow(x):
+        import os
+        import time
+        with open(log, "a") as f:
+            f.write(f"{x} {os.getpid()}\n")
+        time.sleep(2.0)
+        return x
+
+    first = cluster.add_worker(name="twin")
+    cluster.wait_for_workers(1)
+    t, box = _run(pyworker.pmap, slow, range(6), chunksize=1, client=cluster.client, timeout=120)
+    ids = lambda: sorted(n.decode() for n in r.call("SMEMBERS", keys.workers))  # noqa: E731
+    (a,) = ids()
+    wait_until(lambda: r.call("HLEN", keys.active(a)) >= 1, 20, "the first twin to run a task")
+    held_by_a = set(_fields(r.call("HKEYS", keys.active(a))))
+    second = cluster.add_worker(name="twin")
+    cluster.wait_for_workers(2)
+    (b,) = [i for i in ids() if i != a]
+    assert a.startswith("twin.") and b.startswith("twin."), (a, b)
+    assert sorted(w["name"] for w in pyworker.status(cluster.client).alive) == ["twin", "twin"]
+    assert held_by_a <= set(_fields(r.call("HKEYS", keys.active(a)))), \
+        "the second twin's start took nothing from the first"
+    wait_until(lambda: r.call("HLEN", keys.active(b)) >= 1, 20, "the second twin to run a task")
+    pids = executors(cluster)
+    b_pid = next(pid for pid, (wid, _) in pids.items() if wid == b)
+    a_pid = next(pid for pid, (wid, _) in pids.items() if wid == a)
+    second.kill()  # (its executor dies with it)
+    second.wait(10)
+    t.join(120)
+    assert "error" not in box, box.get("error")
+    assert box["result"] == list(range(6)), "the job completed on the first twin"
+    runs = [line.split() for line in log.read_text().splitlines()]
+    ran_on = {}
+    for x, pid in runs:
+        ran_on.setdefault(int(x), []).append(int(pid))
+    assert {pid for x in ran_on for pid in ran_on[x]} <= {a_pid, b_pid}, runs
+    assert any(b_pid in p for p in ran_on.values()), "both twins ran tasks"
+    again = {x for x, p in ran_on.items() if len(p) > 1}
+    assert all(ran_on[x][0] == b_pid for x in again), \
+        f"only the killed twin's tasks ran again: {ran_on}"
+    assert all(len(p) == 1 for p in ran_on.values() if p[0] == a_pid), ran_on
+    assert first.poll() is None, "the first twin still runs"
+    assert b not in ids(), "the killed twin was reaped"
+
+
+def _fields(raw):
+    return [f.decode() for f in raw]
+
+
+def _run(fn, *args, **kwargs):
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 (reported by the test)
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, box
+
+
+def test_a_stopping_worker_wakes_its_idle_executor(make_cluster):
+    """An idle executor waits in Redis for long (up to worker.IDLE_WAIT_MAX_S; here 20 s from
+    the start); SIGTERM to its worker still stops it at once: the supervisor wakes it."""
+    cluster = make_cluster(1, worker_env={"PYWORKER_IDLE_WAIT_S": "20"})
+    r = cluster.client.broker.redis
+    proc = cluster.workers[0]
+
+    def blocked():
+        clients = r.call("CLIENT", "LIST").decode()
+        return "cmd=blpop" in clients
+
+    wait_until(blocked, 20, "the executor to wait in BLPOP")
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert time.monotonic() - t < 5, "it stopped without waiting out its 20 s wait"
