@@ -58,16 +58,18 @@ def _joblib_backend(**kwargs):
 
 
 class _JoblibHook:
-    """A meta path finder that, once, lets joblib's own loader run and then registers."""
+    """A meta path finder that lets joblib's own loader run and then registers the backend. It
+    stays until joblib has been imported: a find_spec("joblib") that only probes (as libraries
+    do for optional dependencies) must not use it up."""
 
     def find_spec(self, name, path, target=None):
         import sys
         if name != "joblib":
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
         for finder in sys.meta_path:
-            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
             if spec is not None:
                 break
         else:
@@ -79,6 +81,8 @@ class _JoblibHook:
 
         def exec_module(module):
             run(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _register_joblib()
 
         loader.exec_module = exec_module

@@ -181,12 +181,15 @@ def test_scikit_learn_cross_val_score_and_grid_search_on_the_workers(cluster, tm
 
 
 def test_importing_pyworker_registers_the_backend_when_joblib_comes(cluster):
-    """In a fresh process, in either order, and in a kernel set up by pyworker.startup (no
-    import of pyworker by the user): parallel_config(backend="pyworker") just works."""
+    """In a fresh process, in either order, after a probe for joblib (find_spec, as libraries
+    look for optional dependencies), and in a kernel set up by pyworker.startup (no import of
+    pyworker by the user): parallel_config(backend="pyworker") just works."""
     scripts = {
         "pyworker first": "import pyworker, sys\nassert 'joblib' not in sys.modules\n"
                           "import joblib\n",
         "joblib first": "import joblib, pyworker\n",
+        "probed first": "import importlib.util, pyworker\nimportlib.util.find_spec('joblib')\n"
+                        "import joblib\n",
         "kernel start": "import pyworker.startup as s\ns.install({}, announce=False)\n"
                         "import sklearn.utils.parallel as joblib_user\nimport joblib\n",
     }
