@@ -141,6 +141,31 @@ def test_a_big_array_passed_to_every_task_travels_once_per_call(make_cluster):
     assert sent["1M"] < 3 * X.nbytes, sent  # twice: with the first batch, and as the function
 
 
+def test_grid_search_sends_its_x_twice_not_once_per_fit(make_cluster):
+    """The same through scikit-learn: GridSearchCV's 20 fits share one 5 MiB X."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("sklearn")
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GridSearchCV
+    cluster = make_cluster(2)
+    client = pyworker.Client(dataclasses.replace(cluster.settings(), shared_memory=False))
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40_000, 16))
+    y = X @ rng.normal(size=16)  # 320 kB: under max_nbytes, it goes with every batch
+    sent, found = {}, {}
+    try:
+        for max_nbytes in ("1M", None):
+            before = redis_bytes_in(cluster)
+            with parallel_config(backend="pyworker", client=client, max_nbytes=max_nbytes):
+                search = GridSearchCV(Ridge(), {"alpha": [0.1, 1, 10, 100]}, cv=5, n_jobs=-1)
+                found[max_nbytes] = search.fit(X, y).cv_results_["mean_test_score"].tolist()
+            sent[max_nbytes] = (redis_bytes_in(cluster) - before) / X.nbytes
+    finally:
+        client.close()
+    assert found["1M"] == found[None]
+    assert sent[None] > 20, sent  # X with each of the 20 fits
+    assert sent["1M"] < 6, sent  # X twice, y (1/16 of X) with each fit
+
 def test_scikit_learn_cross_val_score_and_grid_search_on_the_workers(cluster, tmp_path):
     pytest.importorskip("sklearn")
     from sklearn.datasets import load_iris
