@@ -58,6 +58,7 @@ def test_an_error_re_raises_with_the_remote_traceback_and_stops_the_rest(cluster
         time.sleep(0.01)
         return x
 
+    before = set(redis_keys(cluster, "pyw:job:*"))  # (the shared cluster's other tests')
     with parallel_config(backend="pyworker"):
         with pytest.raises(KeyError, match="no 7") as info:
             Parallel(n_jobs=-1, batch_size=1)(delayed(f)(x) for x in range(200))
@@ -65,7 +66,8 @@ def test_an_error_re_raises_with_the_remote_traceback_and_stops_the_rest(cluster
     assert isinstance(cause, RemoteTraceback) and "KeyError: 'no 7'" in str(cause)
     assert ", in f\n" in str(cause)  # the task's own frame, on the worker
     # the call's other tasks were cancelled: nothing of it is left in Redis
-    wait_until(lambda: not redis_keys(cluster, "pyw:job:*"), 10, "the job's keys to go")
+    wait_until(lambda: not set(redis_keys(cluster, "pyw:job:*")) - before, 10,
+               "the job's keys to go")
     with parallel_config(backend="pyworker"):  # and the backend works at once afterwards
         assert Parallel()(delayed(abs)(x) for x in [-1, -2]) == [1, 2]
 
