@@ -40,6 +40,7 @@ test-core: ## Run only the package's tests (sets up pyworker[test,lab] and redis
 bench: ## Benchmark pyworker against its peers and Redis itself (pip install -r bench/requirements.txt into the same environment; not in `make test`)
 	@$(SETUP) test
 	$(PYTHON) -m bench
+	$(PYTHON) -m bench.joblib_compare
 
 bench-duel: ## Head to head: pyworker against ProcessPoolExecutor and Pool turn by turn in one process, with a sign test (about 5 min; bench/README.md)
 	@$(SETUP) test

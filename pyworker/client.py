@@ -207,7 +207,8 @@ class Client:
     def _pickled_function(self, fn) -> tuple[bytes, str]:
         """cloudpickle(fn) and its sha. An importable function is pickled as a reference (its
         module and name, never what it captures), so its bytes cannot go stale: it is pickled
-        once per process instead of once per call. Everything else is pickled every time."""
+        once per process instead of once per call; so is an object that declares itself
+        immutable. Everything else is pickled every time."""
         name = (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None))
         try:
             hit = self._by_reference.get(fn) if _weakrefable(fn) else None
@@ -217,7 +218,10 @@ class Client:
             return hit[1], hit[2]
         data = serialize.dumps_function(fn)
         sha = serialize.function_sha(data)
-        if _weakrefable(fn) and serialize.pickled_by_reference(fn):
+        # An object whose type says it never changes (pyworker_immutable: the joblib backend's
+        # arguments sent once, a Pool call's chunk runner) cannot go stale either.
+        if _weakrefable(fn) and (serialize.pickled_by_reference(fn)
+                                 or getattr(type(fn), "pyworker_immutable", False)):
             try:
                 self._by_reference[fn] = (name, data, sha)
             except TypeError:

@@ -78,6 +78,59 @@ def test_seed_demo_in_a_kernel_with_no_import(k8s, demo):
         kernel.close()
 
 
+# A scorer that says which pod scored each split (48 bits of a hash of its hostname: exact in a
+# float), so that cv_results_ tells where GridSearchCV's fits ran.
+GRID_SEARCH = """
+import hashlib, json, socket
+import joblib
+from sklearn.datasets import load_digits
+from sklearn.model_selection import GridSearchCV
+from sklearn.svm import SVC
+
+def host_score(estimator, X, y):
+    import hashlib, socket
+    return float(int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:6], "big"))
+
+X, y = load_digits(return_X_y=True)
+grid = {"C": [0.1, 1.0, 10.0, 100.0], "gamma": [1e-4, 1e-3, 1e-2]}
+scoring = {"acc": "accuracy", "host": host_score}
+seq = GridSearchCV(SVC(), grid, cv=5, scoring=scoring, refit="acc", n_jobs=1).fit(X, y)
+with joblib.parallel_config(backend="pyworker"):
+    par = GridSearchCV(SVC(), grid, cv=5, scoring=scoring, refit="acc", n_jobs=-1).fit(X, y)
+hosts = sorted({par.cv_results_[f"split{k}_test_host"][i] for k in range(5)
+                for i in range(len(par.cv_results_["params"]))})
+print("RESULT:" + json.dumps({
+    "hosts": hosts, "lab": host_score(None, X, y),
+    "seq": [list(seq.cv_results_["mean_test_acc"]), seq.best_params_, seq.best_score_],
+    "par": [list(par.cv_results_["mean_test_acc"]), par.best_params_, par.best_score_]}))
+"""
+
+
+def _host_hash(name):
+    import hashlib
+    return float(int.from_bytes(hashlib.sha256(name.encode()).digest()[:6], "big"))
+
+
+def test_scikit_learn_grid_search_with_n_jobs_minus_one_runs_on_the_workers(k8s, demo):
+    """In a kernel with no import of pyworker: parallel_config(backend="pyworker") and
+    GridSearchCV(n_jobs=-1) over a dataset that ships with scikit-learn; its 60 fits ran on
+    several worker pods, and it found what the same search in the Lab pod alone finds."""
+    kernel = imagelib.Kernel(demo["base"], demo["token"])
+    try:
+        r = kernel.execute(GRID_SEARCH, timeout_s=300)
+    finally:
+        kernel.close()
+    assert r["status"] == "ok", r
+    out = last_json(r["stdout"])
+    pods = {_host_hash(p): p for p in k8s.worker_pods(demo["ns"], demo["release"])}
+    hosts = [pods.get(h, f"not a worker: {h}") for h in out["hosts"]]
+    assert set(hosts) <= set(pods.values()), (hosts, sorted(pods.values()))
+    assert out["lab"] not in out["hosts"], "a fit ran in the Lab pod"
+    assert len(hosts) >= 3, f"GridSearchCV's fits ran on only {len(hosts)} pods: {hosts}"
+    assert out["par"] == out["seq"], "the search on the workers found something else"
+    print(f"GridSearchCV(n_jobs=-1): 60 fits on {len(hosts)} distinct pods")
+
+
 def test_seed_demo_in_headless_chromium(k8s, demo):
     """Open the printed URL with the token in Chromium, create a notebook from the launcher, run a
     cell with pmap and read its output from the page. The screenshot is kept (build/e2e-artifacts)."""

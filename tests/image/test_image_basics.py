@@ -69,7 +69,8 @@ def test_locked_versions_installed(images):
         if line:
             name, version = line.split("==")
             lock[name.lower().replace("_", "-")] = version
-    for required in ("jupyterlab", "redis", "hiredis", "cloudpickle", "tqdm", "ipywidgets", "numpy"):
+    for required in ("jupyterlab", "redis", "hiredis", "cloudpickle", "tqdm", "ipywidgets", "numpy",
+                     "joblib", "scikit-learn"):
         assert required in lock, f"{required} not pinned in image/requirements.lock"
     out = docker("run", "--rm", "--network", "none", IMG, "pip", "list", "--format", "freeze",
                  timeout=90).stdout
