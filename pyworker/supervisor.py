@@ -271,7 +271,7 @@ class Supervisor:
             os.kill(pid, signal.SIGTERM)
         try:
             self.broker.set_worker_info(self.name, executor=pid)
-        except PyworkerConnectionError:
+        except (PyworkerConnectionError, RedisError):  # (a full Redis: OOM) status() only
             pass
 
     def _wait(self, timeout: float) -> bool:
@@ -406,7 +406,7 @@ class Supervisor:
         if self.plans:
             try:
                 held = self.broker.held_tasks(self.name)
-            except PyworkerConnectionError:
+            except (PyworkerConnectionError, RedisError):
                 return
             for field in [f for f in self.plans if f not in held]:
                 del self.plans[field]

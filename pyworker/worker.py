@@ -557,7 +557,7 @@ class Worker:
         if answer is not None:
             try:
                 answer()  # what it took stays held in Redis: the next executor runs it, or
-            except PyworkerConnectionError as exc:  # deregistering gives it back
+            except (PyworkerConnectionError, RedisError) as exc:  # deregistering gives it back
                 log.error("worker %s: could not send a result: %s", self.name, exc)
         if self._uncounted:
             try:

@@ -165,7 +165,9 @@ def test_grid_search_sends_its_x_twice_not_once_per_fit(make_cluster):
     finally:
         client.close()
     assert found["1M"] == found[None]
-    assert sent[None] > 20, sent  # X with each of the 20 fits
+    # Without sharing X goes with every batch of fits: joblib's auto-batching makes them fewer
+    # than the 20 fits when fits are quick (14 to 22 batches seen), never as few as 6.
+    assert sent[None] > 8, sent
     assert sent["1M"] < 6, sent  # X twice, y (1/16 of X) with each fit
 
 def test_scikit_learn_cross_val_score_and_grid_search_on_the_workers(cluster, tmp_path):
