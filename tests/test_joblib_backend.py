@@ -166,7 +166,7 @@ def test_grid_search_sends_its_x_twice_not_once_per_fit(make_cluster):
         client.close()
     assert found["1M"] == found[None]
     # Without sharing X goes with every batch of fits: joblib's auto-batching makes them fewer
-    # than the 20 fits when fits are quick (14 to 22 batches seen), never as few as 6.
+    # than the 20 fits when fits are quick (X went 14 to 22 times in runs seen here).
     assert sent[None] > 8, sent
     assert sent["1M"] < 6, sent  # X twice, y (1/16 of X) with each fit
 
