@@ -66,6 +66,8 @@ def own(tmp_path_factory):
     (folder / pkg / "text.py").write_text("def shout(w):\n    return w.upper() + '!'\n")
     (folder / f"{name}.py").write_text(HELPERS.format(pkg=pkg, util=util))
     (folder / f"locky_{tag}.py").write_text(LOCKY)
+    (folder / f"nsdir_{tag}").mkdir()  # a folder of modules without __init__.py
+    (folder / f"nsdir_{tag}" / "steps.py").write_text("def halve(x):\n    return x / 2\n")
     sys.path.insert(0, str(folder))
     try:
         module = importlib.import_module(name)
@@ -73,7 +75,7 @@ def own(tmp_path_factory):
     finally:
         sys.path.remove(str(folder))
         for mod in list(sys.modules):
-            if mod.partition(".")[0] in (name, util, pkg, f"locky_{tag}"):
+            if mod.partition(".")[0] in (name, util, pkg, f"locky_{tag}", f"nsdir_{tag}"):
                 del sys.modules[mod]
 
 
@@ -150,6 +152,14 @@ def test_a_module_the_caller_registered_itself_stays_registered(own):
 
 
 # --- on workers that lack the modules -------------------------------------------------------
+
+
+def test_a_module_of_a_folder_without_init_ships_and_runs(far_cluster, own):
+    _, (name, _, _) = own
+    folder = name.replace("helpers_", "nsdir_")
+    steps = importlib.import_module(f"{folder}.steps")
+    assert ship.modules_to_ship(steps.halve) == (folder,)
+    assert pmap(steps.halve, [4, 6]) == [2.0, 3.0]
 
 
 def test_workers_cannot_import_the_module_themselves(far_cluster, own):
