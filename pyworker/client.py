@@ -9,7 +9,7 @@ import threading
 import time
 import weakref
 
-from . import protocol, serialize, shm
+from . import protocol, serialize, ship, shm
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
 from .errors import JobLostError, SerializationError, SignatureError
@@ -205,25 +205,31 @@ class Client:
 
 
     def _pickled_function(self, fn) -> tuple[bytes, str]:
-        """cloudpickle(fn) and its sha. An importable function is pickled as a reference (its
-        module and name, never what it captures), so its bytes cannot go stale: it is pickled
-        once per process instead of once per call; so is an object that declares itself
-        immutable. Everything else is pickled every time."""
+        """cloudpickle(fn) and its sha. An importable function of an installed module is
+        pickled as a reference (its module and name, never what it captures), so its bytes
+        cannot go stale: it is pickled once per process instead of once per call; so is an
+        object that declares itself immutable. An importable function of the caller's own
+        module travels by value with its module (ship.py): it is pickled again when a file of
+        that module changed (an edit, %autoreload) or its code was swapped. Everything else is
+        pickled every time."""
         name = (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None))
         try:
             hit = self._by_reference.get(fn) if _weakrefable(fn) else None
         except TypeError:  # unhashable
             hit = None
-        if hit is not None and hit[0] == name:
+        if hit is not None and hit[0] == name and (
+                hit[3] is None or hit[3].current(fn)):
             return hit[1], hit[2]
-        data = serialize.dumps_function(fn)
+        by_value = ship.modules_to_ship(fn) if self.settings.ship_modules else ()
+        data = serialize.dumps_function(fn, by_value)
         sha = serialize.function_sha(data)
         # An object whose type says it never changes (pyworker_immutable: the joblib backend's
         # arguments sent once, a Pool call's chunk runner) cannot go stale either.
         if _weakrefable(fn) and (serialize.pickled_by_reference(fn)
                                  or getattr(type(fn), "pyworker_immutable", False)):
+            fresh = ship.Freshness(ship.module_files(by_value), fn) if by_value else None
             try:
-                self._by_reference[fn] = (name, data, sha)
+                self._by_reference[fn] = (name, data, sha, fresh)
             except TypeError:
                 pass
         return data, sha

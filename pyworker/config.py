@@ -67,6 +67,9 @@ class Settings:
     # instead of Redis when caller and worker share the host (proven, never assumed; shm.py).
     shared_memory: bool = True
     shm_dir: str = "/dev/shm"
+    # The caller's own modules (not installed packages: ship.py) travel with its functions,
+    # by value, so workers without them run them.
+    ship_modules: bool = True
 
     def __repr__(self):
         # Never the secret or the Redis password, which a notebook's output or a log would keep:

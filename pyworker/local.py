@@ -169,7 +169,7 @@ class LocalCluster:
 
     def __init__(self, n_workers: int = 2, *, lease_s: float | None = None,
                  max_retries: int | None = None, worker_env: dict | None = None,
-                 quiet: bool = True, replace_workers: bool = True):
+                 quiet: bool = True, replace_workers: bool = True, worker_cwd=None):
         if not isinstance(n_workers, int) or n_workers < 0:
             raise ValueError(f"n_workers must be a non-negative integer, not {n_workers!r}")
         self.n_workers = n_workers
@@ -177,6 +177,9 @@ class LocalCluster:
         self.secret = secrets.token_urlsafe(32)
         self.extra = {"lease_s": lease_s, "max_retries": max_retries}
         self.worker_env = worker_env or {}
+        # The workers' working directory (the caller's if None): another folder, with another
+        # PYTHONPATH in worker_env, stands for worker pods that lack the caller's files.
+        self.worker_cwd = worker_cwd
         self.quiet = quiet
         self.workers: list[subprocess.Popen] = []
         self._worker_args: list[tuple] = []  # (name, env) each worker was started with
@@ -248,7 +251,7 @@ class LocalCluster:
                 cmd.append("--quiet")
             return subprocess.Popen(with_parent(cmd, thread_outlives_child=from_watcher),
                                     env=wenv, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, cwd=self.worker_cwd)
 
     def _worker_log(self, i: int) -> str:
         return os.path.join(self._log_dir, f"worker-{i}.log")

@@ -5,7 +5,9 @@ import hashlib
 import hmac
 import pickle
 import sys
+import threading
 import traceback
+import warnings
 
 import cloudpickle
 
@@ -93,9 +95,24 @@ def _describe(obj) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def dumps_function(fn) -> bytes:
+# cloudpickle's registry of modules pickled by value is global: one function's modules are
+# registered only while it is pickled, one function at a time.
+_by_value_lock = threading.Lock()
+
+
+def dumps_function(fn, by_value=()) -> bytes:
+    """cloudpickle(fn); the modules named in ``by_value`` (top-level names, imported here:
+    ship.modules_to_ship) go inside it, by value, for workers that cannot import them. If they
+    cannot be pickled (a module-level lock, say), fn is pickled as before, with a warning:
+    workers that have the modules still run it."""
+    shipping_failed = None
+    if by_value:
+        try:
+            return _dumps_shipping(fn, by_value)
+        except Exception as exc:
+            shipping_failed = exc
     try:
-        return cloudpickle.dumps(fn, protocol=PROTOCOL)
+        data = cloudpickle.dumps(fn, protocol=PROTOCOL)
     except Exception as exc:
         name = getattr(fn, "__qualname__", None) or _describe(fn)
         raise SerializationError(
@@ -103,6 +120,43 @@ def dumps_function(fn) -> bytes:
             "Everything the function uses (globals, closure variables) must be picklable; "
             "create such objects (open files, locks, connections) inside the function instead."
         ) from exc
+    if shipping_failed is not None:
+        warnings.warn(
+            f"pyworker: cannot send module(s) {', '.join(by_value)} with the function "
+            f"({type(shipping_failed).__name__}: {shipping_failed}); the workers must import "
+            "them themselves. Create what cannot be pickled inside a function instead of at "
+            "module level, or set PYWORKER_SHIP_MODULES=false to silence this",
+            RuntimeWarning, stacklevel=4)
+    return data
+
+
+def _dumps_shipping(fn, by_value) -> bytes:
+    with _by_value_lock:
+        already = set(cloudpickle.list_registry_pickle_by_value())
+        added = []
+        try:
+            for name in by_value:
+                if name not in already:
+                    cloudpickle.register_pickle_by_value(sys.modules[name])
+                    added.append(name)
+            return cloudpickle.dumps(fn, protocol=PROTOCOL)
+        finally:
+            for name in added:
+                cloudpickle.unregister_pickle_by_value(sys.modules[name])
+
+
+def loads_function(data):
+    """The function a blob holds; a module it needs that this worker cannot import is named,
+    with what to do about it."""
+    try:
+        return pickle.loads(data)
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"{exc} on this worker, and the function needs it. If it is your own "
+            "module (a .py file next to the notebook or on a path you added), let the caller "
+            "ship it with the function: unset PYWORKER_SHIP_MODULES or set it to true there. "
+            "If it is an installed package, install it on the workers too",
+            name=exc.name, path=exc.path) from exc
 
 
 def pickled_by_reference(fn) -> bool:

@@ -899,7 +899,7 @@ class Worker:
         blob = self.broker.get_function(sha)
         if blob is None:
             raise LookupError(f"function {sha} is no longer in Redis (its job expired)")
-        fn = serialize.loads(self.signer.open_blob(blob, sha))
+        fn = serialize.loads_function(self.signer.open_blob(blob, sha))
         self.functions[sha] = fn
         # Bounded by count and by size: 16 closures that each hold a 200 MB model would
         # otherwise stay in memory together.

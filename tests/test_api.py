@@ -249,7 +249,8 @@ def test_an_importable_function_is_pickled_once_per_process_others_per_call(clus
     from pyworker import serialize
     calls = []
     real = serialize.dumps_function
-    monkeypatch.setattr(serialize, "dumps_function", lambda fn: calls.append(fn) or real(fn))
+    monkeypatch.setattr(serialize, "dumps_function",
+                        lambda fn, *ship: calls.append(fn) or real(fn, *ship))
     for _ in range(3):
         assert pmap(os.path.basename, ["a/b"]) == ["b"]
     assert calls == [os.path.basename]
