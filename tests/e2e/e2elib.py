@@ -151,7 +151,7 @@ from pyworker import imap
 def task(i):
     if i >= {free}:
         from pyworker.config import Settings
-        from pyworker.resp import Redis
+        from pyworker.connection import Redis
         s = Settings.from_env()
         r = Redis(s.redis_url, s.redis_password)
         deadline = time.monotonic() + 240
@@ -179,7 +179,7 @@ print('RESULT:' + json.dumps(res), flush=True)
 def open_gate(k8s, ns, release, timeout_s=60):
     """Open the gate of gated_job (from the Lab pod, which has the Redis URL and password);
     retried while Redis is not answering yet (a new Redis pod), for up to timeout_s."""
-    code = ("from pyworker.config import Settings; from pyworker.resp import Redis; "
+    code = ("from pyworker.config import Settings; from pyworker.connection import Redis; "
             "s = Settings.from_env(); "
             f"Redis(s.redis_url, s.redis_password).call('SET', {GATE_KEY!r}, '1')")
     last = [""]
