@@ -13,6 +13,9 @@ cut short. What is ours, and why:
   reading, or a pipeline sent now and read later) is closed, never pooled, whichever connection
   class it is (redis-py's Sentinel connections do not close themselves on errors).
 - Busy-polling for a reply (``spin``), and replies to a pipeline read later (``send``).
+- Packing: commands of small arguments are packed by hiredis' C packer (redis-py's own
+  ``pack_commands``, in Python, costs 11 µs for a 3-command pipeline, hiredis' 3 µs); a command
+  with a big argument goes through redis-py's, which sends that argument without copying it.
 - Errors: a Redis error reply is a ``ReplyError`` whose text starts with Redis' own code
   (``LOADING``, ``WRONGPASS`` ...), which queue.py turns into one clear line; every failure to
   reach Redis is a ``ConnectionLost`` (an OSError).
@@ -26,6 +29,7 @@ import threading
 import time
 import weakref
 
+import hiredis
 import redis
 import redis.exceptions as rx
 from redis.backoff import NoBackoff
@@ -35,6 +39,8 @@ from redis.retry import Retry
 _pid = os.getpid()  # this process's; set again in a forked child (_after_fork)
 _pools: "weakref.WeakSet[Redis]" = weakref.WeakSet()
 POOL_MAX_IDLE = 32
+_BIG = 64 * 1024  # an argument this big is sent as its own buffer, not copied into the command
+_BUFFERS = (bytes, bytearray, memoryview)
 
 
 class ReplyError(Exception):
@@ -218,10 +224,18 @@ class Redis:
 
     # --- one connection -----------------------------------------------------------------------
 
+    @staticmethod
+    def _pack(conn, commands) -> list:
+        for args in commands:
+            for arg in args:
+                if type(arg) in _BUFFERS and len(arg) >= _BIG:
+                    return conn.pack_commands(commands)
+        return [b"".join([hiredis.pack_command(args) for args in commands])]
+
     def _send(self, conn, commands):
         conn._pyw_owed += len(commands)  # before the first byte: a send cut short leaves it owing
         try:
-            conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            conn.send_packed_command(self._pack(conn, commands), check_health=False)
         except rx.RedisError as exc:
             raise _lost(exc) from None
 
