@@ -55,6 +55,10 @@ NOTES = """
   `helm uninstall`; delete it by hand when the notebooks can go. Redis' claim
   (`redis.persistence`) holds only queued work, which no caller can collect once the release is
   gone, so it is deleted with the release.
+- **Packages and shared files.** `pip.packages` are installed at every pod start by the init
+  container `pip-install` into `/opt/pyworker/pip` (first on `PYTHONPATH`); a pod stuck in
+  `Init:Error` shows pip's error with `kubectl logs POD -c pip-install`. `sharedVolume` mounts one
+  ReadWriteMany claim in the Lab and every worker. Examples and trade-offs: docs/environment.md.
 - **Helm versions.** Tested with Helm 4.3, 3.17 and 3.9 (the chart needs 3.8 or newer). Without a
   cluster, `helm template` assumes the Kubernetes its helm was built with (Helm 3.9: 1.24, below
   the chart's 1.25 floor); pass `--kube-version 1.25.0` or newer there. `helm install` uses the

@@ -287,6 +287,140 @@ imagePullSecrets:
 {{- end }}
 
 {{/*
+Extra packages (pip.*). They live in an emptyDir at pyworker.pip.target, first on PYTHONPATH (so
+before the venv's site-packages) in the workers, the Lab and its kernels; the chart's init
+container and the notebook's pyworker.pip_install() (PYWORKER_PIP_TARGET) both install there.
+*/}}
+{{- define "pyworker.pip.target" -}}
+/opt/pyworker/pip
+{{- end }}
+
+{{/*
+pyworker.pip.env: the environment of every container that imports or installs packages: where
+they are, and pip's own index settings (plain values, or the URLs with credentials from
+pip.existingSecret; both keys optional, so a Secret may hold just one).
+*/}}
+{{- define "pyworker.pip.env" -}}
+{{- $p := .Values.pip -}}
+- name: PYWORKER_PIP_TARGET
+  value: {{ include "pyworker.pip.target" . | quote }}
+- name: PYTHONPATH
+  value: {{ include "pyworker.pip.target" . | quote }}
+{{- if $p.existingSecret }}
+- name: PIP_INDEX_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $p.existingSecret }}
+      key: {{ $p.existingSecretIndexUrlKey }}
+      optional: true
+- name: PIP_EXTRA_INDEX_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $p.existingSecret }}
+      key: {{ $p.existingSecretExtraIndexUrlKey }}
+      optional: true
+{{- end }}
+{{- with $p.indexUrl }}
+- name: PIP_INDEX_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with $p.extraIndexUrl }}
+- name: PIP_EXTRA_INDEX_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with $p.findLinks }}
+- name: PIP_FIND_LINKS
+  value: {{ . | quote }}
+{{- end }}
+{{- with $p.trustedHosts }}
+- name: PIP_TRUSTED_HOST
+  value: {{ join " " . | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+pyworker.pip.initContainer: installs pip.packages before the pod's main container starts; nothing
+without packages. The requirements are arguments of the script ("$@"), never shell text. On a
+failure the last lines of the log (pip's error and ours) become the container's termination
+message, which `kubectl describe pod` shows.
+*/}}
+{{- define "pyworker.pip.initContainer" -}}
+{{- $p := .Values.pip }}
+{{- if $p.packages -}}
+- name: pip-install
+  image: {{ include "pyworker.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  args:
+    - bash
+    - -c
+    - |
+      echo "pip-install: installing $* into $PYWORKER_PIP_TARGET"
+      if python -m pip install --target "$PYWORKER_PIP_TARGET" --upgrade --no-warn-script-location \
+          --disable-pip-version-check --progress-bar off {{ if $p.keepImageVersions }}--constraint /opt/venv/constraints.txt {{ end }}"$@"; then
+        echo "pip-install: done"
+      else
+        echo "pip-install: pip could not install the chart's pip.packages ($*): pip's error is above." >&2
+        echo "Fix pip.packages or the index settings (pip.indexUrl, pip.existingSecret, pip.trustedHosts) and run helm upgrade." >&2
+        exit 1
+      fi
+    - pip-install
+    {{- range $p.packages }}
+    - {{ . | quote }}
+    {{- end }}
+  env:
+    {{- include "pyworker.pip.env" . | nindent 4 }}
+  terminationMessagePolicy: FallbackToLogsOnError
+  {{- with $p.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.containerSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: tmp
+      mountPath: /tmp
+    - name: home
+      mountPath: /home/jovyan
+    - name: pip
+      mountPath: {{ include "pyworker.pip.target" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+pyworker.sharedVolume.claimName: the claim of sharedVolume: the given existing one, or the chart's.
+*/}}
+{{- define "pyworker.sharedVolume.claimName" -}}
+{{- .Values.sharedVolume.existingClaim | default (printf "%s-shared" (include "pyworker.fullname" .)) }}
+{{- end }}
+
+{{/*
+pyworker.environmentVolumes: the volumes of the environment every worker and Lab pod shares: the pip
+folder and, with sharedVolume, the shared claim. Call with (dict "ctx" $ "part" "volume") or
+(dict "ctx" $ "part" "mount").
+*/}}
+{{- define "pyworker.environmentVolumes" -}}
+{{- $shared := .ctx.Values.sharedVolume }}
+{{- if eq .part "volume" -}}
+- name: pip
+  emptyDir: {}
+{{- if $shared.enabled }}
+- name: shared
+  persistentVolumeClaim:
+    claimName: {{ include "pyworker.sharedVolume.claimName" .ctx }}
+{{- end }}
+{{- else -}}
+- name: pip
+  mountPath: {{ include "pyworker.pip.target" .ctx }}
+{{- if $shared.enabled }}
+- name: shared
+  mountPath: {{ $shared.mountPath }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 pyworker.validateValues: checks across values that the schema cannot express; fails once with
 every problem listed.
 */}}
@@ -325,6 +459,20 @@ every problem listed.
 {{- if and (include "pyworker.redis.enabled" .) (ne (toString $maxmemory) "") (ne (toString $limit) "") }}
 {{- if ge (include "pyworker.bytes" $maxmemory | int64) (include "pyworker.bytes" $limit | int64) }}
 {{- $errors = append $errors (printf "redis.maxmemory (%v) must be below redis.resources.limits.memory (%v), with room for Redis' own overhead; leave it empty for 80 %% of the limit" $v.redis.maxmemory $limit) }}
+{{- end }}
+{{- end }}
+{{- if and $v.pip.existingSecret (or $v.pip.indexUrl $v.pip.extraIndexUrl) }}
+{{- $errors = append $errors "set the index URLs either in pip.existingSecret or in pip.indexUrl/pip.extraIndexUrl, not both" }}
+{{- end }}
+{{- if $v.sharedVolume.enabled }}
+{{- $mount := $v.sharedVolume.mountPath }}
+{{- range list "/tmp" "/home/jovyan" "/home/jovyan/work" (include "pyworker.pip.target" .) "/opt/venv" "/etc/pyworker/redis-tls" }}
+{{- if or (eq $mount .) (hasPrefix (printf "%s/" $mount) .) }}
+{{- $errors = append $errors (printf "sharedVolume.mountPath %s would hide %s, which the pods need: choose another path, e.g. /home/jovyan/shared" $mount .) }}
+{{- end }}
+{{- end }}
+{{- if hasPrefix "/opt/venv/" $mount }}
+{{- $errors = append $errors (printf "sharedVolume.mountPath %s is inside the image's Python (/opt/venv): choose another path, e.g. /home/jovyan/shared" $mount) }}
 {{- end }}
 {{- end }}
 {{- if $errors }}

@@ -98,7 +98,8 @@ def test_worker_contract(helm):
                   "PYWORKER_MAX_TASKS_PER_CHILD": "0", "PYWORKER_MAX_MEMORY_MB": "0"}
     spec = one(docs, "Deployment", "-worker")["spec"]["template"]["spec"]
     assert spec["terminationGracePeriodSeconds"] == 300
-    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp", "/home/jovyan"}
+    # /opt/pyworker/pip: extra packages (pip.*; tests/chart/test_chart_environment.py)
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp", "/home/jovyan", "/opt/pyworker/pip"}
 
 
 def test_lab_contract(helm):
@@ -117,7 +118,8 @@ def test_lab_contract(helm):
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"] == {"path": "/api", "port": "http"}
     assert c["ports"] == [{"name": "http", "containerPort": 8888, "protocol": "TCP"}]
-    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp", "/home/jovyan", "/home/jovyan/work"}
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/tmp", "/home/jovyan", "/home/jovyan/work",
+                                                          "/opt/pyworker/pip"}
     svc = one(docs, "Service", "-lab")
     assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["ports"][0]["targetPort"] == "http"
 
