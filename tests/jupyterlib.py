@@ -36,10 +36,13 @@ def http(method: str, url: str, token: str | None = None, body=None, timeout: fl
 class Kernel:
     """One kernel started through the REST API, driven over /api/kernels/<id>/channels."""
 
-    def __init__(self, base_url: str, token: str, timeout_s: float = 60.0):
+    def __init__(self, base_url: str, token: str, timeout_s: float = 60.0, path: str | None = None):
+        """path: the folder (relative to the server's root) the kernel runs in, as for a
+        notebook there ("" for the root); None: the server's own working directory."""
         import websocket  # websocket-client (the `test` extra)
 
-        status, body = http("POST", f"{base_url}/api/kernels", token, {"name": "python3"})
+        status, body = http("POST", f"{base_url}/api/kernels", token,
+                            {"name": "python3", **({"path": path} if path is not None else {})})
         assert status == 201, f"POST /api/kernels: {status} {body}"
         self.base_url, self.token, self.id = base_url, token, body["id"]
         ws_url = base_url.replace("http://", "ws://") + f"/api/kernels/{self.id}/channels"
