@@ -301,7 +301,7 @@ they are, and pip's own index settings (plain values, or the URLs with credentia
 pip.existingSecret; both keys optional, so a Secret may hold just one).
 */}}
 {{- define "pyworker.pip.env" -}}
-{{- $p := .Values.pip -}}
+{{- $p := .Values.pip | default dict -}}
 - name: PYWORKER_PIP_TARGET
   value: {{ include "pyworker.pip.target" . | quote }}
 - name: PYTHONPATH
@@ -345,7 +345,7 @@ failure the last lines of the log (pip's error and ours) become the container's 
 message, which `kubectl describe pod` shows.
 */}}
 {{- define "pyworker.pip.initContainer" -}}
-{{- $p := .Values.pip }}
+{{- $p := .Values.pip | default dict }}
 {{- if $p.packages -}}
 - name: pip-install
   image: {{ include "pyworker.image" . }}
@@ -356,7 +356,7 @@ message, which `kubectl describe pod` shows.
     - |
       echo "pip-install: installing $* into $PYWORKER_PIP_TARGET"
       if python -m pip install --target "$PYWORKER_PIP_TARGET" --upgrade --no-warn-script-location \
-          --disable-pip-version-check --progress-bar off {{ if $p.keepImageVersions }}--constraint /opt/venv/constraints.txt {{ end }}"$@"; then
+          --disable-pip-version-check --progress-bar off {{ if dig "keepImageVersions" true $p }}--constraint /opt/venv/constraints.txt {{ end }}"$@"; then
         echo "pip-install: done"
       else
         echo "pip-install: pip could not install the chart's pip.packages ($*): pip's error is above." >&2
@@ -392,7 +392,7 @@ message, which `kubectl describe pod` shows.
 pyworker.sharedVolume.claimName: the claim of sharedVolume: the given existing one, or the chart's.
 */}}
 {{- define "pyworker.sharedVolume.claimName" -}}
-{{- .Values.sharedVolume.existingClaim | default (printf "%s-shared" (include "pyworker.fullname" .)) }}
+{{- dig "existingClaim" "" (.Values.sharedVolume | default dict) | default (printf "%s-shared" (include "pyworker.fullname" .)) }}
 {{- end }}
 
 {{/*
@@ -401,7 +401,7 @@ folder and, with sharedVolume, the shared claim. Call with (dict "ctx" $ "part" 
 (dict "ctx" $ "part" "mount").
 */}}
 {{- define "pyworker.environmentVolumes" -}}
-{{- $shared := .ctx.Values.sharedVolume }}
+{{- $shared := .ctx.Values.sharedVolume | default dict }}
 {{- if eq .part "volume" -}}
 - name: pip
   emptyDir: {}
@@ -461,10 +461,11 @@ every problem listed.
 {{- $errors = append $errors (printf "redis.maxmemory (%v) must be below redis.resources.limits.memory (%v), with room for Redis' own overhead; leave it empty for 80 %% of the limit" $v.redis.maxmemory $limit) }}
 {{- end }}
 {{- end }}
-{{- if and $v.pip.existingSecret (or $v.pip.indexUrl $v.pip.extraIndexUrl) }}
+{{- $pip := $v.pip | default dict }}
+{{- if and $pip.existingSecret (or $pip.indexUrl $pip.extraIndexUrl) }}
 {{- $errors = append $errors "set the index URLs either in pip.existingSecret or in pip.indexUrl/pip.extraIndexUrl, not both" }}
 {{- end }}
-{{- if $v.sharedVolume.enabled }}
+{{- if dig "enabled" false ($v.sharedVolume | default dict) }}
 {{- $mount := $v.sharedVolume.mountPath }}
 {{- range list "/tmp" "/home/jovyan" "/home/jovyan/work" (include "pyworker.pip.target" .) "/opt/venv" "/etc/pyworker/redis-tls" }}
 {{- if or (eq $mount .) (hasPrefix (printf "%s/" $mount) .) }}

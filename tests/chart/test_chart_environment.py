@@ -234,3 +234,22 @@ def test_the_rendered_init_script_installs_with_a_real_pip_and_fails_clearly(hel
     assert "No matching distribution found for pwdemo==9.9" in proc.stderr, proc.stderr
     assert "could not install the chart's pip.packages (pwdemo==9.9)" in proc.stderr
     assert "helm upgrade" in proc.stderr
+
+
+def test_values_of_a_release_from_before_pip_and_shared_volume_render(helm):
+    """`helm upgrade --reuse-values` from a chart without pip.* and sharedVolume.* renders with
+    the old release's values, which lack them (null removes a key, like that): the pods get the
+    pip folder (for pip_install) and no init container or shared volume."""
+    docs = render(helm, "--set", "pip=null", "--set", "sharedVolume=null")
+    for spec in pods(docs):
+        assert "initContainers" not in spec
+        assert {v["name"] for v in spec["volumes"]} >= {"pip"} and "shared" not in {v["name"] for v in spec["volumes"]}
+    assert "pip-install" not in helm.notes("--set", "pip=null", "--set", "sharedVolume=null")
+
+
+def test_a_shared_volume_inside_the_notebook_folder_is_allowed(helm):
+    """Under /home/jovyan/work the Lab's file browser shows it; the workers have the same path."""
+    docs = render(helm, "--set", "sharedVolume.enabled=true", "--set", "sharedVolume.mountPath=/home/jovyan/work/shared")
+    for spec, name in zip(pods(docs), ("worker", "lab")):
+        c = next(c for c in spec["containers"] if c["name"] == name)
+        assert "/home/jovyan/work/shared" in {m["mountPath"] for m in c["volumeMounts"]}
