@@ -245,11 +245,16 @@ def test_a_package_pip_cannot_install_stops_the_pod_with_pips_error_in_its_log(k
 def test_pip_install_from_the_notebook_reaches_every_worker(k8s, env):
     """pyworker.pip_install (issue 18 part 2) from the notebook, from the in-cluster index:
     afterwards tasks on every worker import the new version. Runs last: it upgrades pwdemo."""
-    r = env["kernel"].execute(
+    summary = run_cell(env, (
         "import json, pyworker\n"
         f"summary = pyworker.pip_install('pwdemo==2.0', index_url={env['index_url']!r})\n"
-        "print('SUMMARY', summary)\n", timeout_s=240)
-    assert r["status"] == "ok", r
+        "print(summary)\n"
+        "print('RESULT:' + json.dumps({'ok': summary.ok, 'hosts': sorted(w.host or w.worker for w in summary.workers),\n"
+        "                              'text': str(summary)}))\n"), timeout_s=240)
+    print(summary["text"])
+    assert summary["ok"], summary["text"]
+    workers = set(k8s.worker_pods(env["ns"], RELEASE))
+    assert set(summary["hosts"]) == workers, (summary, workers)
     by_host = on_every_worker(k8s, env, "import pwdemo\nreturn socket.gethostname(), pwdemo.__version__")
     for host, values in by_host.items():
         assert set(values) == {"2.0"}, host
