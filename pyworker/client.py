@@ -497,7 +497,11 @@ class Job:
     def _check_refusals(self):
         """No results for a while: if every live worker said it cannot verify this job's
         tasks, none ever will run them (the caller's key differs from theirs): say so."""
-        live, refused = self.client.broker.refusals(self.jid)
+        live, refused, pipless, either = self.client.broker.refusals(self.jid)
+        if live and pipless and either >= live:
+            from .pip import no_worker_error
+            self.close(now=True)
+            raise no_worker_error(self.client, live, pipless, refused)
         if live and refused >= live:
             self.close(now=True)
             raise SignatureError(

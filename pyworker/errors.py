@@ -62,6 +62,11 @@ class JobLostError(PyworkerError):
     pmap and imap resubmit what had not come back; an Executor's pending futures get this."""
 
 
+class PipInstallError(PyworkerError):
+    """pyworker.pip_install() failed (pip's own error is in the message), or a job's tasks
+    found no worker where the packages installed before it are there."""
+
+
 class RemoteTraceback(Exception):
     """Carries the worker's traceback text; set as ``__cause__`` of a re-raised exception."""
 

@@ -28,12 +28,18 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
                                  worker running one stops it
     P:job:<jid>:k         set    workers that could not verify the job's tasks (their signing key
                                  differs): they gave them back and take no more of them
+    P:job:<jid>:m         set    workers where a pip_install made before the job failed (they may
+                                 miss a package it needs): they gave its tasks back and take no
+                                 more of them
+    P:pip                 list   pyworker.pip_install() specs, signed (pip messages), oldest
+                                 first: its length is the generation workers compare with theirs
     P:fn:<sha>            string a signed, pickled function (shared by every task that uses it)
     P:worker:<id>:hb      string the worker's lease; expires when the worker stops heart-beating
     P:worker:<id>:info    hash   name (readable; not unique), host, pid, started, done, seen (for
                                  status()), lease (ms), shm (its shared-memory folder identity,
                                  shm.py; empty: none), handoff (1: it takes tasks handed over in
-                                 its wake list)
+                                 its wake list), pip_gen, pip_ok, pip_error, pip_installed,
+                                 pip_packages, pip_busy (pip.py: what pip_install did there)
     P:worker:<id>:active  hash   "<jid> <chunk>" -> the task message it is running (and the one
                                  it took ahead, if any)
     P:worker:<id>:wake    list   for this worker alone (it blocks on it and P:wake): task messages
@@ -67,6 +73,8 @@ and the file holds a protocol-5 pickle stream followed by its out-of-band buffer
                                                              it checks TASK and answers with a
                                                              signed 'lost' result)
     alive:  "<A> <hex HMAC>"                                 (P:job:<jid> field 'alive')
+    pip:    "pip 1\n" SIG JSON                               (an entry of P:pip: requirements,
+                                                             index options, id, time; pip.Spec)
 
 T is each item's time limit in seconds (pmap's task_timeout; 0: none). A is a unix time until
 which the job is alive: a task is run only while its own A, or the job's signed 'alive' record
@@ -95,6 +103,7 @@ CLOCK_SKEW_S = 60  # how far the clocks of caller and workers may differ (task f
 
 # Signature contexts (domain separation): see mac_context.
 KIND_TASK, KIND_RESULT, KIND_OUTPUT, KIND_FN, KIND_ALIVE = "task", "result", "output", "fn", "alive"
+KIND_PIP = "pip"
 
 LOST_MARK = "!lost"
 
@@ -187,10 +196,17 @@ class Keys:
     def refused(self, jid: str) -> str:
         return f"{self.prefix}:job:{jid}:k"
 
+    def pipless(self, jid: str) -> str:
+        return f"{self.prefix}:job:{jid}:m"
+
     def job_keys(self, jid: str) -> list[str]:
         return [self.job(jid), self.queue(jid), self.results(jid), self.results_taken(jid),
                 self.attempts(jid), self.payloads(jid), self.result_payloads(jid),
-                self.outputs(jid), self.cancelled(jid), self.refused(jid)]
+                self.outputs(jid), self.cancelled(jid), self.refused(jid), self.pipless(jid)]
+
+    @property
+    def pip(self) -> str:
+        return f"{self.prefix}:pip"
 
     def fn(self, sha: str) -> str:
         return f"{self.prefix}:fn:{sha}"
@@ -229,6 +245,7 @@ local function k_payloads(j) return P .. ':job:' .. j .. ':p' end
 local function k_rpayloads(j) return P .. ':job:' .. j .. ':rp' end
 local function k_cancelled(j) return P .. ':job:' .. j .. ':x' end
 local function k_refused(j) return P .. ':job:' .. j .. ':k' end
+local function k_pipless(j) return P .. ':job:' .. j .. ':m' end
 local function k_hb(w) return P .. ':worker:' .. w .. ':hb' end
 local function k_info(w) return P .. ':worker:' .. w .. ':info' end
 local function k_active(w) return P .. ':worker:' .. w .. ':active' end

@@ -316,18 +316,23 @@ return reaped
 # A worker that cannot verify a task (its signing key is not the caller's) gives it back: out of
 # its active hash, to the head of its queue, uncounted; the worker joins the job's refused set and
 # leaves the idle stack, and the most recently idle worker is woken to take the task instead.
-# ARGV: worker, jid, chunk, ttl ms. Returns 1 if the task was given back, 0 if the worker no
-# longer held it or the job is gone.
+# ARGV: worker, jid, chunk, ttl ms, and 'pip' when the reason is not the key but a pip_install
+# that failed on this worker (pip.py): it then joins the job's pipless set instead.
+# Returns 1 if the task was given back, 0 if the worker no longer held it or the job is gone.
 _GIVE_BACK = r"""
 local worker, jid, field = ARGV[1], ARGV[2], ARGV[2] .. ' ' .. ARGV[3]
+local pip = ARGV[5] == 'pip'
 local t = redis.call('HGET', k_active(worker), field)
 redis.call('HDEL', k_active(worker), field)
 redis.call('LREM', K_IDLE, 0, worker)
 redis.call('HSET', k_info(worker), 'handoff', '0')
-redis.call('HINCRBY', k_info(worker), 'refused', 1)
+if pip then redis.call('HINCRBY', k_info(worker), 'pip_refused', 1)
+else redis.call('HINCRBY', k_info(worker), 'refused', 1) end
 if not t or redis.call('EXISTS', k_job(jid)) == 0 then return 0 end
-redis.call('SADD', k_refused(jid), worker)
-redis.call('PEXPIRE', k_refused(jid), ARGV[4])
+local set = k_refused(jid)
+if pip then set = k_pipless(jid) end
+redis.call('SADD', set, worker)
+redis.call('PEXPIRE', set, ARGV[4])
 redis.call('LPUSH', k_queue(jid), t)
 redis.call('PEXPIRE', k_queue(jid), ARGV[4])
 if not redis.call('LPOS', K_JOBS, jid) then redis.call('LPUSH', K_JOBS, jid) end
@@ -337,16 +342,21 @@ return 1
 """
 
 # For a caller whose job gets no results: {workers with a live lease, how many of them could not
-# verify the job's tasks}.
+# verify the job's tasks, how many gave them back because a pip_install failed there, how many
+# did either}.
 _REFUSED = r"""
-local live, refused = 0, 0
+local live, refused, pipless, either = 0, 0, 0, 0
 for _, name in ipairs(redis.call('SMEMBERS', K_WORKERS)) do
   if redis.call('EXISTS', k_hb(name)) == 1 then
     live = live + 1
-    if redis.call('SISMEMBER', k_refused(ARGV[1]), name) == 1 then refused = refused + 1 end
+    local k = redis.call('SISMEMBER', k_refused(ARGV[1]), name)
+    local m = redis.call('SISMEMBER', k_pipless(ARGV[1]), name)
+    refused = refused + k
+    pipless = pipless + m
+    if k + m > 0 then either = either + 1 end
   end
 end
-return {live, refused}
+return {live, refused, pipless, either}
 """
 
 # Whether a live worker holds the task "<jid> <chunk>" (ARGV[1]) in its active hash: it runs it
@@ -522,6 +532,7 @@ class Broker:
         self._refused = connection.Script(prelude + _REFUSED)
         # Jobs whose tasks this (worker's) broker cannot verify: dequeues skip them.
         self.skip_jobs: list[str] = []
+        self.pip_generation = 0  # pip_install specs in Redis, as a supervisor's last beat read
         self._submit_loaded = False  # whether Redis is known to have the submit script
         self._ttl_ms = int(settings.job_ttl_s * 1000)
         self._lease_ms = int(settings.lease_s * 1000)
@@ -774,18 +785,67 @@ class Broker:
 
     @translate_errors
     def renew_lease(self, name: str) -> bool:
-        """A supervisor's beat between tasks, one command: renew the worker's lease if it still
-        has one; False if it had ended (reaped, or Redis lost it: register again)."""
-        return self.redis.call("SET", self.keys.heartbeat(name), "1", "PX", self._lease_ms,
-                               "XX") is not None
+        """A supervisor's beat between tasks, one round trip: renew the worker's lease if it
+        still has one; False if it had ended (reaped, or Redis lost it: register again). The
+        same round trip reads the pip_install generation (pip_generation)."""
+        renewed, gen = self.redis.pipeline([
+            ("SET", self.keys.heartbeat(name), "1", "PX", self._lease_ms, "XX"),
+            ("LLEN", self.keys.pip)])
+        self.pip_generation = int(gen)
+        return renewed is not None
 
     @translate_errors
     def keep(self, name: str, fields=()) -> tuple[list[str], bool]:
         """A supervisor's beat while a task runs (see _KEEP): (of the tasks ``fields``
         ("<jid> <chunk>"), those to stop (their job is gone, or their call was cancelled);
-        whether the lease had ended: register again)."""
-        reply = self.redis.run(self._keep, name, self._lease_ms, *fields)
+        whether the lease had ended: register again). Reads pip_generation too."""
+        args = (name, self._lease_ms, *fields)
+        replies = self.redis.pipeline([("LLEN", self.keys.pip),
+                                       ("EVALSHA", self._keep.sha, 0, *args)], raise_errors=False)
+        reply = self._script_reply(replies, self._keep, args)
+        self.pip_generation = int(replies[0])
         return [_s(f) for f in reply[1:]], reply[0] == 1
+
+    # --- pip_install (pip.py) ------------------------------------------------------------------
+
+    @translate_errors
+    def push_pip_spec(self, message: bytes) -> int:
+        """Append a signed pip_install spec (protocol 'pip'); its generation (1, 2, ...)."""
+        return int(self.redis.call("RPUSH", self.keys.pip, message))
+
+    @translate_errors
+    def pip_specs(self, after: int = 0) -> list[bytes]:
+        """The signed specs of the generations after ``after``, oldest first."""
+        return self.redis.call("LRANGE", self.keys.pip, after, -1) or []
+
+    @translate_errors
+    def pip_generation_now(self) -> int:
+        return int(self.redis.call("LLEN", self.keys.pip))
+
+    @translate_errors
+    def live_worker_infos(self) -> list[tuple[str, dict]]:
+        """(id, info) of every worker with a live lease (pip_install waits on these)."""
+        names = sorted(_s(n) for n in self.redis.call("SMEMBERS", self.keys.workers))
+        if not names:
+            return []
+        out = self.redis.pipeline([c for n in names for c in (
+            ("EXISTS", self.keys.heartbeat(n)), ("HGETALL", self.keys.info(n)))])
+        infos = []
+        for i, name in enumerate(names):
+            if out[2 * i] == 1:
+                flat = out[2 * i + 1] or []
+                infos.append((name, {_s(flat[j]): _s(flat[j + 1])
+                                     for j in range(0, len(flat), 2)}))
+        return infos
+
+    @translate_errors
+    def job_created(self, jid: str) -> float | None:
+        """When the job was created (its caller's clock), None if it is gone."""
+        value = self.redis.call("HGET", self.keys.job(jid), "created")
+        try:
+            return float(_s(value)) if value is not None else None
+        except ValueError:
+            return None
 
     @translate_errors
     def push_output(self, jid: str, messages: list[bytes]) -> None:
@@ -804,15 +864,17 @@ class Broker:
                              ("PEXPIRE", self.keys.cancelled(jid), self._ttl_ms)])
 
     @translate_errors
-    def give_back(self, name: str, jid: str, chunk: int) -> bool:
-        """A task this worker cannot verify goes back to its queue for another (_GIVE_BACK)."""
-        return self.redis.run(self._give_back, name, jid, chunk, self._ttl_ms, retry=False) == 1
+    def give_back(self, name: str, jid: str, chunk: int, pip: bool = False) -> bool:
+        """A task this worker cannot verify (or, with ``pip``, may lack a package for) goes
+        back to its queue for another (_GIVE_BACK)."""
+        return self.redis.run(self._give_back, name, jid, chunk, self._ttl_ms,
+                              "pip" if pip else "", retry=False) == 1
 
     @translate_errors
-    def refusals(self, jid: str) -> tuple[int, int]:
-        """(live workers, how many of them could not verify this job's tasks)."""
-        live, refused = self.redis.run(self._refused, jid)
-        return int(live), int(refused)
+    def refusals(self, jid: str) -> tuple[int, int, int, int]:
+        """(live workers, how many of them could not verify this job's tasks, how many gave
+        them back because a pip_install failed there, how many did either)."""
+        return tuple(int(n) for n in self.redis.run(self._refused, jid))
 
     @translate_errors
     def job_alive_record(self, jid: str):

@@ -42,6 +42,8 @@ def _install_roots() -> tuple[str, ...]:
     except AttributeError:  # old virtualenvs' site module
         pass
     paths.add(site.getusersitepackages())
+    from .pip import target_dir  # what pyworker.pip_install() installs: the workers have it
+    paths.add(target_dir())
     out = set()
     for p in paths:
         if p:

@@ -24,6 +24,9 @@ class Status:
             if w.get("refused"):  # Worker._refuse: it gives back what it cannot verify
                 state += (f", signing key differs: gave back {w['refused']} task(s) it could "
                           "not verify (check its PYWORKER_SECRET)")
+            if w.get("pip_ok") == "0":  # pip.py: it gives back tasks of jobs started since
+                error = (w.get("pip_error") or "").strip().splitlines()
+                state += ", pip_install failed" + (f": {error[-1]}" if error else "")
             # the name a worker reports; its id in Redis when another reports the same
             shown = w.get("id", w["name"]) if names.count(w["name"]) > 1 else w["name"]
             yield (shown, w.get("host", ""), w.get("pid", ""),
@@ -37,9 +40,12 @@ class Status:
         if self.workers:
             lines.append(f"  {'worker':<28} {'host':<20} {'pid':>7} {'current':<26} {'done':>8}"
                          f"  heartbeat")
-            for name, host, pid, cur, done, seen, state in self._worker_rows():
+            for w, (name, host, pid, cur, done, seen, state) in zip(self.workers,
+                                                                     self._worker_rows()):
                 lines.append(f"  {name:<28} {host:<20} {pid:>7} {cur:<26} {done:>8}  {seen}"
                              + ("" if state == "alive" else f" ({state})"))
+                if w.get("pip_packages"):  # what pyworker.pip_install() added there
+                    lines.append(f"      extra packages: {w['pip_packages']}")
         for job in self.jobs:
             lines.append(f"  job {job['id']}: {job['queued_chunks']} chunk(s) queued"
                          f" (caller {job.get('caller', '?')})")
@@ -51,9 +57,10 @@ class Status:
         from html import escape as e
         head = "".join(f"<th>{h}</th>" for h in
                        ("worker", "host", "pid", "current task", "tasks done", "last heartbeat",
-                        "state"))
-        rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>"
-                       for row in self._worker_rows())
+                        "state", "extra packages"))
+        rows = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>"
+                                        for c in (*row, w.get("pip_packages", ""))) + "</tr>"
+                       for w, row in zip(self.workers, self._worker_rows()))
         jobs = "".join(f"<li><code>{e(j['id'])}</code>: {j['queued_chunks']} chunk(s) queued</li>"
                        for j in self.jobs) or "<li>no queued work</li>"
         return (f"<div><b>pyworker</b> at <code>{e(self.where)}</code>: "

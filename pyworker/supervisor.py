@@ -18,6 +18,10 @@ it was running, and forks a new executor that takes the worker's tasks up again.
 - The executor replaces itself between tasks when PYWORKER_MAX_TASKS_PER_CHILD or
   PYWORKER_MAX_MEMORY_MB say so.
 
+Packages that pyworker.pip_install() asks for (pip.py) are installed here, between tasks: the
+supervisor learns of them with its beat, lets the executor finish its task (SIGUSR1), runs pip
+while it keeps the lease, and forks a fresh executor that imports the new versions.
+
 Why fork and not a fresh interpreter: a fork is ready in milliseconds with pyworker imported, so
 a worker whose task killed its executor takes its next task at once. The supervisor has no
 threads (its waits are select() on a pidfd), which is what makes forking it safe. The hot path
@@ -40,6 +44,7 @@ from .board import Board
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
 from .errors import RedisError, TaskTimeoutError, WorkerLostError
+from .pip import WorkerPip
 from .queue import Broker
 from .worker import TaskLogHandler, TaskPlan, Worker
 
@@ -67,8 +72,9 @@ class Lease:
     deregistering. No user code and no fork here, so bench.idle runs hundreds of them in one
     process exactly as supervisors do.
 
-    What a beat costs Redis, with nothing to run: one SET (the lease, XX), plus, about every
-    W/8 beats, a SET NX that elects the reaper. The reaper looks only at the workers due in the
+    What a beat costs Redis, with nothing to run: one SET (the lease, XX) and one LLEN (of the
+    pip_install specs: pip.py) in one round trip, plus, about every W/8 beats, a SET NX that
+    elects the reaper. The reaper looks only at the workers due in the
     index of leases (queue._REAP)."""
 
     def __init__(self, settings: Settings, broker: Broker, info=None,
@@ -145,6 +151,9 @@ class Supervisor:
         self._idle_deaths = 0
         self._oom_kills = _oom_kills()
         self._started = time.time()
+        self.pip = WorkerPip(settings, self.broker, self.name)
+        self._making_way = False  # the executor was asked to end after its task (pip_install)
+        self._next_beat = 0.0
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -162,6 +171,9 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
+        # Executors inherit this until they set their own handler: a SIGUSR1 (make way for a
+        # pip_install) sent before then is lost, not fatal; it is sent again with each beat.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     def _wait_for_redis(self):
         """Redis may start after the workers (pods start in any order; LocalCluster starts
@@ -214,17 +226,23 @@ class Supervisor:
 
     def _supervise(self) -> int:
         hb = self.settings.heartbeat_s
-        next_beat = time.monotonic()
+        self._next_beat = time.monotonic()
         woken = False
+        # What pip_install asked before this worker started, before its first task.
+        self._apply_pip(first=True)
+        if self.stopping:
+            return 0
         self._spawn()
         while self.pid is not None:
             now = time.monotonic()
-            if now >= next_beat:
-                next_beat = now + hb
+            if now >= self._next_beat:
+                self._next_beat = now + hb
                 self._beat()
+                if not self.stopping and (self._making_way or self.pip.due()):
+                    self._make_way()
             if self.stopping and not woken:
                 woken = self._wake_idle_executor()
-            if self._wait(min(POLL_S, max(0.0, next_beat - time.monotonic()))):
+            if self._wait(min(POLL_S, max(0.0, self._next_beat - time.monotonic()))):
                 code = self._exited()
                 if code is not None:
                     return code
@@ -236,6 +254,7 @@ class Supervisor:
         """What the worker registers (status(), shared memory, hand-offs: queue._SUBMIT)."""
         store_ident = shm.Store.open(self.settings)
         return {
+            **self.pip.info(),
             "host": socket.gethostname(), "pid": os.getpid(), "started": f"{self._started:.3f}",
             "done": 0, "seen": f"{time.time():.3f}",
             "python": serialize.PYTHON_VERSION, "cloudpickle": serialize.CLOUDPICKLE_VERSION,
@@ -256,7 +275,8 @@ class Supervisor:
         if pid == 0:  # the executor
             code = 1
             try:
-                code = _executor(self.settings, self.board, self.plans, parent, self.name)
+                code = _executor(self.settings, self.board, self.plans, parent, self.name,
+                                 self.pip.block_since)
             except BaseException:
                 log.exception("worker %s: the executor failed", self.name)
             finally:
@@ -319,6 +339,11 @@ class Supervisor:
             time.sleep(min(0.1 * 2 ** self._idle_deaths, 5.0))
         if self.stopping:
             return 0
+        self._making_way = False
+        if self.pip.due():
+            self._apply_pip()
+            if self.stopping:
+                return 0
         self._prune_plans()
         self._spawn()
         return None
@@ -411,6 +436,52 @@ class Supervisor:
             for field in [f for f in self.plans if f not in held]:
                 del self.plans[field]
 
+    # --- pip_install ---------------------------------------------------------------------------
+
+    def _make_way(self):
+        """pip_install asked for packages: the executor ends after the task it runs (or at
+        once, when idle) and the next one starts after pip (_exited). Asked again every beat
+        until it has ended: a signal that came before its handler was set is lost."""
+        if not self._making_way:
+            self._making_way = True
+            try:  # pip_install says the worker waits for its task to end
+                self.broker.set_worker_info(self.name, pip_want=self.broker.pip_generation)
+            except (PyworkerConnectionError, RedisError):
+                pass
+        if self.pid is None:
+            return
+        try:
+            os.kill(self.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return
+        if self.board.read().state != boards.RUNNING:
+            try:
+                self.lease.wake()  # out of its idle wait
+            except (PyworkerConnectionError, RedisError):
+                pass
+
+    def _apply_pip(self, first: bool = False):
+        """Run pip for the specs not run yet (no executor runs meanwhile), beating while it
+        runs; a stop signal ends it."""
+        hb = self.settings.heartbeat_s
+
+        def tick():
+            now = time.monotonic()
+            if now >= self._next_beat:
+                self._next_beat = now + hb
+                self._beat()
+            if self.stopping:
+                raise _Stopping()
+
+        try:
+            if first:
+                self.broker.pip_generation = self.broker.pip_generation_now()
+            self.pip.apply(tick)
+        except _Stopping:
+            pass
+        except (PyworkerConnectionError, RedisError) as exc:  # tried again after the next exit
+            log.error("worker %s: could not read or report pip_install: %s", self.name, exc)
+
     # --- heartbeat -----------------------------------------------------------------------------
 
     def _wake_idle_executor(self) -> bool:
@@ -454,12 +525,13 @@ class Supervisor:
 
 
 def _executor(settings: Settings, board: Board, plans: dict, parent: int,
-              worker_id: str) -> int:
+              worker_id: str, pip_block: float | None = None) -> int:
     """The executor's life, in the forked child."""
     _die_with(parent)
     config.IN_EXECUTOR = True
     logging.getLogger().addHandler(TaskLogHandler())
-    worker = Worker(settings, board=board, plans=plans, worker_id=worker_id)
+    worker = Worker(settings, board=board, plans=plans, worker_id=worker_id,
+                    pip_block=pip_block)
     worker.install_signal_handlers()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     code = worker.run()
@@ -467,6 +539,10 @@ def _executor(settings: Settings, board: Board, plans: dict, parent: int,
         log.info("worker %s: executor %d replaced: %s", worker.name, os.getpid(),
                  worker.recycle_reason)
     return code
+
+
+class _Stopping(Exception):
+    """A stop signal came while pip ran."""
 
 
 def _die_with(parent: int):

@@ -378,8 +378,12 @@ class Worker:
 
     def __init__(self, settings: Settings, broker: Broker | None = None,
                  board: Board | None = None, plans: dict[str, TaskPlan] | None = None,
-                 worker_id: str | None = None):
+                 worker_id: str | None = None, pip_block: float | None = None):
         self.settings = settings
+        # A pip_install failed on this worker: jobs created from then on (caller's clock) may
+        # need what is missing, and their tasks are given back (pip.py). None: none failed.
+        self.pip_block = pip_block
+        self._created: dict[str, float] = {}  # jid -> when created, for pip_block
         self.name = worker_id or protocol.check_name("worker name", settings.worker_name)
         self.broker = broker or Broker(settings)
         self.signer = serialize.Signer(settings.secret)
@@ -419,8 +423,15 @@ class Worker:
                      self.name, signal.Signals(signum).name)
             self.stopping.set()
 
+        def on_usr1(signum, frame):
+            # Its supervisor has packages to install (pip.py): this executor makes way for a
+            # fresh one after the task it runs, like a recycling one.
+            self.recycle_reason = "packages to install (pyworker.pip_install)"
+            self.stopping.set()
+
         self._on_term = on_term
         signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGUSR1, on_usr1)
         # Ctrl-C in a terminal reaches the whole process group: the supervisor decides.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -619,6 +630,8 @@ class Worker:
                       "ended, or this is an old task put back into Redis)", self.name,
                       header.chunk, header.jid)
             self.broker.forget_tasks(self.name, header.jid, field)
+            return None
+        if self.pip_block is not None and self._pipless(header):
             return None
         if (header.python, header.cloudpickle) != (serialize.PYTHON_VERSION,
                                                     serialize.CLOUDPICKLE_VERSION):
@@ -863,6 +876,29 @@ class Worker:
                       "the queue for another worker, and takes no more tasks of this job",
                       self.name, header.jid, exc)
         self.broker.give_back(self.name, header.jid, header.chunk)
+
+    def _pipless(self, header) -> bool:
+        """After a pip_install failed here: a task of a job created since is given back (it
+        may need a package this worker lacks) and the worker takes no more of its tasks, as
+        for a signing key that differs (_refuse). True if given back."""
+        created = self._created.get(header.jid)
+        if created is None:
+            created = self.broker.job_created(header.jid) or 0.0
+            if len(self._created) > 256:
+                self._created.clear()
+            self._created[header.jid] = created
+        if created < self.pip_block:
+            return False
+        first = header.jid not in self.refused
+        self.refused[header.jid] = time.monotonic()
+        self.refused.move_to_end(header.jid)
+        self._skip_refused()
+        if first:
+            log.error("worker %s: gave back the tasks of job %s, and takes no more of them: a "
+                      "pyworker.pip_install() made before the job failed on this worker, so a "
+                      "package it needs may be missing", self.name, header.jid)
+        self.broker.give_back(self.name, header.jid, header.chunk, pip=True)
+        return True
 
     def _skip_refused(self):
         """The jobs dequeues skip: those refused within a job TTL (at most 64)."""
