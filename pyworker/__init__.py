@@ -18,8 +18,8 @@ _LAZY = {"pmap": "api", "imap": "api", "imap_unordered": "api", "Executor": "api
 
 __all__ = [
     "__version__", "pmap", "imap", "imap_unordered", "Executor", "Pool", "connect", "get_client",
-    "status", "pip_install", "LocalCluster", "Client", "Settings", "PyworkerError", "ConfigurationError",
-    "ConnectionError", "RedisError", "RemoteError", "SerializationError", "SignatureError",
+    "status", "pip_install", "LocalCluster", "Client", "Settings", "PyworkerError",
+    "ConfigurationError", "ConnectionError", "RedisError", "RemoteError", "SerializationError", "SignatureError",
     "VersionMismatchError", "WorkerLostError", "JobLostError", "PipInstallError",
 ]
 

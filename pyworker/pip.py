@@ -222,11 +222,8 @@ def target_dir() -> str:
 
 def ensure_on_path(target: str) -> None:
     """The target first on sys.path (if it is not on it already: the chart's PYTHONPATH puts it
-    there), made if missing, so that a package installed into it later imports."""
-    try:
-        os.makedirs(target, exist_ok=True)
-    except OSError:
-        pass  # read-only: pip says so when it is asked to install
+    there), so that a package installed into it later imports. (A folder made after an import
+    looked for it is found: invalidate_caches forgets the miss, Python 3.10 on.)"""
     if target not in sys.path:
         sys.path.insert(0, target)
     importlib.invalidate_caches()

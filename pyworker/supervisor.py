@@ -481,6 +481,8 @@ class Supervisor:
             pass
         except (PyworkerConnectionError, RedisError) as exc:  # tried again after the next exit
             log.error("worker %s: could not read or report pip_install: %s", self.name, exc)
+        except Exception:  # the worker must outlive any surprise here, as its heartbeat does
+            log.exception("worker %s: pip_install error", self.name)
 
     # --- heartbeat -----------------------------------------------------------------------------
 

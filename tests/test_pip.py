@@ -193,18 +193,19 @@ def test_find_links_reaches_the_caller_live_workers_and_a_worker_started_later(
     assert text.count("extra packages: mypkg==1.0") == 2, text
     assert "mypkg==1.0" in pyworker.status(client)._repr_html_()
 
-    # A worker that starts later installs it before its first task; the others stop, so the
-    # tasks below run there.
-    proc = add(cluster, offline, 2)
-    cluster.wait_for_workers(3)
+    # A worker that starts later installs it before its first task: with the others stopped,
+    # tasks queued before it starts run there, and every one of them finds the package.
     for p in cluster.workers[:2]:
         p.send_signal(signal.SIGTERM)
         p.wait(20)
-    wait_until(lambda: len(infos(cluster)) == 1, 20, "the first two workers to stop")
-    (info,) = infos(cluster).values()
-    assert info["pid"] == str(proc.pid)
-    got = pyworker.pmap(version, range(4), client=client, timeout=60)
+    wait_until(lambda: not infos(cluster), 20, "the first two workers to stop")
+    with pyworker.Executor(client) as ex:
+        futures = [ex.submit(version, i) for i in range(4)]
+        proc = add(cluster, offline, 2)
+        got = [f.result(timeout=60) for f in futures]
     assert {v for _, v in got} == {"1.0"}
+    (info,) = infos(cluster).values()
+    assert info["pid"] == str(proc.pid) and info["pip_gen"] == str(summary.generation)
     assert os.path.isdir(offline / "worker-2-pip" / NAME)
 
 
@@ -282,6 +283,8 @@ def test_a_failed_install_is_reported_per_worker_and_no_caller_hangs(
     cluster = start(make_cluster, offline, 2)
     client = cluster.client
     gen = client.broker.pip_generation_now()
+    older = pyworker.Executor(client)  # a job created before the install that fails
+    assert older.submit(version, 0).result(timeout=30)[1] is None
 
     # In the caller first: nothing reaches the workers.
     with pytest.raises(pyworker.PipInstallError, match="No matching distribution") as err:
@@ -304,6 +307,9 @@ def test_a_failed_install_is_reported_per_worker_and_no_caller_hangs(
         pyworker.pmap(lambda x: x, range(4), client=client, timeout=60)
     assert time.monotonic() - t0 < 30
     assert "No matching distribution" in str(err.value)
+    # a job created before the failed install needs nothing new: it still runs there
+    assert older.submit(version, 1).result(timeout=30)[1] is None
+    older.shutdown()
 
     # A later install that succeeds lets them take tasks again.
     fixed = pyworker.pip_install("mypkg==1.0", find_links=wheels, no_index=True, timeout=120)
