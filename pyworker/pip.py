@@ -32,9 +32,7 @@ import logging
 import os
 import re
 import secrets
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
@@ -260,6 +258,7 @@ def _read_marker(target: str) -> dict:
 
 
 def _write_marker(target: str, data: dict) -> None:
+    import tempfile
     path = os.path.join(target, _MARKER)
     try:
         fd, tmp = tempfile.mkstemp(dir=target, prefix=".pyworker-pip-")
@@ -299,6 +298,8 @@ def run_pip(spec: Spec, target: str, tick=None, poll_s: float = 0.2) -> Outcome:
     """``pip install --target target --upgrade`` of the spec, in a subprocess bounded by
     spec.timeout_s, output captured. ``tick()`` is called about every poll_s while it runs (a
     supervisor beats in it); an exception from it kills pip and goes up."""
+    import subprocess  # (here: a worker that never installs does not pay for these at start)
+    import tempfile
     deadline = time.monotonic() + spec.timeout_s
     try:
         os.makedirs(target, exist_ok=True)

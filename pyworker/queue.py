@@ -768,15 +768,18 @@ class Broker:
     def register_worker(self, name: str, info: dict) -> int:
         """Register a worker (its id) with its lease, and put it into the reaper's index (due
         at once: the next reap gives it the time its lease ends). Returns how many workers are
-        registered."""
+        registered; reads pip_generation too."""
         fields = [x for kv in info.items() for x in kv]
-        return self.redis.pipeline([
+        replies = self.redis.pipeline([
             ("SET", self.keys.heartbeat(name), "1", "PX", self._lease_ms),
             ("HSET", self.keys.info(name), *fields),
             ("SADD", self.keys.workers, name),
             ("ZADD", self.keys.leases, 0, name),
+            ("LLEN", self.keys.pip),  # pip_install specs: a new worker runs them first
             ("ZCARD", self.keys.leases),
-        ])[-1]
+        ])
+        self.pip_generation = int(replies[-2])
+        return replies[-1]
 
     @translate_errors
     def heartbeat(self, name: str, n: int = 0, total: int = 0) -> None:

@@ -228,10 +228,12 @@ class Supervisor:
         hb = self.settings.heartbeat_s
         self._next_beat = time.monotonic()
         woken = False
-        # What pip_install asked before this worker started, before its first task.
-        self._apply_pip(first=True)
-        if self.stopping:
-            return 0
+        # What pip_install asked before this worker started (its registration read how many),
+        # before its first task.
+        if self.pip.due():
+            self._apply_pip()
+            if self.stopping:
+                return 0
         self._spawn()
         while self.pid is not None:
             now = time.monotonic()
@@ -460,7 +462,7 @@ class Supervisor:
             except (PyworkerConnectionError, RedisError):
                 pass
 
-    def _apply_pip(self, first: bool = False):
+    def _apply_pip(self):
         """Run pip for the specs not run yet (no executor runs meanwhile), beating while it
         runs; a stop signal ends it."""
         hb = self.settings.heartbeat_s
@@ -474,8 +476,6 @@ class Supervisor:
                 raise _Stopping()
 
         try:
-            if first:
-                self.broker.pip_generation = self.broker.pip_generation_now()
             self.pip.apply(tick)
         except _Stopping:
             pass
