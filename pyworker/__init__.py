@@ -8,7 +8,7 @@ from ._version import __version__
 from .config import Settings
 from .errors import (ConfigurationError, ConnectionError, JobLostError, PyworkerError,
                      RedisError, RemoteError, SerializationError, SignatureError,
-                     VersionMismatchError, WorkerLostError)
+                     VersionMismatchError, VersionMismatchWarning, WorkerLostError)
 # loaded now: its module has the same name, which would otherwise be found instead
 from .status import status
 
@@ -20,7 +20,7 @@ __all__ = [
     "__version__", "pmap", "imap", "imap_unordered", "Executor", "Pool", "connect", "get_client",
     "status", "LocalCluster", "Client", "Settings", "PyworkerError", "ConfigurationError",
     "ConnectionError", "RedisError", "RemoteError", "SerializationError", "SignatureError",
-    "VersionMismatchError", "WorkerLostError", "JobLostError",
+    "VersionMismatchError", "VersionMismatchWarning", "WorkerLostError", "JobLostError",
 ]
 
 
