@@ -229,13 +229,14 @@ def function_packages(fn, shipped: bool = True) -> tuple[tuple[str, str, str], .
     return tuple(out)
 
 
-def _names(ids, total: int) -> str:
+def _names(ids, total: int, one: str, many: str) -> str:
+    """"worker a (1 of 3 live) <one>", "workers a, b (2 of 3 live) <many>"."""
     ids = sorted(ids)
     shown = ", ".join(ids[:NAMED_MAX])
     if len(ids) > NAMED_MAX:
         shown += f" and {len(ids) - NAMED_MAX} more"
     word = "worker" if len(ids) == 1 else "workers"
-    return f"{word} {shown} ({len(ids)} of {total} live)"
+    return f"{word} {shown} ({len(ids)} of {total} live) {one if len(ids) == 1 else many}"
 
 
 def _stacklevel() -> int:
@@ -260,7 +261,7 @@ def mismatch_error(groups, total: int, sent: bool = False) -> VersionMismatchErr
                str(protocol.PROTOCOL_VERSION), None)
     parts, fixes = [], []
     for env, ids in groups:
-        parts.append(f"{_names(ids, total)} run {env.describe()}")
+        parts.append(f"{_names(ids, total, 'runs', 'run')} {env.describe()}")
         if env.protocol and env.protocol != mine.protocol:
             fixes.append(f"the same pyworker on both sides (in the notebook: %pip install "
                          f"pyworker=={env.pyworker}, then restart the kernel; or the workers' "
@@ -371,7 +372,8 @@ class Checker:
                 continue
             job._warned.add(dist)
             sides = "; ".join(
-                f"{_names(ids, total)} " + (f"have {version}" if version else "do not have it")
+                _names(ids, total, "has", "have") + f" {version}" if version
+                else _names(ids, total, "does not have it", "do not have it")
                 for version, ids in sorted(theirs.items(), key=lambda kv: kv[0] or ""))
             if dist == "pyworker":
                 text = (f"this caller runs pyworker {mine}; {sides}. They speak the same "
