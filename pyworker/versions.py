@@ -289,6 +289,9 @@ class Checker:
         self.envs: dict[str, Env] = {}  # env key -> Env
         self._packages: dict[str, tuple] = {}  # fn sha -> function_packages
         self._diffs: dict[tuple[str, str], tuple] = {}  # (fn sha, env key) -> differences
+        # fn sha -> the workers' groups (the very dict, which a refresh replaces) against
+        # which it was found to have nothing to say: the next job of it costs a look-up
+        self._clean: dict[str, dict] = {}
 
     def known(self) -> list[str]:
         return [k for k, env in self.envs.items() if env.packages is not None]
@@ -314,7 +317,7 @@ class Checker:
     def check(self, job, sha: str, fn, groups) -> None:
         """A job's new function against the live workers' environments: raises
         VersionMismatchError for those that cannot run it; warns for packages."""
-        if not groups:
+        if not groups or self._clean.get(sha) is groups:
             return
         total = sum(len(ids) for _, ids in groups.values())
         bad = [(env, ids) for env, ids in groups.values() if fatal(env)]
@@ -326,10 +329,10 @@ class Checker:
             if len(self._packages) > _CACHE_MAX:
                 self._packages.clear()
             self._packages[sha] = packages
-        if not packages and all(env.pyworker in (__version__, "")
-                                for env, _ in groups.values()):
-            return
-        self._warn(job, sha, packages, groups.items(), total)
+        if not self._warn(job, sha, packages, groups.items(), total):
+            if len(self._clean) > _CACHE_MAX:
+                self._clean.clear()
+            self._clean[sha] = groups
 
     def late(self, job, key: str, groups) -> None:
         """A worker whose environment the job did not check returned a result: check it (its
@@ -359,7 +362,8 @@ class Checker:
             self._diffs[(sha, key)] = diffs
         return diffs
 
-    def _warn(self, job, sha, packages, entries, total) -> None:
+    def _warn(self, job, sha, packages, entries, total) -> bool:
+        """Warn (once per job) about each package that differs; whether any differs."""
         by_dist: dict[tuple[str, str, str], dict] = {}  # (dist, module, mine) -> theirs -> ids
         for key, (env, ids) in entries:
             for dist, top, mine, theirs in self._differences(sha, packages, key, env):
@@ -367,6 +371,8 @@ class Checker:
             if env.pyworker and env.pyworker != __version__:
                 by_dist.setdefault(("pyworker", "pyworker", __version__), {}).setdefault(
                     env.pyworker, []).extend(ids)
+        if not by_dist:
+            return False
         for (dist, top, mine), theirs in by_dist.items():
             if dist in job._warned:
                 continue
@@ -385,3 +391,4 @@ class Checker:
                         f"Results may differ, or tasks fail. To install this caller's version "
                         f"on the workers: pyworker.pip_install(\"{dist}=={mine}\")")
             warnings.warn(text, VersionMismatchWarning, stacklevel=_stacklevel())
+        return True
