@@ -404,9 +404,6 @@ class Worker:
         self._beat_at = 0.0
         self._beat_lock = threading.Lock()
         self._task_ctx = protocol.mac_context(protocol.KIND_TASK)
-        # Said in every ok result: a caller checks an environment new to its job (versions.py).
-        # (Its supervisor computed it before forking this executor: cached.)
-        self.env = versions.local().digest
         # Jobs whose tasks this worker could not verify -> when (monotonic): it takes no more
         # of their tasks for a job TTL (Broker.skip_jobs).
         self.refused: OrderedDict[str, float] = OrderedDict()
@@ -701,8 +698,10 @@ class Worker:
             flag = protocol.INLINE if inline else protocol.BY_REF
         result = self.signer.seal(
             protocol.mac_context(protocol.KIND_RESULT, header.jid),
+            # The worker's env digest: a caller checks an environment new to its job (read
+            # each time: cached, and new after versions.forget(), when packages were added)
             protocol.result_header(header.chunk, protocol.STATUS_OK, self.name,
-                                   f"{flag} {self.env}"), body,
+                                   f"{flag} {versions.local().digest}"), body,
             inline)
         return _Report(header, result, len(values) if rest is not None else len(items),
                        None if inline else body,

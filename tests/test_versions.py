@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import pytest
 
@@ -210,6 +211,24 @@ def test_a_worker_of_another_protocol_is_a_version_error_not_a_key_error(make_cl
     assert "pyworker 9.9.9 (protocol 2)" in text, text
     assert f"pyworker {pyworker.__version__} (protocol {protocol.PROTOCOL_VERSION})" in text
     assert "%pip install pyworker==9.9.9" in text
+
+
+def test_a_worker_of_another_pyworker_version_of_the_same_protocol_is_a_warning(make_cluster,
+                                                                              tmp_path):
+    alt = tmp_path / "alt"
+    _altered_copy(os.path.dirname(pyworker.__file__), alt / "pyworker", {
+        "_version.py": (f'__version__ = "{pyworker.__version__}"', '__version__ = "9.9.9"')})
+    cluster = make_cluster(0, worker_cwd=str(tmp_path))
+    cluster.add_worker("newer", env={"PYTHONPATH": str(alt)})
+    (odd_id,) = _live(cluster, 1)
+    for _ in range(2):  # each job says it
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always", pyworker.VersionMismatchWarning)
+            assert pyworker.pmap(abs, [-1, -2], client=cluster.client, timeout=30) == [1, 2]
+        (warning,) = [str(w.message) for w in got]
+        assert f"this caller runs pyworker {pyworker.__version__}; worker {odd_id} (1 of 1 " \
+               "live) has 9.9.9" in warning, warning
+        assert os.path.basename(got[0].filename) == "test_versions.py"
 
 
 def test_a_worker_of_another_protocol_that_joins_a_waiting_job_is_a_version_error(
