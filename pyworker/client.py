@@ -521,9 +521,11 @@ class Job:
         live workers' list is read again: one round trip per environment new to this job)."""
         self._late.add(env)
         client = self.client
-        if env not in client.versions.envs:
+        groups = client.worker_envs()
+        if env not in groups:  # not in the list as last read: read it again
             client.forget_workers()
-        client.versions.late(self, env, client.worker_envs())
+            groups = client.worker_envs()
+        client.versions.late(self, env, groups)
 
     def _check_refusals(self):
         """No results for a while: if every live worker said it cannot verify this job's

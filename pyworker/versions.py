@@ -230,7 +230,7 @@ def function_packages(fn, shipped: bool = True) -> tuple[tuple[str, str, str], .
 
 
 def _names(ids, total: int, one: str, many: str) -> str:
-    """"worker a (1 of 3 live) <one>", "workers a, b (2 of 3 live) <many>"."""
+    """Who, for messages: 'worker a (1 of 3 live) <one>', 'workers a, b (2 of 3 live) <many>'."""
     ids = sorted(ids)
     shown = ", ".join(ids[:NAMED_MAX])
     if len(ids) > NAMED_MAX:
@@ -281,8 +281,8 @@ def mismatch_error(groups, total: int, sent: bool = False) -> VersionMismatchErr
 
 class Checker:
     """A client's version checks: the environments its workers published, and per function
-    (by its pickle's sha) what differs on each. Cheap when nothing differs: per job, a
-    comparison of three strings and a dictionary look-up per distinct environment."""
+    (by its pickle's sha) what differs on each. Cheap when nothing differs: a job of a function
+    already found fine against the same list of workers costs one dictionary look-up."""
 
     def __init__(self, shipped: bool = True):
         self.shipped = shipped
