@@ -8,7 +8,7 @@ from ._version import __version__
 from .config import Settings
 from .errors import (ConfigurationError, ConnectionError, JobLostError, PipInstallError,
                      PyworkerError, RedisError, RemoteError, SerializationError, SignatureError,
-                     VersionMismatchError, WorkerLostError)
+                     VersionMismatchError, VersionMismatchWarning, WorkerLostError)
 # loaded now: its module has the same name, which would otherwise be found instead
 from .status import status
 
@@ -19,8 +19,9 @@ _LAZY = {"pmap": "api", "imap": "api", "imap_unordered": "api", "Executor": "api
 __all__ = [
     "__version__", "pmap", "imap", "imap_unordered", "Executor", "Pool", "connect", "get_client",
     "status", "pip_install", "LocalCluster", "Client", "Settings", "PyworkerError",
-    "ConfigurationError", "ConnectionError", "RedisError", "RemoteError", "SerializationError", "SignatureError",
-    "VersionMismatchError", "WorkerLostError", "JobLostError", "PipInstallError",
+    "ConfigurationError", "ConnectionError", "RedisError", "RemoteError", "SerializationError",
+    "SignatureError", "VersionMismatchError", "VersionMismatchWarning", "WorkerLostError",
+    "JobLostError", "PipInstallError",
 ]
 
 

@@ -9,10 +9,10 @@ import threading
 import time
 import weakref
 
-from . import protocol, serialize, ship, shm
+from . import protocol, serialize, ship, shm, versions
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
-from .errors import JobLostError, SerializationError, SignatureError
+from .errors import JobLostError, SerializationError, SignatureError, VersionMismatchError
 from .queue import FUNCTION_MISSING, Broker
 
 MAX_WAKE_TOKENS = 256
@@ -95,7 +95,9 @@ class Client:
         self._last_reap = 0.0
         self._warned_no_workers = False
         self.spin_s = self.settings.spin_s if _cores() > 1 else 0.0
-        self._workers_seen: tuple[int, bool, float] | None = None
+        # (live workers, whether all share this caller's memory, when, by environment)
+        self._workers_seen: tuple[int, bool, float, dict] | None = None
+        self.versions = versions.Checker(self.settings.ship_modules)
         self.shm = shm.Store.open(self.settings)
         self._last_sweep: float | None = None
         self._by_reference: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -112,18 +114,15 @@ class Client:
     def close(self):
         self.broker.close()
 
-    def _workers(self, max_age_s: float = 2.0) -> tuple[int, bool]:
+    def _workers(self, max_age_s: float = 2.0) -> tuple[int, bool, float, dict]:
         now = time.monotonic()
         cached = self._workers_seen
         if cached is None or now - cached[2] > max_age_s or cached[0] == 0:
-            if self.shm is None:
-                n, same = self.broker.live_workers(), False
-            else:
-                idents = self.broker.live_worker_shm()
-                n = len(idents)
-                same = n > 0 and all(i == self.shm.ident for i in idents)
-            self._workers_seen = cached = (n, same, now)
-        return cached[0], cached[1]
+            rows = self.broker.live_worker_rows(self.versions.known())
+            n = len(rows)
+            same = self.shm is not None and n > 0 and all(r[1] == self.shm.ident for r in rows)
+            self._workers_seen = cached = (n, same, now, self.versions.group(rows))
+        return cached
 
     def live_workers(self, max_age_s: float = 2.0) -> int:
         """Workers with a live lease (cached for max_age_s: it only sizes chunks)."""
@@ -136,6 +135,11 @@ class Client:
 
     def forget_workers(self):
         self._workers_seen = None
+
+    def worker_envs(self, max_age_s: float = 2.0) -> dict:
+        """The live workers by environment (versions.Checker.group), cached like
+        live_workers."""
+        return self._workers(max_age_s)[3]
 
     def job(self, task_timeout: float | None = None) -> "Job":
         if self.shm is not None:
@@ -267,12 +271,26 @@ class Job:
         self._result_ctx = protocol.mac_context(protocol.KIND_RESULT, self.jid)
         self._output_ctx = protocol.mac_context(protocol.KIND_OUTPUT, self.jid)
         self._forged = 0  # messages dropped: not signed for this job with this caller's key
+        self._envs: dict = {}  # the workers' environments checked when a function was added
+        self._late: set[str] = set()  # environments checked since, from results (env digest)
+        self._warned: set[str] = set()  # packages warned about (VersionMismatchWarning)
         if self.shm is not None:
             shm.job_started(self.jid)
 
     def add_function(self, fn) -> str:
-        sha, blob = self.client.function_blob(fn)
+        """The function's sha; its blob goes with the next submit. Raises VersionMismatchError
+        (nothing sent) if live workers cannot run it; warns once per job about packages of
+        other versions on some (versions.py)."""
+        client = self.client
+        sha, blob = client.function_blob(fn)
         if sha not in self.fn_shas:
+            self._envs = client.worker_envs()
+            try:
+                client.versions.check(self, sha, fn, self._envs)
+            except VersionMismatchError:
+                if not self._sent:
+                    self.close(now=True)
+                raise
             self.fn_shas.add(sha)
             self._functions[sha] = fn
             if blob is not None:
@@ -367,7 +385,10 @@ class Job:
                 if not self.created:
                     meta = {"created": f"{time.time():.3f}",
                             "caller": f"{client.caller_host}:{os.getpid()}",
-                            "python": serialize.PYTHON_VERSION}
+                            "python": serialize.PYTHON_VERSION,
+                            "cloudpickle": serialize.CLOUDPICKLE_VERSION,
+                            "pyworker": versions.__version__,
+                            "protocol": str(protocol.PROTOCOL_VERSION)}
                 blobs, self._pending_blobs = self._pending_blobs, {}
                 check = sorted(self._unchecked)
                 try:
@@ -494,9 +515,23 @@ class Job:
                     raise
                 time.sleep(0.2)
 
+    def _late_worker(self, env: str):
+        """A worker of an environment this job has not checked (it started after the job, or
+        its packages changed) returned a result: check the job's functions against it (the
+        live workers' list is read again: one round trip per environment new to this job)."""
+        self._late.add(env)
+        client = self.client
+        groups = client.worker_envs()
+        if env not in groups:  # not in the list as last read: read it again
+            client.forget_workers()
+            groups = client.worker_envs()
+        client.versions.late(self, env, groups)
+
     def _check_refusals(self):
         """No results for a while: if every live worker said it cannot verify this job's
-        tasks, none ever will run them (the caller's key differs from theirs): say so."""
+        tasks, none ever will run them: they run another pyworker protocol (their published
+        versions say so), or their signing key differs from this caller's: say which. If every
+        live worker gave them back, some because a pip_install failed there, say that."""
         live, refused, pipless, either = self.client.broker.refusals(self.jid)
         if live and pipless and either >= live:
             from .pip import no_worker_error
@@ -504,6 +539,12 @@ class Job:
             raise no_worker_error(self.client, live, pipless, refused)
         if live and refused >= live:
             self.close(now=True)
+            self.client.forget_workers()
+            groups = self.client.worker_envs()
+            bad = [(env, ids) for env, ids in groups.values() if versions.fatal(env)]
+            if bad:
+                raise versions.mismatch_error(bad, sum(len(i) for _, i in groups.values()),
+                                              sent=True)
             raise SignatureError(
                 f"none of the {live} live worker(s) could verify this job's tasks: their "
                 "signing key differs from this caller's. Set the same PYWORKER_SECRET (the "
@@ -570,6 +611,8 @@ class Job:
             return None
         if h.status != protocol.STATUS_OK:
             return ChunkResult(h.chunk, h.status, h.worker, h.detail)
+        if h.env and h.env not in self._envs and h.env not in self._late:
+            self._late_worker(h.env)
         buffers = None
         if h.shared:
             payload, buffers = self._read_result_segment(h, payload)

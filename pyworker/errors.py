@@ -40,7 +40,13 @@ class SignatureError(PyworkerError):
 
 
 class VersionMismatchError(PyworkerError):
-    """Caller and worker run different Python minor or cloudpickle versions."""
+    """Caller and workers run different Python minor, cloudpickle or pyworker protocol versions:
+    they cannot run each other's tasks (raised before any item of the job is sent)."""
+
+
+class VersionMismatchWarning(UserWarning):
+    """A package the function uses (or pyworker itself) has another version, or is missing, on
+    some workers; said once per job and package, with the line that fixes it."""
 
 
 class WorkerLostError(PyworkerError):

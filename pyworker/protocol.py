@@ -39,7 +39,12 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
                                  status()), lease (ms), shm (its shared-memory folder identity,
                                  shm.py; empty: none), handoff (1: it takes tasks handed over in
                                  its wake list), pip_gen, pip_ok, pip_error, pip_installed,
-                                 pip_packages, pip_busy (pip.py: what pip_install did there)
+                                 pip_packages, pip_busy (pip.py: what pip_install did there);
+                                 python, cloudpickle, pyworker, protocol (its versions: these
+                                 four field names never change, so a caller of any version can
+                                 read them), env (a digest of those and of packages), packages
+                                 ("<name>==<version> ..." of the distributions on its path):
+                                 versions.py
     P:worker:<id>:active  hash   "<jid> <chunk>" -> the task message it is running (and the one
                                  it took ahead, if any)
     P:worker:<id>:wake    list   for this worker alone (it blocks on it and P:wake): task messages
@@ -57,7 +62,7 @@ and the file holds a protocol-5 pickle stream followed by its out-of-band buffer
 64-byte boundary. SHM is ``-`` or the caller's ``<directory identity>.<pid namespace>.<pid>``::
 
     task:   "<jid> <chunk> <fn_sha> <python major.minor> <cloudpickle version> <i|r|s> <SHM> <T> <A>\n" SIG [PAYLOAD]
-    result: "<chunk> ok <worker> <i|r|s>\n" SIG [PAYLOAD]
+    result: "<chunk> ok <worker> <i|r|s> <env>\n" SIG [PAYLOAD]   (env: the worker's env digest)
             "<chunk> lost <dead worker> <deaths>\n" SIG        (no payload)
             "<chunk> rejected <worker> <reason...>\n" SIG      (the task verified, but its
                                                              function or segment did not)
@@ -104,6 +109,12 @@ CLOCK_SKEW_S = 60  # how far the clocks of caller and workers may differ (task f
 # Signature contexts (domain separation): see mac_context.
 KIND_TASK, KIND_RESULT, KIND_OUTPUT, KIND_FN, KIND_ALIVE = "task", "result", "output", "fn", "alive"
 KIND_PIP = "pip"
+
+# The message format's version: part of every signature's context (mac_context), published by
+# every worker (its info's 'protocol') and in every job's hash. Raised with any change that a
+# reader of the other version cannot follow; callers then refuse workers of another one before
+# any task is sent (versions.py), instead of failing as if the signing key differed.
+PROTOCOL_VERSION = 1
 
 LOST_MARK = "!lost"
 
@@ -258,7 +269,7 @@ local function k_fn(s) return P .. ':fn:' .. s end
 def mac_context(kind: str, jid: str = "") -> bytes:
     """What a signature covers before the message itself: the protocol, the message kind and
     (results, outputs, alive records) the job."""
-    return f"pyworker/1 {kind} {jid}\n".encode()
+    return f"pyworker/{PROTOCOL_VERSION} {kind} {jid}\n".encode()
 
 
 # --- headers -----------------------------------------------------------------------------------
@@ -353,6 +364,7 @@ class ResultHeader(NamedTuple):
     status: str
     worker: str
     detail: str
+    env: str = ""  # an ok result's: the worker's env digest (versions.py); '': not said
 
     @property
     def ref(self) -> bool:
@@ -379,9 +391,14 @@ def parse_output_header(line: bytes) -> tuple[int, int, str]:
 def parse_result_header(line: bytes) -> ResultHeader:
     parts = line.decode(errors="replace").rstrip("\n").split(" ", 3)
     detail = parts[3] if len(parts) > 3 else ""
+    env = ""
     if parts[1] == STATUS_OK:
-        detail = detail.split(" ", 1)[0]  # the flag; fields a later version appends: ignored
-    return ResultHeader(int(parts[0]), parts[1], parts[2], detail)
+        # the flag, then the worker's env digest; fields a later version appends: ignored
+        fields = detail.split(" ", 2)
+        detail = fields[0]
+        if len(fields) > 1:
+            env = fields[1]
+    return ResultHeader(int(parts[0]), parts[1], parts[2], detail, env)
 
 
 def header_line(data) -> bytes:

@@ -231,12 +231,30 @@ end
 return out
 """
 
-# The shared-memory identity ('' for none) of every worker with a live lease, in one step.
+# Every worker with a live lease, in one step: its id, shared-memory identity ('' for none) and
+# versions (versions.py: env digest, python, cloudpickle, pyworker, protocol; '' where a worker
+# of an earlier version has none), and its package list, but only for an env digest that is
+# neither among ARGV (the caller knows it) nor sent earlier in this reply: a caller fetches each
+# distinct environment once, however many workers share it.
+LIVE_FIELDS = 8
 _LIVE = r"""
+local known = {}
+for i = 1, #ARGV do known[ARGV[i]] = true end
 local out = {}
 for _, name in ipairs(redis.call('SMEMBERS', K_WORKERS)) do
   if redis.call('EXISTS', k_hb(name)) == 1 then
-    out[#out + 1] = redis.call('HGET', k_info(name), 'shm') or ''
+    local f = redis.call('HMGET', k_info(name), 'shm', 'env', 'python', 'cloudpickle',
+                         'pyworker', 'protocol')
+    local env, packages = f[2] or '', ''
+    if env ~= '' and not known[env] then
+      known[env] = true
+      packages = redis.call('HGET', k_info(name), 'packages') or ''
+    end
+    out[#out + 1] = name
+    out[#out + 1] = f[1] or ''
+    out[#out + 1] = env
+    for i = 3, 6 do out[#out + 1] = f[i] or '' end
+    out[#out + 1] = packages
   end
 end
 return out
@@ -634,7 +652,14 @@ class Broker:
     @translate_errors
     def live_worker_shm(self) -> list[str]:
         """The shared-memory identity ('' for none) of every worker with a live lease."""
-        return [_s(i) for i in self.redis.run(self._live) or []]
+        return [row[1] for row in self.live_worker_rows()]
+
+    @translate_errors
+    def live_worker_rows(self, known=()) -> list[tuple[str, ...]]:
+        """Every worker with a live lease: (id, shm, env, python, cloudpickle, pyworker,
+        protocol, packages), packages '' for an env digest in ``known`` (see _LIVE)."""
+        flat = [_s(x) for x in self.redis.run(self._live, *known) or []]
+        return [tuple(flat[i:i + LIVE_FIELDS]) for i in range(0, len(flat), LIVE_FIELDS)]
 
     @translate_errors
     def submit(self, jid: str, tasks: list[bytes], wake: int, meta: dict | None = None,
@@ -878,6 +903,14 @@ class Broker:
         """(live workers, how many of them could not verify this job's tasks, how many gave
         them back because a pip_install failed there, how many did either)."""
         return tuple(int(n) for n in self.redis.run(self._refused, jid))
+
+    @translate_errors
+    def job_versions(self, jid: str) -> dict[str, str]:
+        """The versions a job's caller wrote into its hash (pyworker, protocol; {} for none):
+        readable whatever the protocol, so a worker that cannot verify a job's tasks can say
+        whether the caller runs another version."""
+        got = self.redis.call("HMGET", self.keys.job(jid), "pyworker", "protocol")
+        return {k: _s(v) for k, v in zip(("pyworker", "protocol"), got or ()) if v}
 
     @translate_errors
     def job_alive_record(self, jid: str):

@@ -109,13 +109,15 @@ def _code_names(code, out: set):
             _code_names(const, out)
 
 
-def modules_to_ship(obj) -> tuple[str, ...]:
+def modules_to_ship(obj, used: set | None = None) -> tuple[str, ...]:
     """The top-level names of the caller's own modules that ``obj`` (a function, a method, a
     callable object) needs: its own module and those of the functions, classes and modules it
     references through its globals, closure, defaults and attributes, transitively through
     the caller's own code (an installed package's code is not looked into: it is pickled by
-    reference and the workers import it)."""
+    reference and the workers import it). ``used``, if given, gets the top-level names of
+    every module the walk met (installed ones too: versions.py checks theirs)."""
     found: set[str] = set()
+    met = used if used is not None else set()
     seen: set[int] = set()
     stack = [obj]
     budget = MAX_OBJECTS
@@ -126,6 +128,7 @@ def modules_to_ship(obj) -> tuple[str, ...]:
         seen.add(id(o))
         budget -= 1
         if isinstance(o, types.ModuleType):
+            met.add(o.__name__.partition(".")[0])
             if ships(o.__name__):
                 found.add(o.__name__.partition(".")[0])
                 # shipped, it is pickled with all its globals (from-imports of other modules
@@ -133,6 +136,7 @@ def modules_to_ship(obj) -> tuple[str, ...]:
                 stack.extend(_shallow(vars(o).values()))
         elif isinstance(o, types.FunctionType):
             module = getattr(o, "__module__", None) or "__main__"
+            met.add(module.partition(".")[0])
             own = ships(module)
             if own:
                 found.add(module.partition(".")[0])
@@ -160,6 +164,8 @@ def modules_to_ship(obj) -> tuple[str, ...]:
             stack.extend(o.args)
             stack.extend(o.keywords.values())
         elif isinstance(o, type):
+            if isinstance(o.__module__, str):
+                met.add(o.__module__.partition(".")[0])
             if ships(o.__module__):
                 found.add(o.__module__.partition(".")[0])
                 for value in vars(o).values():
@@ -181,6 +187,9 @@ def modules_to_ship(obj) -> tuple[str, ...]:
             # an instance: its class, and what it holds (a Pool call's runner holds the
             # function; a callable object of the caller's holds its settings)
             stack.append(type(o))
+            module = getattr(o, "__module__", None)  # a C function's (numpy's ufuncs: a type's)
+            if isinstance(module, str):
+                met.add(module.partition(".")[0])
             attrs = getattr(o, "__dict__", None)
             if isinstance(attrs, dict) and len(attrs) <= MAX_CONTAINER:
                 stack.extend(attrs.values())

@@ -39,7 +39,7 @@ import socket
 import time
 
 from . import board as boards
-from . import config, protocol, serialize, shm
+from . import config, protocol, serialize, shm, versions
 from .board import Board
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
@@ -208,8 +208,9 @@ class Supervisor:
                          self.name, swept)
         self.lease.register()
         self._touch_heartbeat_file()
-        log.info("worker %s started: redis %s, pid %d, python %s, cloudpickle %s", self.name,
-                 b.where, os.getpid(), serialize.PYTHON_VERSION, serialize.CLOUDPICKLE_VERSION)
+        log.info("worker %s started: redis %s, pid %d, python %s, cloudpickle %s, pyworker %s "
+                 "(protocol %d)", self.name, b.where, os.getpid(), serialize.PYTHON_VERSION,
+                 serialize.CLOUDPICKLE_VERSION, versions.__version__, protocol.PROTOCOL_VERSION)
         code = 0
         try:
             code = self._supervise()
@@ -259,7 +260,7 @@ class Supervisor:
             **self.pip.info(),
             "host": socket.gethostname(), "pid": os.getpid(), "started": f"{self._started:.3f}",
             "done": 0, "seen": f"{time.time():.3f}",
-            "python": serialize.PYTHON_VERSION, "cloudpickle": serialize.CLOUDPICKLE_VERSION,
+            **versions.local().info(),  # python, cloudpickle, pyworker, protocol, env, packages
             "shm": store_ident.ident if store_ident is not None else "",
             "handoff": "1",  # a submit may hand it a task instead of a token
         }

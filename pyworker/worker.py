@@ -14,7 +14,7 @@ from collections import OrderedDict, deque
 from functools import partial
 from typing import NamedTuple
 
-from . import board, protocol, serialize, shm
+from . import board, protocol, serialize, shm, versions
 from ._version import __version__
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
@@ -711,7 +711,10 @@ class Worker:
             flag = protocol.INLINE if inline else protocol.BY_REF
         result = self.signer.seal(
             protocol.mac_context(protocol.KIND_RESULT, header.jid),
-            protocol.result_header(header.chunk, protocol.STATUS_OK, self.name, flag), body,
+            # The worker's env digest: a caller checks an environment new to its job (read
+            # each time: cached, and new after versions.forget(), when packages were added)
+            protocol.result_header(header.chunk, protocol.STATUS_OK, self.name,
+                                   f"{flag} {versions.local().digest}"), body,
             inline)
         return _Report(header, result, len(values) if rest is not None else len(items),
                        None if inline else body,
@@ -871,10 +874,7 @@ class Worker:
         self.refused.move_to_end(header.jid)
         self._skip_refused()
         if first:
-            log.error("worker %s: cannot verify the tasks of job %s: signing key differs (this "
-                      "worker's PYWORKER_SECRET is not its caller's: %s); gave the task back to "
-                      "the queue for another worker, and takes no more tasks of this job",
-                      self.name, header.jid, exc)
+            self._say_refused(header.jid, exc)
         self.broker.give_back(self.name, header.jid, header.chunk)
 
     def _pipless(self, header) -> bool:
@@ -899,6 +899,29 @@ class Worker:
                       "package it needs may be missing", self.name, header.jid)
         self.broker.give_back(self.name, header.jid, header.chunk, pip=True)
         return True
+
+    def _say_refused(self, jid: str, exc):
+        """Why this worker cannot verify a job's tasks: the caller's versions (in the job's
+        hash, readable whatever the protocol) tell a caller of another pyworker protocol from
+        one with another signing key."""
+        try:
+            caller = self.broker.job_versions(jid)
+        except (PyworkerConnectionError, RedisError):
+            caller = {}
+        mine = str(protocol.PROTOCOL_VERSION)
+        if caller.get("protocol", mine) != mine:
+            log.error("worker %s: cannot read the tasks of job %s: its caller runs pyworker %s "
+                      "(protocol %s), this worker pyworker %s (protocol %s); use the same "
+                      "pyworker on both sides. Gave the task back to the queue for another "
+                      "worker, and takes no more tasks of this job", self.name, jid,
+                      caller.get("pyworker", "?"), caller["protocol"], __version__, mine)
+            return
+        log.error("worker %s: cannot verify the tasks of job %s: signing key differs (this "
+                  "worker's PYWORKER_SECRET is not its caller's: %s)%s; gave the task back to "
+                  "the queue for another worker, and takes no more tasks of this job",
+                  self.name, jid, exc,
+                  "" if caller else " (or the caller runs a pyworker from before version "
+                  "checks)")
 
     def _skip_refused(self):
         """The jobs dequeues skip: those refused within a job TTL (at most 64)."""
