@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from . import protocol
+from . import protocol, versions
 from .errors import PipInstallError, SignatureError
 
 log = logging.getLogger("pyworker.pip")
@@ -539,6 +539,7 @@ def pip_install(*requirements, index_url=None, extra_index_url=None, find_links=
             raise PipInstallError(f"pip could not install {spec} here (nothing was sent to the "
                                   f"workers):\n{outcome.error}")
         importlib.invalidate_caches()
+        versions.forget()  # the version check compares what is installed now
         stale = _stale_modules(target, outcome.installed)
         if stale:
             print(f"pyworker.pip_install: {', '.join(stale)} had been imported in this process "
@@ -547,6 +548,7 @@ def pip_install(*requirements, index_url=None, extra_index_url=None, find_links=
                   file=sys.stderr, flush=True)
     gen = client.broker.push_pip_spec(spec.seal(client.signer))
     workers, waited = _wait_for_workers(client, gen, spec)
+    client.forget_workers()  # their published packages changed: the next job reads them again
     summary = PipSummary(spec, gen, outcome, workers, waited)
     if summary.failed or summary.pending:
         print(f"pyworker: {summary.headline()}", file=sys.stderr, flush=True)
@@ -687,7 +689,10 @@ class WorkerPip:
                           outcome.error)
         self.busy = 0
         importlib.invalidate_caches()
-        fields = self.info()
+        # The versions this worker publishes (versions.py) include its packages: read them
+        # again, before the next executor is forked, so callers check against the new ones.
+        versions.forget()
+        fields = {**self.info(), **versions.local().info()}
         if self.ok and not was_ok:
             fields["handoff"] = "1"  # (a give-back turned hand-offs off: queue._GIVE_BACK)
         self.broker.set_worker_info(self.id, **fields)
