@@ -249,10 +249,11 @@ class Keys:
     def lua_prelude(self) -> str:
         """The same layout as Lua functions, so the scripts in queue.py never spell a key."""
         p = self.prefix.replace("\\", "\\\\").replace("'", "\\'")
-        fields = ", ".join(f"'{f}'" for f in counter_fields())
+        # (a constant string, not a table: scripts build nothing for it unless a beat counts)
+        fields = ",".join(counter_fields())
         return f"""
 local P = '{p}'
-local COUNTER_FIELDS = {{{fields}}}
+local COUNTER_FIELDS = '{fields}'
 local WAKE_TOKENS_MAX = {WAKE_TOKENS_MAX}
 local K_JOBS = P .. ':jobs'
 local K_WAKE = P .. ':wake'

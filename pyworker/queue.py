@@ -95,10 +95,12 @@ local function beat(worker, lease, seen, n, total, counts)
     redis.call('EXPIRE', k_stats(now), 120)
   end
   if counts and counts ~= '' then
+    local names = {}
+    for name in string.gmatch(COUNTER_FIELDS, '[^,]+') do names[#names + 1] = name end
     local i = 0
     for v in string.gmatch(counts, '%S+') do
       i = i + 1
-      if v ~= '0' and COUNTER_FIELDS[i] then redis.call('HINCRBY', K_COUNTERS, COUNTER_FIELDS[i], v) end
+      if v ~= '0' and names[i] then redis.call('HINCRBY', K_COUNTERS, names[i], v) end
     end
   end
 end
