@@ -77,7 +77,8 @@ NOTES = """
   is no Role and no token in the Lab, and `scale()` says how to enable it. A later `helm upgrade`
   sets the replicas back to `workers`: Helm 3 without asking; Helm 4, which applies server-side,
   stops with `conflict with "Python-urllib" with subresource "scale" ... .spec.replicas` (as
-  after a `kubectl scale`) until you add `--force-conflicts`.
+  after a `kubectl scale`; with autoscaling, on the ScaledObject's `.spec.minReplicaCount`)
+  until you add `--force-conflicts`.
 - **Volumes.** The Lab's PersistentVolumeClaim (`lab.persistence`: your notebooks) is kept by
   `helm uninstall`; delete it by hand when the notebooks can go. Redis' claim
   (`redis.persistence`) holds only queued work, which no caller can collect once the release is
