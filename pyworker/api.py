@@ -363,7 +363,8 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client,
     out_target = min(CHUNK_TARGET_BYTES, client.limit_bytes // 2)  # a chunk's results
     # Big items: enough in flight to keep every worker busy (one each, and half as many again
     # waiting), not the whole window (which would park up to 4 chunks per worker in Redis).
-    budget = CHUNK_TARGET_BYTES * (max(workers, 1) * 3 // 2 + 2)
+    # (the bytes for the workers live, not those to come: big items wait outside Redis)
+    budget = CHUNK_TARGET_BYTES * (max(watch.n, 1) * 3 // 2 + 2)
     if n != 1:  # (one item: one chunk, nothing to size)
         head = list(islice(source, 1))
         if head:
@@ -393,7 +394,7 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client,
     def look_at_workers():
         """More workers than the window was made for: widen it (and the byte budget)."""
         nonlocal window, budget
-        if watch.grew() and watch.n > workers:
+        if watch.grew():
             window = max(window, max(4 * watch.n, 8) + 1)
             budget = max(budget, CHUNK_TARGET_BYTES * (watch.n * 3 // 2 + 2))
         bar.wait_for_workers(watch.n == 0)
@@ -424,7 +425,7 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client,
             # Whatever the bytes, a chunk for every worker and one more stay in flight: items
             # of 16 MiB on 3 workers must keep all 3 busy, not the 2 the budget would allow.
             while not exhausted and len(pending) < window and (
-                    item_bytes * in_flight < budget or len(pending) <= max(workers, 1)):
+                    item_bytes * in_flight < budget or len(pending) <= max(watch.n, 1)):
                 batch = []
                 while len(pending) + len(batch) < window:
                     items = seq[next_index:next_index + size] if seq is not None else list(
