@@ -51,6 +51,34 @@ NOTES = """
   `kubectl rollout restart deployment -l app.kubernetes.io/instance=<release>`.
 - **Settings** (`PYWORKER_*`) are in the ConfigMap `<release>-pyworker-config`; a change rolls the
   worker and Lab pods (checksum annotation).
+- **Metrics** (`metrics.enabled`, on by default; `autoscaling.enabled` deploys it too): one small
+  pod runs `pyworker metrics`, Service `<release>-pyworker-metrics`, port 9090 (`metrics`).
+  `GET /metrics` is Prometheus' text format: `pyworker_workers`, `pyworker_workers_busy`,
+  `pyworker_tasks_queued`, `pyworker_tasks_running` (gauges), `pyworker_tasks_done_total`,
+  `pyworker_tasks_failed_total`, `pyworker_items_done_total`, `pyworker_items_failed_total`
+  (counters) and the histogram `pyworker_task_duration_seconds`, all labelled `group="default"`.
+  A task is what a worker takes at a time: a chunk of a `pmap`'s items, one `Executor.submit`
+  call. `GET /scale` is the JSON an autoscaler reads: `{"tasks": queued + running, "queued",
+  "running", "workers", "busy"}`; `/healthz` says the server runs. Each scrape is one Redis round
+  trip (at most 5 s; Redis out of reach answers 503 with the reason). The counters live in Redis
+  (written with the workers' heartbeats: they lag by up to a second) and survive the exporter's
+  restarts. The pod holds the Redis password but not the signing key, and its port is open to
+  every namespace (Prometheus and KEDA run in their own): it serves counts only, never a task,
+  a function, a worker's name or a key. `metrics.serviceMonitor.enabled` /
+  `metrics.podMonitor.enabled` add a Prometheus Operator ServiceMonitor / PodMonitor; without
+  the operator's CRDs in the cluster the install fails with one line saying so.
+- **Scaling from the notebook** (`lab.allowScaling`, on by default): `pyworker.scale(n)` in the
+  Lab sets the worker Deployment's replicas (with autoscaling: its ScaledObject's
+  `minReplicaCount`), and `pyworker.status()` shows desired and live workers. The Lab runs as
+  the ServiceAccount `<release>-pyworker-lab`, whose Role allows get/patch/update of that one
+  Deployment's `scale` subresource and nothing else (check with `kubectl auth can-i patch
+  deployments.apps/<release>-pyworker-worker --subresource=scale
+  --as=system:serviceaccount:<ns>:<release>-pyworker-lab`). With `lab.allowScaling=false` there
+  is no Role and no token in the Lab, and `scale()` says how to enable it. A later `helm upgrade`
+  sets the replicas back to `workers`: Helm 3 without asking; Helm 4, which applies server-side,
+  stops with `conflict with "Python-urllib" with subresource "scale" ... .spec.replicas` (as
+  after a `kubectl scale`; with autoscaling, on the ScaledObject's `.spec.minReplicaCount`)
+  until you add `--force-conflicts`.
 - **Volumes.** The Lab's PersistentVolumeClaim (`lab.persistence`: your notebooks) is kept by
   `helm uninstall`; delete it by hand when the notebooks can go. Redis' claim
   (`redis.persistence`) holds only queued work, which no caller can collect once the release is

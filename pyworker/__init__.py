@@ -7,21 +7,22 @@ from importlib import import_module
 from ._version import __version__
 from .config import Settings
 from .errors import (ConfigurationError, ConnectionError, JobLostError, PipInstallError,
-                     PyworkerError, RedisError, RemoteError, SerializationError, SignatureError,
-                     VersionMismatchError, VersionMismatchWarning, WorkerLostError)
+                     PyworkerError, RedisError, RemoteError, ScalingError, SerializationError,
+                     SignatureError, VersionMismatchError, VersionMismatchWarning,
+                     WorkerLostError)
 # loaded now: its module has the same name, which would otherwise be found instead
 from .status import status
 
 _LAZY = {"pmap": "api", "imap": "api", "imap_unordered": "api", "Executor": "api",
          "connect": "api", "get_client": "api", "Client": "client", "LocalCluster": "local",
-         "Pool": "pool", "pip_install": "pip"}
+         "Pool": "pool", "pip_install": "pip", "scale": "scaling"}
 
 __all__ = [
     "__version__", "pmap", "imap", "imap_unordered", "Executor", "Pool", "connect", "get_client",
-    "status", "pip_install", "LocalCluster", "Client", "Settings", "PyworkerError",
+    "status", "pip_install", "scale", "LocalCluster", "Client", "Settings", "PyworkerError",
     "ConfigurationError", "ConnectionError", "RedisError", "RemoteError", "SerializationError",
     "SignatureError", "VersionMismatchError", "VersionMismatchWarning", "WorkerLostError",
-    "JobLostError", "PipInstallError",
+    "JobLostError", "PipInstallError", "ScalingError",
 ]
 
 
