@@ -40,6 +40,12 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
                                  handed over by a submit (in its active hash already), or wake
                                  tokens '1' if its info has no handoff=1 (a worker from before)
     P:stats:<unix second> string items finished in that second (expires)
+    P:groups              set    names of the worker groups other than "default" that workers
+                                 registered in (status() and the metrics list them)
+
+Worker groups: the keys above are the default group's. Group G's are the same keys under the
+prefix ``P:g:G`` (``P:g:G:jobs``, ``P:g:G:job:<jid>:q``, ...): a group is a queue of its own, so
+its workers, leases, reaper and jobs never meet another group's, and the scripts need no group.
 
 Messages are bytes: one ASCII header line, then (for messages that carry a pickle) a 32-byte
 HMAC-SHA256 over header line + payload, then the payload. A payload over INLINE_MAX_BYTES is not
@@ -132,6 +138,12 @@ def check_name(kind: str, value: str) -> str:
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "pyw"
+    # The plain prefix when ``prefix`` is a worker group's (P:g:<group>); "" when the same.
+    base: str = ""
+
+    @property
+    def groups(self) -> str:
+        return f"{self.base or self.prefix}:groups"
 
     @property
     def jobs(self) -> str:

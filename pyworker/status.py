@@ -5,8 +5,10 @@ import time
 
 
 class Status:
-    def __init__(self, snapshot: dict, where: str):
+    def __init__(self, snapshot: dict, where: str, groups: list[str] | None = None):
         self.where = where
+        # worker groups (a column of their own when there are several)
+        self.groups = groups or ["default"]
         self.workers = snapshot["workers"]
         self.jobs = snapshot["jobs"]
         self.items_per_s = snapshot["items_per_s"]
@@ -26,12 +28,19 @@ class Status:
                           "not verify (check its PYWORKER_SECRET)")
             # the name a worker reports; its id in Redis when another reports the same
             shown = w.get("id", w["name"]) if names.count(w["name"]) > 1 else w["name"]
+            if len(self.groups) > 1:
+                shown = f"{shown} [{w.get('group', 'default')}]"
             yield (shown, w.get("host", ""), w.get("pid", ""),
                    w.get("current") or "idle", w.get("done", "0"),
                    f"{now - seen:.1f} s ago" if seen else "never", state)
 
     def __str__(self):
-        lines = [f"pyworker at {self.where}: {len(self.alive)} worker(s) alive, "
+        by_group = ""
+        if len(self.groups) > 1:
+            by_group = " (" + ", ".join(
+                f"{g}: {sum(1 for w in self.alive if w.get('group') == g)}"
+                for g in self.groups) + ")"
+        lines = [f"pyworker at {self.where}: {len(self.alive)} worker(s) alive{by_group}, "
                  f"{len(self.jobs)} job(s) with queued work, "
                  f"{self.items_per_s:.1f} items/s over the last minute"]
         if self.workers:
@@ -41,7 +50,8 @@ class Status:
                 lines.append(f"  {name:<28} {host:<20} {pid:>7} {cur:<26} {done:>8}  {seen}"
                              + ("" if state == "alive" else f" ({state})"))
         for job in self.jobs:
-            lines.append(f"  job {job['id']}: {job['queued_chunks']} chunk(s) queued"
+            group = f" [group {job['group']}]" if len(self.groups) > 1 else ""
+            lines.append(f"  job {job['id']}{group}: {job['queued_chunks']} chunk(s) queued"
                          f" (caller {job.get('caller', '?')})")
         return "\n".join(lines)
 
@@ -65,4 +75,13 @@ class Status:
 def status(client=None) -> Status:
     from .api import get_client
     client = client or get_client()
-    return Status(client.broker.snapshot(), client.broker.where)
+    groups = client.groups()
+    if groups == [client.group]:
+        return Status(client.broker.snapshot(), client.broker.where)
+    merged = {"workers": [], "jobs": [], "items_per_s": 0.0}
+    for group in groups:
+        snap = client.for_group(group).broker.snapshot()
+        merged["workers"] += [{**w, "group": group} for w in snap["workers"]]
+        merged["jobs"] += [{**j, "group": group} for j in snap["jobs"]]
+        merged["items_per_s"] += snap["items_per_s"]
+    return Status(merged, client.broker.where, groups)
