@@ -523,6 +523,20 @@ def _nested(client) -> bool:
 _nested_said: list = []
 
 
+def _nested_quiet(client) -> bool:
+    return config.IN_EXECUTOR and client is None
+
+
+def _for_group(client: Client | None, group: str | None) -> Client | None:
+    """The client of worker group ``group``; a name no group could have fails at once."""
+    if group is None:
+        return client
+    if not isinstance(group, str) or not config.GROUP_NAME.match(group):
+        raise ValueError(f"group={group!r} is not a worker group name: 1 to 40 lower-case "
+                         "letters, digits and '-' (the chart's workerGroups keys, or \"default\")")
+    return (client or get_client()).for_group(group)
+
+
 def _in_task(fn, iterables, return_exceptions):
     if not iterables:
         raise TypeError("pmap() needs at least one iterable of items")
@@ -536,16 +550,18 @@ def _in_task(fn, iterables, return_exceptions):
 
 
 def pmap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exceptions=False,
-         client: Client | None = None, task_timeout=None) -> list:
+         client: Client | None = None, task_timeout=None, group: str | None = None) -> list:
     """``list(map(fn, *iterables))``, computed by the workers; results in input order.
 
     A task that raises re-raises here as its original type (remote traceback as ``__cause__``),
     unless ``return_exceptions=True`` puts exceptions in place of results. ``timeout``: the
     whole call's limit (it is cancelled, running tasks included); ``task_timeout``: each
-    item's, an item over it is stopped and fails with TaskTimeoutError.
+    item's, an item over it is stopped and fails with TaskTimeoutError. ``group``: only that
+    worker group's workers run it (the chart's workerGroups; None: the client's, "default").
     """
     if _nested(client):
         return list(_in_task(fn, iterables, return_exceptions))
+    client = _for_group(client, group)
     if len(iterables) == 1 and type(iterables[0]) in (list, tuple) and len(iterables[0]) == 1 \
             and (chunksize is None or isinstance(chunksize, int) and chunksize >= 1):
         _check_task_timeout(task_timeout)
@@ -576,11 +592,12 @@ def pmap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exc
 
 
 def imap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exceptions=False,
-         client: Client | None = None, task_timeout=None):
+         client: Client | None = None, task_timeout=None, group: str | None = None):
     """Yields results in input order as they arrive; stopping the iteration cancels the job."""
     if _nested(client):
         yield from _in_task(fn, iterables, return_exceptions)
         return
+    client = _for_group(client, group)
     buffered = {}
     expected = 0
     for first, values in _run(fn, iterables, chunksize, timeout, progress, return_exceptions,
@@ -593,11 +610,13 @@ def imap(fn, *iterables, chunksize=None, timeout=None, progress=None, return_exc
 
 
 def imap_unordered(fn, *iterables, chunksize=None, timeout=None, progress=None,
-                   return_exceptions=False, client: Client | None = None, task_timeout=None):
+                   return_exceptions=False, client: Client | None = None, task_timeout=None,
+                   group: str | None = None):
     """Yields results as they arrive, in any order."""
     if _nested(client):
         yield from _in_task(fn, iterables, return_exceptions)
         return
+    client = _for_group(client, group)
     for _, values in _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client,
                           task_timeout):
         yield from values
@@ -740,9 +759,10 @@ class Executor(cf.Executor):
 
     Nothing touches Redis until the first submit; the executor's tasks form one job."""
 
-    def __init__(self, client: Client | None = None, task_timeout=None):
+    def __init__(self, client: Client | None = None, task_timeout=None, group: str | None = None):
         _check_task_timeout(task_timeout)
-        self._client = client
+        # (inside a task, an Executor runs its calls there, whatever the group: see _nested)
+        self._client = client if _nested_quiet(client) else _for_group(client, group)
         self._task_timeout = task_timeout
         self._job: Job | None = None
         # chunk id -> (future, what the call was, or None for several items of a map: the first

@@ -24,7 +24,7 @@ def _worker(args) -> int:
         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     settings = Settings.from_env(
         redis_url=args.redis_url, worker_name=args.name, lease_s=args.lease_s,
-        max_retries=args.max_retries, heartbeat_file=args.heartbeat_file)
+        max_retries=args.max_retries, heartbeat_file=args.heartbeat_file, group=args.group)
     if settings.heartbeat_file is None:
         settings.heartbeat_file = DEFAULT_HEARTBEAT_FILE
     return worker_main(settings)
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--lease-s", type=float, help="seconds without heartbeat before this "
                                                  "worker's task runs elsewhere (PYWORKER_LEASE_S)")
     w.add_argument("--max-retries", type=int, help="PYWORKER_MAX_RETRIES")
+    w.add_argument("--group", help="worker group: take only tasks sent with group=GROUP "
+                   "(default: PYWORKER_GROUP or \"default\")")
     w.add_argument("--heartbeat-file", help="touched every heartbeat, for liveness probes "
                                             f"(PYWORKER_HEARTBEAT_FILE, default {DEFAULT_HEARTBEAT_FILE})")
     w.add_argument("--quiet", action="store_true", help="log errors only")

@@ -9,7 +9,7 @@ import threading
 import time
 import weakref
 
-from . import protocol, serialize, ship, shm, versions
+from . import config, protocol, serialize, ship, shm, versions
 from .config import Settings
 from .errors import ConnectionError as PyworkerConnectionError
 from .errors import JobLostError, SerializationError, SignatureError, VersionMismatchError
@@ -101,7 +101,28 @@ class Client:
         self.shm = shm.Store.open(self.settings)
         self._last_sweep: float | None = None
         self._by_reference: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._groups: dict[str, Client] = {}
         _clients.add(self)
+
+    @property
+    def group(self) -> str:
+        return self.settings.group
+
+    def for_group(self, group: str | None) -> "Client":
+        """The client of the same Redis for another worker group (None: this one). Made once,
+        with its own pool and keep-alive: a group is a queue of its own (Settings.queue_prefix)."""
+        if group is None or group == self.settings.group:
+            return self
+        with self._lock:
+            other = self._groups.get(group)
+            if other is None:
+                other = self._groups[group] = Client(self.settings.for_group(group))
+            return other
+
+    def groups(self) -> list[str]:
+        """The worker groups: "default" and every group workers registered in."""
+        named = sorted(g for g in self.broker.groups() if g != config.DEFAULT_GROUP)
+        return [config.DEFAULT_GROUP, *named]
 
     def __repr__(self):
         return f"<pyworker.Client redis={self.broker.where}>"
@@ -112,6 +133,8 @@ class Client:
         return self
 
     def close(self):
+        for other in list(self._groups.values()):
+            other.close()
         self.broker.close()
 
     def _workers(self, max_age_s: float = 2.0) -> tuple[int, bool, float, dict]:

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from .errors import ConfigurationError
 
 ENV_PREFIX = "PYWORKER_"
-MIN_SECRET_BYTES = 16  # the signing key's least length
+MIN_SECRET_BYTES = 16
+DEFAULT_GROUP = "default"
+# A Kubernetes label value and DNS label both: groups name Deployments and metrics labels.
+GROUP_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")  # the signing key's least length
 # True in a worker's executor, the process that runs tasks (supervisor.py): a pmap there runs
 # in the task itself (api._nested).
 IN_EXECUTOR = False
@@ -39,6 +42,10 @@ class Settings:
     redis_sentinel_password: str | None = None
     secret: str | None = None
     prefix: str = "pyw"
+    # The worker group: a worker takes only its group's tasks, and a caller's pmap(group=...)
+    # goes only to that group's workers. Each group is a queue of its own (queue_prefix), so
+    # the default group's keys, and its hot path, are what they were before groups existed.
+    group: str = "default"
     # A worker whose heartbeat is older than this is dead; its task runs again elsewhere.
     lease_s: float = 5.0
     heartbeat_s: float = 1.0
@@ -101,8 +108,24 @@ class Settings:
         if self.max_retries < 0:
             raise ConfigurationError(f"{ENV_PREFIX}MAX_RETRIES must be 0 or more, "
                                      f"not {self.max_retries!r}")
+        if not isinstance(self.group, str) or not GROUP_NAME.match(self.group):
+            raise ConfigurationError(
+                f"{ENV_PREFIX}GROUP={self.group!r} is not a worker group name: 1 to 40 lower-case "
+                "letters, digits and '-', starting and ending with a letter or digit (e.g. gpu)")
         # Several heartbeats per lease, so one slow beat does not declare a live worker dead.
         self.heartbeat_s = min(self.heartbeat_s, self.lease_s / 3)
+
+    @property
+    def queue_prefix(self) -> str:
+        """The prefix of the group's keys (protocol.Keys): the default group's are the plain
+        prefix's."""
+        return self.prefix if self.group == DEFAULT_GROUP else f"{self.prefix}:g:{self.group}"
+
+    def for_group(self, group: str | None) -> "Settings":
+        """The same settings for another worker group (None: this one)."""
+        if group is None or group == self.group:
+            return self
+        return dataclasses.replace(self, group=group)
 
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "Settings":

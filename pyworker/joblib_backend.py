@@ -104,11 +104,14 @@ class PyworkerBackend(AutoBatchingMixin, ParallelBackendBase):
     uses_threads = False
 
     def __init__(self, nesting_level=None, inner_max_num_threads=None, client=None,
-                 task_timeout=None, **backend_kwargs):
+                 task_timeout=None, group=None, **backend_kwargs):
         super().__init__(nesting_level=nesting_level,
                          inner_max_num_threads=inner_max_num_threads, **backend_kwargs)
         api._check_task_timeout(task_timeout)
         self.client = client
+        self.group = group
+        if group is not None and not config.IN_EXECUTOR:
+            self.client = api._for_group(client, group)
         self.task_timeout = task_timeout
         self.parallel = None
         self._executor: api.Executor | None = None

@@ -221,7 +221,7 @@ class Pool:
     pool. Extra keyword arguments: ``client`` and ``task_timeout``, as for pmap."""
 
     def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
-                 context=None, *, client=None, task_timeout=None):
+                 context=None, *, client=None, task_timeout=None, group=None):
         if processes is not None:
             if not isinstance(processes, int) or processes < 1:
                 raise ValueError(f"Number of processes must be at least 1, not {processes!r}")
@@ -233,6 +233,7 @@ class Pool:
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         api._check_task_timeout(task_timeout)
+        client = api._for_group(client, group)
         self._client = client
         self._task_timeout = task_timeout
         self._init = None if initializer is None else (os.urandom(8).hex(), initializer,

@@ -56,6 +56,13 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
                                  COUNTER_FIELDS, then one field per TASK_SECONDS_BUCKETS bound
                                  (tasks whose run time fell at or under it and over the bound
                                  before; 'inf': over the last)
+    P:groups              set    names of the worker groups other than "default" that workers
+                                 registered in (status() and the metrics list them)
+
+Worker groups: the keys above are the default group's. Group G's are the same keys under the
+prefix ``P:g:G`` (``P:g:G:jobs``, ``P:g:G:job:<jid>:q``, ...): a group is a queue of its own, so
+its workers, leases, reaper and jobs never meet another group's, and the scripts need no group.
+Only P:groups and P:pip (every group's workers run every pip_install) stay under the plain P.
 
 Messages are bytes: one ASCII header line, then (for messages that carry a pickle) a 32-byte
 HMAC-SHA256 over header line + payload, then the payload. A payload over INLINE_MAX_BYTES is not
@@ -184,6 +191,12 @@ def check_name(kind: str, value: str) -> str:
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "pyw"
+    # The plain prefix when ``prefix`` is a worker group's (P:g:<group>); "" when the same.
+    base: str = ""
+
+    @property
+    def groups(self) -> str:
+        return f"{self.base or self.prefix}:groups"
 
     @property
     def jobs(self) -> str:
@@ -249,7 +262,8 @@ class Keys:
 
     @property
     def pip(self) -> str:
-        return f"{self.prefix}:pip"
+        # every group's workers run every pip_install: one list, under the plain prefix
+        return f"{self.base or self.prefix}:pip"
 
     def fn(self, sha: str) -> str:
         return f"{self.prefix}:fn:{sha}"

@@ -7,7 +7,7 @@ import os
 import time
 from urllib.parse import urlsplit
 
-from . import connection, protocol
+from . import config, connection, protocol
 from .config import Settings, sentinel_addresses, url_without_password
 from .errors import ConnectionError as PyworkerConnectionError
 from .errors import ConfigurationError, RedisError
@@ -564,7 +564,8 @@ class Broker:
         a reader that must answer in bounded time (the metrics exporter)."""
         settings.require_connection(secret=need_secret)
         self.settings = settings
-        self.keys = protocol.Keys(settings.prefix)
+        self.keys = protocol.Keys(settings.queue_prefix,
+                                   settings.prefix if settings.group != config.DEFAULT_GROUP else "")
         self.where = (f"{settings.redis_sentinel_master} (Sentinel {settings.redis_sentinels})"
                       if settings.redis_sentinels else describe_url(settings.redis_url))
         try:
@@ -834,7 +835,8 @@ class Broker:
         at once: the next reap gives it the time its lease ends). Returns how many workers are
         registered; reads pip_generation too."""
         fields = [x for kv in info.items() for x in kv]
-        replies = self.redis.pipeline([
+        group = [("SADD", self.keys.groups, self.settings.group)] if self.keys.base else []
+        replies = self.redis.pipeline(group + [
             ("SET", self.keys.heartbeat(name), "1", "PX", self._lease_ms),
             ("HSET", self.keys.info(name), *fields),
             ("SADD", self.keys.workers, name),
@@ -844,6 +846,11 @@ class Broker:
         ])
         self.pip_generation = int(replies[-2])
         return replies[-1]
+
+    @translate_errors
+    def groups(self) -> list[str]:
+        """The names of the worker groups other than the default that workers registered in."""
+        return sorted(_s(g) for g in self.redis.call("SMEMBERS", self.keys.groups) or [])
 
     @translate_errors
     def heartbeat(self, name: str, n: int = 0, total: int = 0, counts: str = "") -> None:

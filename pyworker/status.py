@@ -5,10 +5,13 @@ import time
 
 
 class Status:
-    def __init__(self, snapshot: dict, where: str, desired: int | None = None):
+    def __init__(self, snapshot: dict, where: str, desired: int | None = None,
+                 groups: list[str] | None = None):
         self.where = where
         # the worker pods the cluster wants (a release's Lab: its Deployment's replicas), or None
         self.desired = desired
+        # worker groups (a column of their own when there are several)
+        self.groups = groups or ["default"]
         self.workers = snapshot["workers"]
         self.jobs = snapshot["jobs"]
         self.items_per_s = snapshot["items_per_s"]
@@ -19,7 +22,12 @@ class Status:
 
     def _counts(self) -> str:
         wanted = "" if self.desired is None else f" of {self.desired} desired"
-        return f"{len(self.alive)} worker(s) alive{wanted}"
+        by_group = ""
+        if len(self.groups) > 1:
+            by_group = " (" + ", ".join(
+                f"{g}: {sum(1 for w in self.alive if w.get('group') == g)}"
+                for g in self.groups) + ")"
+        return f"{len(self.alive)} worker(s) alive{wanted}{by_group}"
 
     def _worker_rows(self):
         now = time.time()
@@ -35,6 +43,8 @@ class Status:
                 state += ", pip_install failed" + (f": {error[-1]}" if error else "")
             # the name a worker reports; its id in Redis when another reports the same
             shown = w.get("id", w["name"]) if names.count(w["name"]) > 1 else w["name"]
+            if len(self.groups) > 1:
+                shown = f"{shown} [{w.get('group', 'default')}]"
             yield (shown, w.get("host", ""), w.get("pid", ""),
                    w.get("current") or "idle", w.get("done", "0"),
                    f"{now - seen:.1f} s ago" if seen else "never", state)
@@ -53,7 +63,8 @@ class Status:
                 if w.get("pip_packages"):  # what pyworker.pip_install() added there
                     lines.append(f"      extra packages: {w['pip_packages']}")
         for job in self.jobs:
-            lines.append(f"  job {job['id']}: {job['queued_chunks']} chunk(s) queued"
+            group = f" [group {job['group']}]" if len(self.groups) > 1 else ""
+            lines.append(f"  job {job['id']}{group}: {job['queued_chunks']} chunk(s) queued"
                          f" (caller {job.get('caller', '?')})")
         return "\n".join(lines)
 
@@ -79,4 +90,14 @@ def status(client=None) -> Status:
     from .api import get_client
     from .scaling import desired_workers
     client = client or get_client()
-    return Status(client.broker.snapshot(), client.broker.where, desired_workers())
+    desired = desired_workers()
+    groups = client.groups()
+    if groups == [client.group]:
+        return Status(client.broker.snapshot(), client.broker.where, desired)
+    merged = {"workers": [], "jobs": [], "items_per_s": 0.0}
+    for group in groups:
+        snap = client.for_group(group).broker.snapshot()
+        merged["workers"] += [{**w, "group": group} for w in snap["workers"]]
+        merged["jobs"] += [{**j, "group": group} for j in snap["jobs"]]
+        merged["items_per_s"] += snap["items_per_s"]
+    return Status(merged, client.broker.where, desired, groups)

@@ -1,9 +1,11 @@
 """The caller's side of a job when Redis loses it: restarted without persistence, flushed, or its
 keys evicted. pmap/imap resubmit what had not come back; an Executor fails its pending futures
-with a clear error. Real redis-server, real workers."""
+with a clear error. And worker groups (Client.for_group, group= of pmap/imap/Executor/Pool):
+tasks go only to their group's workers. Real redis-server, real workers."""
 import time
 
 import pytest
+from support import wait_until
 
 import pyworker
 from pyworker import JobLostError
@@ -246,3 +248,69 @@ def test_results_that_are_not_this_jobs_are_dropped_and_the_real_one_awaited(clu
         if not os.path.exists(gate):
             open(gate, "w").close()
         job.close()
+
+
+# --- worker groups --------------------------------------------------------------------------------
+
+def _group_of(_):
+    import os
+    return os.environ.get("PYWORKER_GROUP", "default"), os.getpid()
+
+
+def test_group_tasks_run_only_on_that_groups_workers(make_cluster):
+    cluster = make_cluster(2)  # two workers of the default group
+    for _ in range(2):
+        cluster.add_worker(env={"PYWORKER_GROUP": "gpu"})
+    c = cluster.client
+    wait_until(lambda: c.for_group("gpu").live_workers(max_age_s=0) == 2, 30, "2 gpu workers")
+    on_gpu = pyworker.pmap(_group_of, range(40), chunksize=1, timeout=60, progress=False,
+                           client=c, group="gpu")
+    assert {g for g, _ in on_gpu} == {"gpu"}
+    assert len({pid for _, pid in on_gpu}) >= 1
+    plain = pyworker.pmap(_group_of, range(40), chunksize=1, timeout=60, progress=False, client=c)
+    assert {g for g, _ in plain} == {"default"}, "the default group's tasks stay on its workers"
+    with pyworker.Executor(client=c, group="gpu") as ex:
+        assert ex.submit(_group_of, 0).result(timeout=60)[0] == "gpu"
+    with pyworker.Pool(client=c, group="gpu") as pool:
+        assert {g for g, _ in pool.map(_group_of, range(6))} == {"gpu"}
+    assert {g for g, _ in pyworker.imap_unordered(_group_of, range(6), timeout=60, progress=False,
+                                                  client=c, group="gpu")} == {"gpu"}
+    # status() shows every group and which worker is in which
+    st = pyworker.status(c)
+    assert st.groups == ["default", "gpu"]
+    assert sorted(w.get("group") for w in st.alive) == ["default", "default", "gpu", "gpu"]
+    assert "gpu: 2" in str(st) and "default: 2" in str(st)
+
+
+def test_a_group_without_workers_waits_for_one_to_start(make_cluster):
+    import threading
+    cluster = make_cluster(1)
+    c = cluster.client
+    out = {}
+
+    def call():
+        out["values"] = pyworker.pmap(_group_of, range(8), chunksize=1, timeout=120,
+                                      progress=False, client=c, group="late")
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    # The job is queued in its group while no worker of the group is alive ...
+    late = c.for_group("late")
+    wait_until(lambda: late.broker.snapshot()["jobs"], 30, "the late group's job to be queued")
+    assert "values" not in out
+    # ... and the default group's worker does not take it.
+    assert pyworker.pmap(_group_of, [1], timeout=60, progress=False, client=c)[0][0] == "default"
+    cluster.add_worker(env={"PYWORKER_GROUP": "late"})
+    t.join(90)
+    assert not t.is_alive(), "the job ends once a worker of its group started"
+    assert [g for g, _ in out["values"]] == ["late"] * 8
+
+
+def test_group_names_are_checked(make_cluster):
+    from pyworker.config import Settings
+    with pytest.raises(pyworker.ConfigurationError, match="not a worker group name"):
+        Settings.from_env({"PYWORKER_GROUP": "GPU nodes"})
+    cluster = make_cluster(0)
+    with pytest.raises(ValueError, match="not a worker group name"):
+        pyworker.pmap(_group_of, [1], client=cluster.client, group="Big_GPU")
+    assert cluster.client.for_group("default") is cluster.client
+    assert cluster.client.for_group("gpu") is cluster.client.for_group("gpu")

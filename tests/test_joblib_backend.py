@@ -269,3 +269,19 @@ def test_ctrl_c_cancels_the_call_on_the_workers(make_cluster):
                             if w.get("current")], 3, "the workers to stop their tasks")
     done = sum(int(w["done"]) for w in pyworker.status(cluster.client).alive)
     assert done <= 4, done
+
+
+# A lambda: the workers cannot import this test module (joblib's batches are not shipped).
+_group_here = lambda _: __import__("os").environ.get("PYWORKER_GROUP", "default")  # noqa: E731
+
+
+def test_group_in_parallel_config_sends_tasks_to_that_group(make_cluster):
+    from joblib import Parallel, delayed, parallel_config
+    from support import wait_until
+    cluster = make_cluster(1)
+    cluster.add_worker(env={"PYWORKER_GROUP": "gpu"})
+    wait_until(lambda: cluster.client.for_group("gpu").live_workers(max_age_s=0) == 1, 30,
+               "the gpu worker")
+    with parallel_config(backend="pyworker", group="gpu", client=cluster.client):
+        got = Parallel(n_jobs=-1)(delayed(_group_here)(i) for i in range(10))
+    assert set(got) == {"gpu"}
