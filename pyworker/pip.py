@@ -235,16 +235,19 @@ class Outcome(NamedTuple):
 
 
 def installed_packages(target: str) -> list[str]:
-    """'name==version' of every distribution in the target folder: a worker's extra packages."""
-    from importlib import metadata
+    """'name==version' of every distribution in the target folder: a worker's extra packages.
+    (From the names of their metadata folders: a worker registers with this, and reading the
+    metadata itself would cost every worker's start an import of importlib.metadata.)"""
     found = {}
     try:
-        for dist in metadata.distributions(path=[target]):
-            name = dist.metadata["Name"]
-            if name:
-                found[name.lower()] = f"{name}=={dist.version}"
+        entries = os.listdir(target)
     except OSError:
         return []
+    for entry in entries:
+        if entry.endswith(".dist-info"):
+            name, _, version = entry[:-len(".dist-info")].rpartition("-")
+            if name and version:
+                found[_normal(name)] = f"{name}=={version}"
     return [found[k] for k in sorted(found)]
 
 
