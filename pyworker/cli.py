@@ -11,7 +11,7 @@ import sys
 import time
 
 from ._version import __version__
-from .config import Settings
+from .config import GROUP_NAME, Settings
 from .errors import PyworkerError
 
 DEFAULT_HEARTBEAT_FILE = "/tmp/pyworker-heartbeat"
@@ -47,7 +47,14 @@ def _metrics(args) -> int:
         print(f"pyworker metrics: --timeout must be greater than 0, not {args.timeout:g}",
               file=sys.stderr)
         return 2
-    return serve(Settings.from_env(redis_url=args.redis_url), args.host, args.port, args.timeout)
+    groups = tuple(g.strip() for g in (args.groups or "").split(",") if g.strip())
+    bad = [g for g in groups if not GROUP_NAME.match(g)]
+    if bad:
+        print(f"pyworker metrics: --groups: {', '.join(map(repr, bad))} is not a worker group "
+              "name (lower-case letters, digits and '-')", file=sys.stderr)
+        return 2
+    return serve(Settings.from_env(redis_url=args.redis_url), args.host, args.port, args.timeout,
+                 groups)
 
 
 def _health(args) -> int:
@@ -189,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--redis-url", help="default: PYWORKER_REDIS_URL")
     m.add_argument("--timeout", type=float, default=5.0,
                    help="seconds a scrape may wait for Redis before it answers 503 (default 5)")
+    m.add_argument("--groups", default=os.environ.get("PYWORKER_METRICS_GROUPS", ""),
+                   help="worker groups always reported, comma-separated (default: "
+                        "PYWORKER_METRICS_GROUPS; groups workers registered in are added)")
     m.set_defaults(func=_metrics)
 
     h = sub.add_parser("health", help="exit 0 if this machine's worker heart-beat recently")

@@ -2,9 +2,10 @@
 queues, for Prometheus (GET /metrics) and for autoscalers (GET /scale, JSON; KEDA's metrics-api
 scaler reads its "tasks"). It exposes counts only: no task, function, name or key.
 
-Each answer costs one Redis round trip (Broker.metrics, a read-only script), bounded by
-``timeout_s``; answers within SAMPLE_MAX_AGE_S of each other share one sample, so Prometheus and
-KEDA polling together do not add up. Redis out of reach: 503 with the reason, never a stale number
+Figures are per worker group (label ``group``; /scale?group=gpu, default "default"). Each
+group's costs one Redis round trip (Broker.metrics, a read-only script), bounded by
+``timeout_s``, and /metrics one more for the list of groups; answers within SAMPLE_MAX_AGE_S of
+each other share one sample, so Prometheus and KEDA polling together do not add up. Redis out of reach: 503 with the reason, never a stale number
 (an autoscaler must not scale on a figure from before an outage).
 
 The counters (tasks and items done and failed, run times) live in Redis (P:counters), written by
@@ -19,9 +20,10 @@ import logging
 import signal
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from . import protocol
+from . import config, protocol
 from .config import Settings
 from .errors import PyworkerError
 from .queue import Broker
@@ -30,32 +32,58 @@ log = logging.getLogger("pyworker.metrics")
 
 DEFAULT_PORT = 9090
 SAMPLE_MAX_AGE_S = 0.5
-GROUP = "default"  # worker groups come later: every figure is the default group's for now
+GROUP = "default"  # /scale without ?group=
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Exporter:
-    """Samples Redis (one round trip per sample, shared by answers close in time)."""
+    """Samples Redis, one round trip per worker group (and one for the list of groups), shared
+    by answers close in time."""
 
-    def __init__(self, settings: Settings, timeout_s: float = 5.0, broker: Broker | None = None):
+    def __init__(self, settings: Settings, timeout_s: float = 5.0, broker: Broker | None = None,
+                 groups: tuple[str, ...] = ()):
         self.timeout_s = timeout_s
+        self.settings = settings.for_group(config.DEFAULT_GROUP)
         # No signing key: the exporter reads counts and signs nothing (Broker need_secret).
-        self.broker = broker or Broker(settings, need_secret=False, timeout_s=timeout_s)
+        self.broker = broker or Broker(self.settings, need_secret=False, timeout_s=timeout_s)
+        # Groups always reported (the chart's workerGroups): a group with no worker yet, which
+        # the autoscaler must be able to start from zero, has never registered in P:groups.
+        self.groups = tuple(dict.fromkeys((config.DEFAULT_GROUP, *groups)))
+        self._brokers: dict[str, Broker] = {config.DEFAULT_GROUP: self.broker}
         self._lock = threading.Lock()
-        self._sample: tuple[float, dict] | None = None
+        self._samples: dict[str, tuple[float, dict]] = {}
+        self._listed: tuple[float, list[str]] | None = None
 
-    def sample(self) -> dict:
-        """Broker.metrics' figures; raises PyworkerError (Redis out of reach, refused)."""
+    def _broker(self, group: str) -> Broker:
+        broker = self._brokers.get(group)
+        if broker is None:
+            broker = self._brokers[group] = Broker(self.settings.for_group(group),
+                                                   need_secret=False, timeout_s=self.timeout_s)
+        return broker
+
+    def sample(self, group: str = GROUP) -> dict:
+        """One group's figures (Broker.metrics); raises PyworkerError (Redis out of reach,
+        refused)."""
         with self._lock:
             now = time.monotonic()
-            if self._sample is not None and now - self._sample[0] < SAMPLE_MAX_AGE_S:
-                return self._sample[1]
-            figures = self.broker.metrics(self.timeout_s)
-            self._sample = (time.monotonic(), figures)
+            cached = self._samples.get(group)
+            if cached is not None and now - cached[0] < SAMPLE_MAX_AGE_S:
+                return cached[1]
+            figures = self._broker(group).metrics(self.timeout_s)
+            self._samples[group] = (time.monotonic(), figures)
             return figures
 
+    def all_groups(self) -> list[str]:
+        """The groups to report: the configured ones and every group workers registered in."""
+        with self._lock:
+            now = time.monotonic()
+            if self._listed is None or now - self._listed[0] >= SAMPLE_MAX_AGE_S:
+                self._listed = (now, self.broker.groups())
+            return list(dict.fromkeys((*self.groups, *self._listed[1])))
+
     def close(self):
-        self.broker.close()
+        for broker in self._brokers.values():
+            broker.close()
 
 
 def scale_figures(sample: dict) -> dict:
@@ -71,12 +99,35 @@ def _labels(group: str, **more) -> str:
 
 def prometheus_text(sample: dict, group: str = GROUP) -> str:
     """The sample in Prometheus' text format (0.0.4)."""
+    return prometheus_groups({group: sample})
+
+
+def prometheus_groups(samples: dict[str, dict]) -> str:
+    """Samples of several groups in Prometheus' text format (0.0.4): each metric's HELP and
+    TYPE once, then a line per group."""
+    lines = []
+    families: dict[str, tuple[str, str, list[str]]] = {}
+
+    def metric(name, kind, text, value, labels):
+        values = families.setdefault(name, (kind, text, []))[2]
+        if value is None:  # a histogram's lines, made whole
+            values.extend(labels)
+        else:
+            values.append(f"{name}{labels} {value}")
+
+    for group, sample in samples.items():
+        _group_metrics(sample, group, metric)
+    for name, (kind, text, values) in families.items():
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *values]
+    return "\n".join(lines) + "\n"
+
+
+def _group_metrics(sample: dict, group: str, emit) -> None:
     c = sample["counters"]
     g = _labels(group)
-    lines = []
 
     def metric(name, kind, text, value, labels=g):
-        lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"])
+        emit(name, kind, text, value, labels)
 
     metric("pyworker_workers", "gauge", "Workers with a live lease.", sample["workers"])
     metric("pyworker_workers_busy", "gauge", "Live workers holding a task.", sample["busy"])
@@ -94,18 +145,18 @@ def prometheus_text(sample: dict, group: str = GROUP) -> str:
            "Items whose call returned.", items - items_failed)
     metric("pyworker_items_failed_total", "counter", "Items whose call raised.", items_failed)
     name = "pyworker_task_duration_seconds"
-    lines += [f"# HELP {name} How long tasks ran on a worker (their items' calls).",
-              f"# TYPE {name} histogram"]
+    text = "How long tasks ran on a worker (their items' calls)."
+    hist = []
     cumulative = 0
     n_buckets = len(protocol.TASK_SECONDS_BUCKETS)
     for i, bound in enumerate(protocol.TASK_SECONDS_BUCKETS):
         cumulative += c.get(protocol.bucket_field(i), 0)
-        lines.append(f"{name}_bucket{_labels(group, le=f'{bound:g}')} {cumulative}")
+        hist.append(f"{name}_bucket{_labels(group, le=f'{bound:g}')} {cumulative}")
     cumulative += c.get(protocol.bucket_field(n_buckets), 0)
-    lines.append(f"{name}_bucket{_labels(group, le='+Inf')} {cumulative}")
-    lines.append(f"{name}_sum{g} {c.get('run_us', 0) / 1e6:.6f}")
-    lines.append(f"{name}_count{g} {cumulative}")
-    return "\n".join(lines) + "\n"
+    hist.append(f"{name}_bucket{_labels(group, le='+Inf')} {cumulative}")
+    hist.append(f"{name}_sum{g} {c.get('run_us', 0) / 1e6:.6f}")
+    hist.append(f"{name}_count{g} {cumulative}")
+    emit(name, "histogram", text, None, hist)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -121,8 +172,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(404, "text/plain; charset=utf-8",
                          "not found: GET /metrics (Prometheus), /scale (JSON) or /healthz\n")
             return
+        query = urllib.parse.parse_qs(self.path.split("?", 1)[1] if "?" in self.path else "")
+        group = (query.get("group") or [GROUP])[-1]
+        if not config.GROUP_NAME.match(group):
+            self._answer(400, "text/plain; charset=utf-8",
+                         f"not a worker group name: {group!r} (?group=default, ?group=gpu)\n")
+            return
         try:
-            sample = self.exporter.sample()
+            if path == "/scale":
+                sample = self.exporter.sample(group)
+            else:
+                samples = {g: self.exporter.sample(g) for g in self.exporter.all_groups()}
         except PyworkerError as exc:
             log.warning("pyworker metrics: %s", exc)
             if path == "/scale":
@@ -133,7 +193,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/scale":
             self._answer(200, "application/json", json.dumps(scale_figures(sample)) + "\n")
         else:
-            self._answer(200, PROMETHEUS_TYPE, prometheus_text(sample))
+            self._answer(200, PROMETHEUS_TYPE, prometheus_groups(samples))
 
     def _answer(self, status: int, content_type: str, body: str):
         data = body.encode()
@@ -160,9 +220,9 @@ def make_server(exporter: Exporter, host: str = "0.0.0.0", port: int = DEFAULT_P
 
 
 def serve(settings: Settings, host: str = "0.0.0.0", port: int = DEFAULT_PORT,
-          timeout_s: float = 5.0) -> int:
+          timeout_s: float = 5.0, groups: tuple[str, ...] = ()) -> int:
     """Serve until SIGTERM or SIGINT."""
-    exporter = Exporter(settings, timeout_s)
+    exporter = Exporter(settings, timeout_s, groups=groups)
     server = make_server(exporter, host, port)
 
     def stop(signum, frame):

@@ -180,3 +180,37 @@ def test_cli_without_redis_says_what_to_set():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "PYWORKER_REDIS_URL" in proc.stderr and "PYWORKER_SECRET" not in proc.stderr
+
+
+def test_figures_per_worker_group(make_cluster, tmp_path):
+    """A group's figures under its label, /scale?group= for its autoscaler, and a configured
+    group with no worker yet (KEDA must start it from zero) reported with its queued tasks."""
+    cluster = make_cluster(1)
+    cluster.add_worker(env={"PYWORKER_GROUP": "gpu"})
+    exporter = Exporter(cluster.settings(), timeout_s=3.0, groups=("spare",))
+    server = make_server(exporter, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        wait_until(lambda: scrape(base).get('pyworker_workers{group="gpu"}') == 1, 30,
+                   "the gpu worker in the metrics")
+        spare = cluster.client.for_group("spare")
+        with Executor(client=spare) as ex:
+            futures = [ex.submit(_wait_for_file, str(tmp_path / "never"), limit=0.1)
+                       for _ in range(3)]
+            wait_until(lambda: json.loads(get(base + "/scale?group=spare")[2])["tasks"] == 3, 30,
+                       "3 tasks queued for the spare group")
+            m = scrape(base)
+            assert m['pyworker_workers{group="default"}'] == 1
+            assert m['pyworker_workers{group="spare"}'] == 0
+            assert m['pyworker_tasks_queued{group="spare"}'] == 3
+            assert m['pyworker_tasks_queued{group="gpu"}'] == 0
+            assert json.loads(get(base + "/scale")[2])["tasks"] == 0, "the default group's"
+            for f in futures:
+                f.cancel()
+        status, _, body = get(base + "/scale?group=Not_A_Group")
+        assert status == 400 and "not a worker group name" in body
+    finally:
+        server.shutdown()
+        server.server_close()
+        exporter.close()
