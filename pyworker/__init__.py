@@ -7,20 +7,20 @@ from importlib import import_module
 from ._version import __version__
 from .config import Settings
 from .errors import (ConfigurationError, ConnectionError, JobLostError, PyworkerError,
-                     RedisError, RemoteError, SerializationError, SignatureError,
+                     RedisError, RemoteError, ScalingError, SerializationError, SignatureError,
                      VersionMismatchError, WorkerLostError)
 # loaded now: its module has the same name, which would otherwise be found instead
 from .status import status
 
 _LAZY = {"pmap": "api", "imap": "api", "imap_unordered": "api", "Executor": "api",
          "connect": "api", "get_client": "api", "Client": "client", "LocalCluster": "local",
-         "Pool": "pool"}
+         "Pool": "pool", "scale": "scaling"}
 
 __all__ = [
     "__version__", "pmap", "imap", "imap_unordered", "Executor", "Pool", "connect", "get_client",
-    "status", "LocalCluster", "Client", "Settings", "PyworkerError", "ConfigurationError",
+    "status", "scale", "LocalCluster", "Client", "Settings", "PyworkerError", "ConfigurationError",
     "ConnectionError", "RedisError", "RemoteError", "SerializationError", "SignatureError",
-    "VersionMismatchError", "WorkerLostError", "JobLostError",
+    "VersionMismatchError", "WorkerLostError", "JobLostError", "ScalingError",
 ]
 
 

@@ -34,6 +34,12 @@ READ_AHEAD_S = 0.1
 # The last batch's submit waits this long for the first result in the same round trip (short
 # calls save a round trip; longer ones carry on waiting as usual).
 FIRST_RESULT_WAIT_S = 0.05
+# A job that starts with no live worker waits for workers to start (an autoscaler starts them
+# once tasks are queued); its chunks are sized as for this many, since how many will come is
+# not known here: sized for one, 60 items would be 4 chunks, and 4 of 6 workers get work.
+WORKERS_WHEN_NONE = 16
+WAITING_DESC = "pmap (waiting for workers to start)"
+WIDEN_LOOK_S = 2.0  # how often a job waiting for results looks whether its window should widen
 
 
 def connect(url: str | None = None, password: str | None = None, secret: str | None = None,
@@ -125,6 +131,7 @@ class _Progress:
         self.bar = None
         self.total = total
         self.done = 0
+        self.waiting = False  # no live worker: the bar says it waits for them to start
         self.enabled = enabled  # None: decided (a system call) only for a job that lasts
         self.start = time.monotonic()
 
@@ -138,16 +145,61 @@ class _Progress:
             self.enabled = _interactive()
         if self.enabled and elapsed >= self.DELAY_S:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=self.total, initial=self.done, unit="item", desc="pmap",
-                            dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, initial=self.done, unit="item",
+                            desc=WAITING_DESC if self.waiting else "pmap", dynamic_ncols=True)
             self.bar.start_t -= elapsed  # rates count from the job's start
 
     def tick(self):
         self.update(0)
 
+    def wait_for_workers(self, waiting: bool):
+        if waiting != self.waiting:
+            self.waiting = waiting
+            if self.bar is not None:
+                self.bar.set_description(WAITING_DESC if waiting else "pmap")
+
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+class _Workers:
+    """How many workers are live while a job runs, looked at about once a second: a job that
+    started with none waits for them (and says so), and one whose workers grow (an autoscaler,
+    pyworker.scale) widens its window so that every new worker gets work."""
+
+    CHECK_S = 1.0
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.n = client.live_workers()
+        self.seen_any = self.n > 0
+        self._checked = time.monotonic()
+
+    def grew(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked < self.CHECK_S:
+            return False
+        self._checked = now
+        before, self.n = self.n, self.client.live_workers()
+        self.seen_any = self.seen_any or self.n > 0
+        return self.n > before
+
+
+def _say_waiting(client: Client, timeout, executor: bool = False) -> None:
+    """Once per client: a job with no live worker waits for workers to start, bounded only by
+    its timeout."""
+    if client._warned_no_workers:
+        return
+    client._warned_no_workers = True
+    if executor:
+        bound = "as long as result() or wait() is told to"
+    else:
+        bound = (f"up to timeout={timeout:g} s" if timeout is not None
+                 else "with no limit (pass timeout= to bound it)")
+    print(f"pyworker: no worker is live at {client.broker.where} yet; the job is queued and "
+          f"waits for workers to start (an autoscaler starts them for queued work), {bound}",
+          file=sys.stderr, flush=True)
 
 
 def _show_outputs(result: ChunkResult, first_index: int):
@@ -300,11 +352,10 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client,
     seq = None
     if all(_sliceable(it) for it in iterables):
         seq = iterables[0] if mode == protocol.MODE_ONE else serialize.Zipped(iterables)
-    workers = client.live_workers()
-    if workers == 0 and not client._warned_no_workers:
-        client._warned_no_workers = True
-        print(f"pyworker: no workers are connected to Redis at {client.broker.where}; "
-              "the job waits until one starts", file=sys.stderr)
+    watch = _Workers(client)
+    if watch.n == 0:
+        _say_waiting(client, timeout)
+    workers = watch.n or WORKERS_WHEN_NONE  # (for sizing chunks and the window)
     size = chunksize or auto_chunksize(n, workers)
     ramp = None  # the next chunk's size while chunks start small (see below)
     item_bytes = 0
@@ -337,6 +388,19 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client,
     next_index, exhausted, done = 0, False, 0
     relaunches = 0
     bar = _Progress(n, progress)
+    bar.waiting = watch.n == 0
+
+    def look_at_workers():
+        """More workers than the window was made for: widen it (and the byte budget)."""
+        nonlocal window, budget
+        if watch.grew() and watch.n > workers:
+            window = max(window, max(4 * watch.n, 8) + 1)
+            budget = max(budget, CHUNK_TARGET_BYTES * (watch.n * 3 // 2 + 2))
+        bar.wait_for_workers(watch.n == 0)
+
+    def on_wait():
+        look_at_workers()
+        bar.tick()
 
     def relaunch(exc, unsent=()):
         """Redis lost the job: send what has not come back again, as a new job."""
@@ -388,15 +452,26 @@ def _run(fn, iterables, chunksize, timeout, progress, return_exceptions, client,
                         relaunch(exc, batch)
             if not pending:
                 return
+            # The wait ends now and then (WIDEN_LOOK_S) for the window's sake: workers that came
+            # meanwhile get tasks even while no result comes (long tasks, all running).
+            look = time.monotonic() + WIDEN_LOOK_S
             try:
-                result = job.next_result(deadline, len(pending) - 1, on_wait=bar.tick)
+                result = job.next_result(look if deadline is None else min(deadline, look),
+                                         len(pending) - 1, on_wait=on_wait)
             except JobLostError as exc:
                 relaunch(exc)
                 continue
+            if result is None and (deadline is None or time.monotonic() < deadline):
+                continue
             if result is None:
+                why = "" if watch.seen_any else (
+                    f": no worker was live at {client.broker.where} meanwhile (none started: "
+                    "check the worker pods, or the autoscaler)")
                 raise TimeoutError(
                     f"pmap timed out after {timeout:g} s with {done} of "
-                    f"{n if n is not None else next_index} items done; the job was cancelled")
+                    f"{n if n is not None else next_index} items done; the job was cancelled"
+                    + why)
+            look_at_workers()
             entry = pending.pop(result.chunk, None)
             if entry is None:
                 continue  # a task that ran twice: its first result already counted
@@ -704,7 +779,10 @@ class Executor(cf.Executor):
             if self._shutdown and not after_shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._job is None or not self._job.live:
-                self._job = (self._client or get_client()).job(self._task_timeout)
+                client = self._client or get_client()
+                self._job = client.job(self._task_timeout)
+                if client.live_workers() == 0:
+                    _say_waiting(client, None, executor=True)
             job = self._job
             sha = job.add_function(fn)
             futures = [_Future(self) for _ in chunks]

@@ -1,4 +1,4 @@
-"""`pyworker worker | local | status | health`. Every worker option is also a PYWORKER_* variable."""
+"""`pyworker worker | local | status | metrics | health`. Every worker option is also a PYWORKER_* variable."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +34,20 @@ def _status(args) -> int:
     from .status import status
     print(status())
     return 0
+
+
+def _metrics(args) -> int:
+    from .metrics import serve
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    if not 0 <= args.port <= 65535:
+        print(f"pyworker metrics: --port {args.port} is not a port (0-65535)", file=sys.stderr)
+        return 2
+    if not args.timeout > 0:
+        print(f"pyworker metrics: --timeout must be greater than 0, not {args.timeout:g}",
+              file=sys.stderr)
+        return 2
+    return serve(Settings.from_env(redis_url=args.redis_url), args.host, args.port, args.timeout)
 
 
 def _health(args) -> int:
@@ -161,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="workers, queued jobs and throughput")
     st.set_defaults(func=_status)
+
+    m = sub.add_parser("metrics", help="serve Prometheus metrics and autoscaling figures",
+                       description="An HTTP exporter of what Redis says about workers and "
+                                   "queues: GET /metrics (Prometheus text), /scale (JSON: "
+                                   "tasks queued + running, for autoscalers), /healthz. Needs "
+                                   "PYWORKER_REDIS_URL (and PYWORKER_REDIS_PASSWORD), not the "
+                                   "signing key.")
+    m.add_argument("--port", type=int, default=9090, help="default 9090")
+    m.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    m.add_argument("--redis-url", help="default: PYWORKER_REDIS_URL")
+    m.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds a scrape may wait for Redis before it answers 503 (default 5)")
+    m.set_defaults(func=_metrics)
 
     h = sub.add_parser("health", help="exit 0 if this machine's worker heart-beat recently")
     h.add_argument("--max-age", type=float, default=30.0, help="seconds (default 30)")

@@ -123,11 +123,13 @@ class Settings:
             raise TypeError(f"unknown pyworker setting(s): {', '.join(sorted(unknown))}")
         return cls(**values)
 
-    def require_connection(self) -> None:
+    def require_connection(self, secret: bool = True) -> None:
+        """``secret=False``: a reader that signs and opens no message (the metrics exporter),
+        which had better not hold the key that makes workers run code."""
         missing = []
         if not self.redis_url:
             missing.append("PYWORKER_REDIS_URL (e.g. redis://host:6379/0)")
-        if not self.secret:
+        if secret and not self.secret:
             missing.append("PYWORKER_SECRET (the key that signs every message)")
         if self.secret and len(self.secret.encode()) < MIN_SECRET_BYTES:
             # A short key can be guessed offline from any one signed message in Redis.

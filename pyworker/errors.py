@@ -91,3 +91,8 @@ class RemoteError(PyworkerError):
         where = f" (item #{self.index}" + (f" on worker {self.worker}" if self.worker else "") + ")"
         return f"{self.type_name}: {self.message}{where if self.index is not None else ''}\n\n" \
                f"Remote traceback:\n{self.traceback}"
+
+
+class ScalingError(PyworkerError):
+    """pyworker.scale() cannot set the number of workers here: not in a release's Lab, scaling
+    turned off (lab.allowScaling), or the Kubernetes API refused; the message says which."""

@@ -40,6 +40,11 @@ Keys (``P`` is the prefix, ``pyw`` by default)::
                                  handed over by a submit (in its active hash already), or wake
                                  tokens '1' if its info has no handoff=1 (a worker from before)
     P:stats:<unix second> string items finished in that second (expires)
+    P:counters            hash   running totals for the metrics exporter (metrics.py), written
+                                 by the executors' beats (no command of their own):
+                                 COUNTER_FIELDS, then one field per TASK_SECONDS_BUCKETS bound
+                                 (tasks whose run time fell at or under it and over the bound
+                                 before; 'inf': over the last)
 
 Messages are bytes: one ASCII header line, then (for messages that carry a pickle) a 32-byte
 HMAC-SHA256 over header line + payload, then the payload. A payload over INLINE_MAX_BYTES is not
@@ -108,6 +113,33 @@ STATUS_RESEND = "resend"
 MODE_ONE = 0  # fn(item)
 MODE_STAR = 1  # fn(*item)
 MODE_CALL = 2  # fn(*args, **kwargs) with item == (args, kwargs)
+
+# P:counters' fields, in the order an executor's beat sends them (one space-separated string,
+# see counter_deltas): tasks (chunks) finished, of them failed (an item raised, or the whole
+# chunk failed), their items, of those failed, and the tasks' run time in microseconds (the sum
+# of a Prometheus histogram); then the TASK_SECONDS_BUCKETS counts.
+COUNTER_FIELDS = ("tasks", "tasks_failed", "items", "items_failed", "run_us")
+# Upper bounds (s) of the task run-time histogram's buckets: from quick tasks to hour-long ones.
+TASK_SECONDS_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+
+def bucket_field(i: int) -> str:
+    """The P:counters field of histogram bucket i (len(TASK_SECONDS_BUCKETS): over the last)."""
+    return f"le {TASK_SECONDS_BUCKETS[i]:g}" if i < len(TASK_SECONDS_BUCKETS) else "le inf"
+
+
+def counter_fields() -> list[str]:
+    return list(COUNTER_FIELDS) + [bucket_field(i) for i in range(len(TASK_SECONDS_BUCKETS) + 1)]
+
+
+def counter_deltas(values) -> str:
+    """What a beat sends to add to P:counters: integers in counter_fields() order, zeros at the
+    end left off ('' when all are zero: the beat then adds nothing)."""
+    values = list(values)
+    while values and not values[-1]:
+        values.pop()
+    return " ".join(str(int(v)) for v in values)
+
 
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 INSTANCE_HEX = 8  # the random part of a worker id
@@ -210,17 +242,24 @@ class Keys:
     def stats(self, second: int) -> str:
         return f"{self.prefix}:stats:{second}"
 
+    @property
+    def counters(self) -> str:
+        return f"{self.prefix}:counters"
+
     def lua_prelude(self) -> str:
         """The same layout as Lua functions, so the scripts in queue.py never spell a key."""
         p = self.prefix.replace("\\", "\\\\").replace("'", "\\'")
+        fields = ", ".join(f"'{f}'" for f in counter_fields())
         return f"""
 local P = '{p}'
+local COUNTER_FIELDS = {{{fields}}}
 local WAKE_TOKENS_MAX = {WAKE_TOKENS_MAX}
 local K_JOBS = P .. ':jobs'
 local K_WAKE = P .. ':wake'
 local K_WORKERS = P .. ':workers'
 local K_IDLE = P .. ':idle'
 local K_LEASES = P .. ':leases'
+local K_COUNTERS = P .. ':counters'
 local function k_job(j) return P .. ':job:' .. j end
 local function k_queue(j) return P .. ':job:' .. j .. ':q' end
 local function k_results(j) return P .. ':job:' .. j .. ':r' end

@@ -82,8 +82,10 @@ return t
 # that ended (the worker was reaped, or Redis lost its data) comes back only with its
 # supervisor's full registration (Lease.beat), which also puts it into the reaper's index
 # (P:leases) -- a lease outside the index would never be reaped.
+# ``counts``: what to add to P:counters (protocol.counter_deltas), for the metrics exporter: it
+# rides on the beat (once a heartbeat interval), so the counters cost no command of their own.
 _BEAT_FN = r"""
-local function beat(worker, lease, seen, n, total)
+local function beat(worker, lease, seen, n, total, counts)
   if redis.call('SET', k_hb(worker), '1', 'PX', lease, 'XX') then
     redis.call('HSET', k_info(worker), 'seen', seen, 'done', total)
   end
@@ -92,16 +94,23 @@ local function beat(worker, lease, seen, n, total)
     redis.call('INCRBY', k_stats(now), n)
     redis.call('EXPIRE', k_stats(now), 120)
   end
+  if counts and counts ~= '' then
+    local i = 0
+    for v in string.gmatch(counts, '%S+') do
+      i = i + 1
+      if v ~= '0' and COUNTER_FIELDS[i] then redis.call('HINCRBY', K_COUNTERS, COUNTER_FIELDS[i], v) end
+    end
+  end
 end
 """
 
-_BEAT = _BEAT_FN + "beat(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])"
+_BEAT = _BEAT_FN + "beat(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])"
 
 # ARGV: worker, "<jid> <chunk>", jid, result message, the beat's lease ms ('': no beat now),
 #       tasks to take (0, 1, or 2: the next and one to hold), the task's payload field ('' when
 #       the task was inline), result payload field ('' when the result is inline), for the
-#       beat: seen, items, total; and '1' if the worker holds a task it will run next (sent
-#       ahead), else '0' or nothing
+#       beat: seen, items, total, counts; '1' if the worker holds a task it will run next (sent
+#       ahead), else '0'; then the jobs to skip
 # The result is kept only if this worker still held the task: a worker that was declared dead
 # (and whose task was re-queued) and then came back cannot add a second result.
 # A second task (held while the first runs, so the worker's next finish need not be waited for)
@@ -127,12 +136,12 @@ if ttl ~= -2 then
 elseif rfield ~= '' then
   redis.call('HDEL', k_rpayloads(jid), rfield)
 end
-if ARGV[5] ~= '' then beat(worker, ARGV[5], ARGV[9], ARGV[10], ARGV[11]) end
+if ARGV[5] ~= '' then beat(worker, ARGV[5], ARGV[9], ARGV[10], ARGV[11], ARGV[12]) end
 local take, nxt, held = tonumber(ARGV[6]), false, false
-local skip = skipped(13)
+local skip = skipped(14)
 if take > 0 then
   nxt = dequeue(worker, skip)
-  if not nxt and ARGV[12] ~= '1' and not skip then  -- idle from now on: the first to wake
+  if not nxt and ARGV[13] ~= '1' and not skip then  -- idle from now on: the first to wake
     redis.call('LREM', K_IDLE, 0, worker)
     redis.call('LPUSH', K_IDLE, worker)
   end
@@ -361,6 +370,29 @@ return 0
 """
 
 
+# The metrics exporter's sample (metrics.py), in one step: {live workers, busy workers (holding
+# a task), tasks they hold (running, or taken ahead), tasks queued, P:counters as a flat list}.
+# O(workers + jobs with queued tasks): a scrape every few seconds, not the hot path.
+_METRICS = r"""
+local live, busy, running = 0, 0, 0
+for _, name in ipairs(redis.call('SMEMBERS', K_WORKERS)) do
+  if redis.call('EXISTS', k_hb(name)) == 1 then
+    live = live + 1
+    local n = redis.call('HLEN', k_active(name))
+    if n > 0 then
+      busy = busy + 1
+      running = running + n
+    end
+  end
+end
+local queued = 0
+for _, jid in ipairs(redis.call('LRANGE', K_JOBS, 0, -1)) do
+  queued = queued + redis.call('LLEN', k_queue(jid))
+end
+return {live, busy, running, queued, redis.call('HGETALL', K_COUNTERS)}
+"""
+
+
 def _one_line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -470,7 +502,7 @@ def _s(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _connect(settings: Settings) -> connection.Redis:
+def _connect(settings: Settings, timeout_s: float | None = None) -> connection.Redis:
     tls = {}
     for name, option in (("redis_ca_file", "ssl_ca_certs"), ("redis_cert_file", "ssl_certfile"),
                          ("redis_key_file", "ssl_keyfile")):
@@ -488,6 +520,7 @@ def _connect(settings: Settings) -> connection.Redis:
     return connection.Redis(settings.redis_url, password=settings.redis_password or None,
                       username=settings.redis_username or None,
                       connect_timeout=settings.connect_timeout_s, tls=tls or None,
+                      **({"timeout": timeout_s} if timeout_s else {}),
                       sentinels=sentinels, sentinel_master=settings.redis_sentinel_master,
                       sentinel_password=settings.redis_sentinel_password or None)
 
@@ -495,14 +528,17 @@ def _connect(settings: Settings) -> connection.Redis:
 class Broker:
     """A Redis connection pool plus the operations pyworker needs, named for what they do."""
 
-    def __init__(self, settings: Settings):
-        settings.require_connection()
+    def __init__(self, settings: Settings, need_secret: bool = True,
+                 timeout_s: float | None = None):
+        """``timeout_s``: how long any reply may take (the handshake's too; default 30 s), for
+        a reader that must answer in bounded time (the metrics exporter)."""
+        settings.require_connection(secret=need_secret)
         self.settings = settings
         self.keys = protocol.Keys(settings.prefix)
         self.where = (f"{settings.redis_sentinel_master} (Sentinel {settings.redis_sentinels})"
                       if settings.redis_sentinels else describe_url(settings.redis_url))
         try:
-            self.redis = _connect(settings)
+            self.redis = _connect(settings, timeout_s)
         except ValueError as exc:
             shown = url_without_password(settings.redis_url)
             raise PyworkerConnectionError(
@@ -520,6 +556,7 @@ class Broker:
         self._held = connection.Script(prelude + _HELD)
         self._give_back = connection.Script(prelude + _GIVE_BACK)
         self._refused = connection.Script(prelude + _REFUSED)
+        self._metrics = connection.Script(prelude + _METRICS)
         # Jobs whose tasks this (worker's) broker cannot verify: dequeues skip them.
         self.skip_jobs: list[str] = []
         self._submit_loaded = False  # whether Redis is known to have the submit script
@@ -768,9 +805,10 @@ class Broker:
         ])[-1]
 
     @translate_errors
-    def heartbeat(self, name: str, n: int = 0, total: int = 0) -> None:
-        """The executor's beat (see _BEAT_FN): renew the lease, and n more items done."""
-        self.redis.run(self._beat, name, self._lease_ms, f"{time.time():.3f}", n, total)
+    def heartbeat(self, name: str, n: int = 0, total: int = 0, counts: str = "") -> None:
+        """The executor's beat (see _BEAT_FN): renew the lease, and n more items done
+        (``counts``: what to add to the metrics' counters, protocol.counter_deltas)."""
+        self.redis.run(self._beat, name, self._lease_ms, f"{time.time():.3f}", n, total, counts)
 
     @translate_errors
     def renew_lease(self, name: str) -> bool:
@@ -894,11 +932,11 @@ class Broker:
         if result_payload is not None:
             rfield = f"{chunk} {name}"
             commands.append(("HSET", self.keys.result_payloads(jid), rfield, result_payload))
-        lease, seen, n, total = "", "", 0, 0
+        lease, seen, n, total, counts = "", "", 0, 0, ""
         if beat is not None:
-            lease, seen, (n, total) = self._lease_ms, f"{time.time():.3f}", beat
+            lease, seen, (n, total, counts) = self._lease_ms, f"{time.time():.3f}", beat
         return commands, (name, f"{jid} {chunk}", jid, result, lease, take,
-                          chunk if had_payload else "", rfield, seen, n, total,
+                          chunk if had_payload else "", rfield, seen, n, total, counts,
                           "1" if holding else "0", *self.skip_jobs)
 
     @staticmethod
@@ -909,11 +947,11 @@ class Broker:
     @translate_errors
     def finish(self, name: str, jid: str, chunk: int, result: bytes, take: int,
                result_payload: bytes | None = None, had_payload: bool = False,
-               beat: tuple[int, int] | None = None,
+               beat: tuple[int, int, str] | None = None,
                holding: bool = False) -> tuple[bool, list[bytes]]:
         """Report a task's result and take up to ``take`` tasks (0-2, see _FINISH) in the same
         step: (whether the result was kept, the tasks taken). A result is not kept when the
-        worker no longer held the task or the job ended. With beat=(items, total), the worker's
+        worker no longer held the task or the job ended. With beat=(items, total, counts), the worker's
         beat goes in the same step (see heartbeat). ``holding``: the worker has a task to run
         next (it does not join the idle stack)."""
         commands, args = self._finish_call(name, jid, chunk, result, take, result_payload,
@@ -923,7 +961,7 @@ class Broker:
     @translate_errors
     def finish_later(self, name: str, jid: str, chunk: int, result: bytes, take: int,
                      result_payload: bytes | None = None, had_payload: bool = False,
-                     beat: tuple[int, int] | None = None):
+                     beat: tuple[int, int, str] | None = None):
         """finish() of a worker holding a task, sent now and answered later: returns a function
         that waits for the answer (the worker runs its held task meanwhile instead of waiting
         for Redis)."""
@@ -948,6 +986,22 @@ class Broker:
         return self.redis.call("GET", self.keys.fn(sha))
 
     # --- status --------------------------------------------------------------------------------
+
+    @translate_errors
+    def metrics(self, timeout_s: float = 5.0) -> dict:
+        """The numbers the metrics exporter serves (see _METRICS), in one round trip of at
+        most timeout_s: workers, busy, running, queued, and counters (P:counters, as ints)."""
+        args = ("EVALSHA", self._metrics.sha, 0)
+        try:
+            reply = self.redis.call(*args, timeout=timeout_s)
+        except connection.ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            reply = self.redis.call("EVAL", self._metrics.source, 0, timeout=timeout_s)
+        live, busy, running, queued, flat = reply
+        counters = {_s(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return {"workers": int(live), "busy": int(busy), "running": int(running),
+                "queued": int(queued), "counters": counters}
 
     @translate_errors
     def snapshot(self) -> dict:

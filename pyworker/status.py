@@ -5,8 +5,10 @@ import time
 
 
 class Status:
-    def __init__(self, snapshot: dict, where: str):
+    def __init__(self, snapshot: dict, where: str, desired: int | None = None):
         self.where = where
+        # the worker pods the cluster wants (a release's Lab: its Deployment's replicas), or None
+        self.desired = desired
         self.workers = snapshot["workers"]
         self.jobs = snapshot["jobs"]
         self.items_per_s = snapshot["items_per_s"]
@@ -14,6 +16,10 @@ class Status:
     @property
     def alive(self) -> list[dict]:
         return [w for w in self.workers if w.get("alive")]
+
+    def _counts(self) -> str:
+        wanted = "" if self.desired is None else f" of {self.desired} desired"
+        return f"{len(self.alive)} worker(s) alive{wanted}"
 
     def _worker_rows(self):
         now = time.time()
@@ -31,7 +37,7 @@ class Status:
                    f"{now - seen:.1f} s ago" if seen else "never", state)
 
     def __str__(self):
-        lines = [f"pyworker at {self.where}: {len(self.alive)} worker(s) alive, "
+        lines = [f"pyworker at {self.where}: {self._counts()}, "
                  f"{len(self.jobs)} job(s) with queued work, "
                  f"{self.items_per_s:.1f} items/s over the last minute"]
         if self.workers:
@@ -57,12 +63,13 @@ class Status:
         jobs = "".join(f"<li><code>{e(j['id'])}</code>: {j['queued_chunks']} chunk(s) queued</li>"
                        for j in self.jobs) or "<li>no queued work</li>"
         return (f"<div><b>pyworker</b> at <code>{e(self.where)}</code>: "
-                f"{len(self.alive)} worker(s) alive, {self.items_per_s:.1f} items/s over the "
+                f"{self._counts()}, {self.items_per_s:.1f} items/s over the "
                 f"last minute<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
                 f"<ul>{jobs}</ul></div>")
 
 
 def status(client=None) -> Status:
     from .api import get_client
+    from .scaling import desired_workers
     client = client or get_client()
-    return Status(client.broker.snapshot(), client.broker.where)
+    return Status(client.broker.snapshot(), client.broker.where, desired_workers())

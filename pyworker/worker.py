@@ -5,6 +5,7 @@ import logging
 import mmap
 import os
 import _signal
+import bisect
 import hmac
 import signal
 import sys
@@ -46,8 +47,11 @@ class _Report(NamedTuple):
     n_items: int
     payload: bytes | None  # the result payload, when it does not travel inline
     segment: str | None  # the result's shared-memory segment, if it has one
+    run_s: float = 0.0  # how long its items ran (the metrics' task duration)
+    failed: int = 0  # items that raised (the whole chunk failing: -1)
 
 
+_FIRST_BUCKET = len(protocol.COUNTER_FIELDS)  # where the run-time histogram starts in _counts
 OUTPUT_CAP_BYTES = 1 << 20  # what one task may print; the rest is counted, not kept
 STREAM_AFTER_S = 1.0  # what a running task printed reaches its caller about this much later
 
@@ -401,6 +405,8 @@ class Worker:
         # Items done go to Redis (throughput, status()) at most once per heartbeat interval,
         # with a result when there is one: with every result would cost every task Redis calls.
         self._uncounted = 0
+        # What the next beat adds to the metrics' counters (protocol.counter_fields order).
+        self._counts = [0] * len(protocol.counter_fields())
         self._beat_at = 0.0
         self._beat_lock = threading.Lock()
         self._task_ctx = protocol.mac_context(protocol.KIND_TASK)
@@ -490,7 +496,7 @@ class Worker:
                 held.append(first)
         while not self.stopping.is_set():
             try:
-                if not held and self._uncounted:
+                if not held and self._counts[0]:
                     self._count_done()
                 if resync and answer is None:
                     # A dequeue whose answer was lost may have run: its task is in Redis as
@@ -506,7 +512,7 @@ class Worker:
                 if not held:
                     # Reached only when the queues were empty at the last look.
                     # (items done and not yet counted go in within a beat, not a long wait)
-                    wait = min(idle_wait, self.settings.heartbeat_s) if self._uncounted \
+                    wait = min(idle_wait, self.settings.heartbeat_s) if self._counts[0] \
                         else idle_wait
                     if self.refused:
                         # Off the idle stack (it skips jobs it cannot verify): nothing wakes
@@ -559,7 +565,7 @@ class Worker:
                 answer()  # what it took stays held in Redis: the next executor runs it, or
             except (PyworkerConnectionError, RedisError) as exc:  # deregistering gives it back
                 log.error("worker %s: could not send a result: %s", self.name, exc)
-        if self._uncounted:
+        if self._counts[0]:
             try:
                 self._count_done(force=True)
             except (PyworkerConnectionError, RedisError):
@@ -567,7 +573,7 @@ class Worker:
 
     def _count_done(self, force: bool = False):
         """Items done since the last beat go into Redis' figures (an idle worker's last ones)."""
-        due = self._due_beat(0, force)
+        due = self._due_beat(None, force)
         if due is not None:
             try:
                 self.broker.heartbeat(self.name, *due)
@@ -649,7 +655,7 @@ class Worker:
             mode, items = serialize.loads(payload, buffers)
         except _Failed as failed:
             values, errors, outputs = [], {-1: failed.packed}, {}
-            items = ()
+            items, run_s = (), 0.0
         except SignatureError as exc:
             log.error("worker %s: rejected function of job %s without unpickling it: %s",
                       self.name, header.jid, exc)
@@ -658,17 +664,19 @@ class Worker:
         except Exception as exc:
             # The whole chunk fails alike (offset -1): say why, for every item, to the caller.
             values, errors, outputs, rest = [], {-1: serialize.pack_exception(exc)}, {}, None
-            items = ()
+            items, run_s = (), 0.0
         else:
             watch = header.timeout > 0 or (plan is not None and plan.watch)
             capture = None
             if self.settings.forward_output:
                 capture = _OutputCapture(streamer=self.streamer, where=(header.jid, header.chunk))
                 self.streamer.attach(capture)
+            started = time.perf_counter()
             values, errors, outputs, rest = run_chunk(
                 fn, mode, items, capture,
                 self.board if watch else None, plan.failed if plan is not None else None,
                 self.limit_bytes)
+            run_s = time.perf_counter() - started
         del payload, buffers  # the task's memory can go before the result is written
         # Big buffers out of band only if the result may go back through shared memory.
         oob = [] if self.shm is not None and header.shm != protocol.NO_SHM else None
@@ -702,7 +710,8 @@ class Worker:
             inline)
         return _Report(header, result, len(values) if rest is not None else len(items),
                        None if inline else body,
-                       segment.name if segment is not None else None)
+                       segment.name if segment is not None else None, run_s,
+                       -1 if -1 in errors else len(errors))
 
     def _shm_owner(self, header) -> str | None:
         """The caller's owner tag if a big result may go back through shared memory: the
@@ -722,30 +731,46 @@ class Worker:
             raise shm.SegmentTampered("the segment belongs to another task")
         return self.shm.read(desc, self.limit_bytes)
 
-    def _due_beat(self, n_items: int, force: bool = False):
-        """Add n_items to the items done; (items not yet counted in Redis, total) when a beat
-        is due (a heartbeat interval since the last, or ``force``), else None."""
+    def _due_beat(self, report: _Report | None, force: bool = False):
+        """Count a report's items and its task (the metrics' counters); (items not yet counted
+        in Redis, total, counter deltas) when a beat is due (a heartbeat interval since the
+        last, or ``force``), else None."""
         with self._beat_lock:
-            self.done += n_items
-            self._uncounted += n_items
+            if report is not None:
+                n = report.n_items
+                self.done += n
+                self._uncounted += n
+                counts = self._counts
+                counts[0] += 1
+                counts[2] += n
+                if report.failed:
+                    counts[1] += 1
+                    counts[3] += n if report.failed < 0 else report.failed
+                counts[4] += int(report.run_s * 1e6)
+                counts[_FIRST_BUCKET + bisect.bisect_left(protocol.TASK_SECONDS_BUCKETS,
+                                                          report.run_s)] += 1
             now = time.monotonic()
             if now - self._beat_at < self.settings.heartbeat_s and not force:
                 return None
-            beat, self._uncounted, self._beat_at = (self._uncounted, self.done), 0, now
+            beat = (self._uncounted, self.done, protocol.counter_deltas(self._counts))
+            self._uncounted, self._beat_at = 0, now
+            self._counts = [0] * len(self._counts)
             return beat
 
     def _missed_beat(self, beat):
         with self._beat_lock:
             self._uncounted += beat[0]  # counted with the next beat
+            for i, v in enumerate(beat[2].split()):
+                self._counts[i] += int(v)
             self._beat_at = 0.0
 
     def _report(self, report: _Report, take: int) -> list[bytes]:
         """Send a result and take up to ``take`` tasks (see queue._FINISH); the tasks taken."""
-        return self._settle(report, take, self._due_beat(report.n_items))
+        return self._settle(report, take, self._due_beat(report))
 
     def _report_ahead(self, report: _Report, take: int):
         """_report without waiting for Redis' answer: returns what waits for it."""
-        beat = self._due_beat(report.n_items)
+        beat = self._due_beat(report)
         h = report.header
         try:
             wait = self.broker.finish_later(self.name, h.jid, h.chunk, report.result, take,

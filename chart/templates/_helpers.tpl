@@ -58,6 +58,31 @@ use these. Kubernetes names are at most 63 characters; the longest suffix below 
 {{- include "pyworker.fullname" . }}-lab
 {{- end }}
 
+{{/* pyworker.metricsName: the metrics exporter's Deployment, Service, NetworkPolicy and monitors (KEDA's ScaledObject reads its /scale). */}}
+{{- define "pyworker.metricsName" -}}
+{{- include "pyworker.fullname" . }}-metrics
+{{- end }}
+
+{{/* pyworker.metrics.enabled: "true" when the exporter is deployed: metrics.enabled, or autoscaling.enabled (the autoscaler reads it). */}}
+{{- define "pyworker.metrics.enabled" -}}
+{{- if or .Values.metrics.enabled (.Values.autoscaling | default dict).enabled }}true{{ end }}
+{{- end }}
+
+{{/* pyworker.lab.serviceAccountName: the Lab's ServiceAccount (its token only scales the workers, and only with lab.allowScaling). */}}
+{{- define "pyworker.lab.serviceAccountName" -}}
+{{- include "pyworker.fullname" . }}-lab
+{{- end }}
+
+{{/* pyworker.lab.scalerName: the Role and RoleBinding that let the Lab scale the worker Deployment (lab.allowScaling). */}}
+{{- define "pyworker.lab.scalerName" -}}
+{{- include "pyworker.fullname" . }}-lab-scale
+{{- end }}
+
+{{/* pyworker.lab.scaling: "true" when the Lab may scale the workers (lab.enabled and lab.allowScaling), else "". */}}
+{{- define "pyworker.lab.scaling" -}}
+{{- if and .Values.lab.enabled .Values.lab.allowScaling }}true{{ end }}
+{{- end }}
+
 {{/* pyworker.test.fullname: the `helm test` pod. */}}
 {{- define "pyworker.test.fullname" -}}
 {{- include "pyworker.fullname" . }}-test-pmap

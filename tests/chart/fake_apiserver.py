@@ -9,7 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 # group/version -> [(resource, kind)] of what the chart renders.
 RESOURCES = {
     "v1": [("secrets", "Secret"), ("configmaps", "ConfigMap"), ("services", "Service"),
-           ("pods", "Pod"), ("persistentvolumeclaims", "PersistentVolumeClaim")],
+           ("pods", "Pod"), ("persistentvolumeclaims", "PersistentVolumeClaim"),
+           ("serviceaccounts", "ServiceAccount")],
+    "rbac.authorization.k8s.io/v1": [("roles", "Role"), ("rolebindings", "RoleBinding")],
     "apps/v1": [("deployments", "Deployment")],
     "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget")],
     "networking.k8s.io/v1": [("networkpolicies", "NetworkPolicy"), ("ingresses", "Ingress")],

@@ -23,7 +23,8 @@ def test_every_pod_is_locked_down(helm, values):
         assert psc["runAsNonRoot"] is True, name
         assert psc["runAsUser"] != 0 and psc["runAsGroup"] != 0, name
         assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, name
-        assert spec["automountServiceAccountToken"] is False, name
+        # the Lab's token (lab.allowScaling, on by default) may only scale the workers: test_lab_rbac
+        assert spec["automountServiceAccountToken"] is name.endswith("-lab"), name
         assert spec["enableServiceLinks"] is False, name
         assert "hostNetwork" not in spec and "hostPID" not in spec, name
         mounts_by_volume = {v["name"] for v in spec["volumes"]}
@@ -74,7 +75,8 @@ def test_component_per_part(helm):
     docs = render(helm)
     comp = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
             for d in by_kind(docs, "Deployment")}
-    assert comp == {"par-pyworker-redis": "redis", "par-pyworker-worker": "worker", "par-pyworker-lab": "lab"}
+    assert comp == {"par-pyworker-redis": "redis", "par-pyworker-worker": "worker", "par-pyworker-lab": "lab",
+                    "par-pyworker-metrics": "metrics"}
 
 
 def test_worker_contract(helm):
@@ -212,7 +214,7 @@ def test_test_pod_script_logic(helm):
 
 def test_network_policy_admits_only_this_release(helm):
     docs = render(helm)
-    np = one(docs, "NetworkPolicy")
+    np = one(docs, "NetworkPolicy", "-redis")
     redis_labels = one(docs, "Deployment", "-redis")["spec"]["template"]["metadata"]["labels"]
     assert np["spec"]["podSelector"]["matchLabels"].items() <= redis_labels.items()
     assert np["spec"]["policyTypes"] == ["Ingress"]
@@ -241,7 +243,7 @@ def test_config_checksum_rolls_pods_on_config_change_only(helm):
         return {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
                 for d in by_kind(docs, "Deployment") if d["metadata"]["name"] != "par-pyworker-redis"}
     base = checksums()
-    assert set(base) == {"par-pyworker-worker", "par-pyworker-lab"}
+    assert set(base) == {"par-pyworker-worker", "par-pyworker-lab", "par-pyworker-metrics"}
     assert len(set(base.values())) == 1
     assert checksums("--set", "workers=9") == base
     changed = checksums("--set", "worker.leaseSeconds=30")

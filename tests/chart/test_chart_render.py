@@ -165,7 +165,7 @@ def test_managed_redis_with_sentinel_mutual_tls_and_an_acl_user(helm):
     assert (cm["PYWORKER_REDIS_CERT_FILE"], cm["PYWORKER_REDIS_KEY_FILE"]) == (
         "/etc/pyworker/redis-tls/tls.crt", "/etc/pyworker/redis-tls/tls.key")
     pods = pod_specs(docs)
-    assert len(pods) == 3  # worker, Lab, test pod: each reads the TLS Secret, read-only
+    assert len(pods) == 4  # worker, Lab, metrics, test pod: each reads the TLS Secret, read-only
     for _, spec, _ in pods:
         vols = {v["name"]: v for v in spec["volumes"]}
         assert vols["redis-tls"]["secret"]["secretName"] == "managed-redis-tls"
@@ -186,11 +186,13 @@ def test_without_tls_material_no_pod_mounts_any(helm):
 def test_external_redis_without_password_sets_none(helm):
     docs = helm.template("--set", "externalRedis.url=redis://r:6379/0")
     pods = pod_specs(docs)
-    assert len(pods) == 3  # worker, Lab, test pod
-    for _, spec, _ in pods:
+    assert len(pods) == 4  # worker, Lab, metrics, test pod
+    for name, spec, _ in pods:
         for c in spec["containers"]:
-            assert "PYWORKER_SECRET" in {e["name"] for e in c["env"]}
-            assert "PYWORKER_REDIS_PASSWORD" not in {e["name"] for e in c["env"]}
+            # (the metrics exporter signs nothing: it has no signing key)
+            assert ("PYWORKER_SECRET" in {e["name"] for e in c.get("env", [])}) is (
+                not name.endswith("-metrics"))
+            assert "PYWORKER_REDIS_PASSWORD" not in {e["name"] for e in c.get("env", [])}
 
 
 def test_persistence(helm):

@@ -129,9 +129,10 @@ def _upgrade(helm, tmp_path, kept, *args):
 
 def test_every_pod_template_has_a_secret_checksum(helm):
     sums = secret_checksums(helm.template())
-    assert set(sums) == {"worker", "lab", "redis"}
+    assert set(sums) == {"worker", "lab", "redis", "metrics"}
     assert all(len(v) == 64 for v in sums.values())
     assert len(set(sums.values())) == 3, "each pod sums the keys it reads"
+    assert sums["metrics"] == sums["redis"]  # both read the Redis password alone
 
 
 def test_checksums_stay_across_an_upgrade_of_generated_secrets(helm, tmp_path):
@@ -153,7 +154,7 @@ def test_given_secrets_give_the_same_checksums_every_render(helm):
 
 @pytest.mark.parametrize("change, rolled", [
     ("signingKey=another-signing-key-0", {"worker", "lab"}),
-    ("redis.password=another-redis-pw-0", {"worker", "lab", "redis"}),
+    ("redis.password=another-redis-pw-0", {"worker", "lab", "redis", "metrics"}),
     ("lab.token=another-lab-token-000", {"lab"}),
     ("workers=7", set()),
 ])
