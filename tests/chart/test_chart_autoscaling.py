@@ -108,3 +108,11 @@ def test_max_below_min_is_refused(helm):
     assert proc.returncode != 0
     assert proc.stdout.strip() == ""
     assert "autoscaling.maxWorkers (2) must be at least autoscaling.minWorkers (4)" in proc.stderr
+
+
+def test_the_scaledobject_reads_a_service_the_chart_deploys_even_with_metrics_off(helm):
+    docs = helm.template(*KEDA, *ON, "--set", "metrics.enabled=false", namespace="ns")
+    url = one(docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]["url"]
+    svc = one(docs, "Service", "-metrics")
+    port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "metrics")
+    assert url == f"http://{svc['metadata']['name']}.ns.svc:{port}/scale"
