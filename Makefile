@@ -109,7 +109,7 @@ image-test: ## Test the images (pytest tests/image; builds them first unless up 
 ##@ Cluster
 # A real single-node Kubernetes built offline and run as host processes (root; docs/cluster.md).
 # Binaries and Go caches are cached under ~/.cache/pyworker/cluster and ~/.cache/pyworker/go.
-.PHONY: cluster-build cluster-up cluster-down cluster-smoke cluster-kubeconfig cluster-load e2e
+.PHONY: cluster-build cluster-up cluster-down cluster-smoke cluster-kubeconfig cluster-load keda-up keda-down e2e
 cluster-build: ## Build (once, cached by version) Kubernetes, etcd, CoreDNS and the cluster's images
 	bash ci/cluster-build.sh all
 
@@ -128,8 +128,15 @@ cluster-kubeconfig: ## Print the admin kubeconfig path (export KUBECONFIG=`make 
 cluster-load: ## Load docker images into the cluster: make cluster-load IMAGES="$(IMG) $(REDIS_IMG)"
 	bash ci/cluster-load-image.sh $(or $(IMAGES),$(IMG) $(REDIS_IMG))
 
-e2e: ## End-to-end: start the offline cluster, build + load the images, install the chart, helm test (tests/e2e)
+keda-up: ## Install KEDA (the autoscaler of autoscaling.enabled) on the running cluster: builds what is missing, waits until ready
+	bash ci/keda-install.sh
+
+keda-down: ## Remove KEDA from the running cluster (its CRDs, so every ScaledObject, too)
+	bash ci/keda-install.sh remove
+
+e2e: ## End-to-end: start the offline cluster, install KEDA, build + load the images, install the chart, helm test (tests/e2e)
 	@$(SETUP) test helm docker
 	bash ci/cluster-up.sh
+	bash ci/keda-install.sh
 	$(IMAGE_ENV) bash ci/build-image.sh all
 	PYWORKER_E2E=1 $(PYTHON) -m pytest tests/e2e

@@ -94,6 +94,45 @@ NOTES = """
 - **Test a release:** `helm test <release>` runs a `pmap` over the workers and passes when at
   least min(workers, 5) distinct worker pods answered.
 """
+AUTOSCALING = """
+## Autoscaling with KEDA
+
+`--set autoscaling.enabled=true` renders a KEDA `ScaledObject` for the worker Deployment and takes
+`replicas` out of the Deployment (else every `helm upgrade` would put `workers` back and fight
+KEDA). KEDA 2.x must be installed in the cluster; without its CRDs the install stops with one line
+saying so. KEDA starts the first worker as soon as a task is queued (from zero when
+`autoscaling.minWorkers=0`), the HorizontalPodAutoscaler it manages adds workers up to
+`maxWorkers`, aiming at `tasksPerWorker` tasks per worker (wanted = ceil(tasks / tasksPerWorker)),
+and after `cooldownSeconds` without a task the workers stop, down to `minWorkers`. The same window
+holds between two non-zero counts, so a pause between two cells does not stop the workers the next
+cell needs. `workers` is ignored while autoscaling is on.
+
+**Why KEDA's `metrics-api` scaler on the chart's own metrics exporter** (`GET /scale` of
+`<release>-pyworker-metrics`, field `tasks`), not its `redis` list scaler:
+- The number that says how many workers are needed is tasks queued **plus tasks running**. The
+  `redis` scaler reads `LLEN` of one list: queued tasks only. Workers take tasks off the queue
+  long before they finish them (and hold the next one), so the list is empty while a whole wave
+  of long tasks still runs: KEDA would start the cooldown and the HPA would aim below the work in
+  flight. The exporter counts both, from the key layout in docs/protocol.md, which stays the
+  package's business: KEDA sees one number, whatever the layout becomes.
+- The exporter already has the Redis password and is admitted by the release's NetworkPolicy;
+  the list scaler would need the password in a TriggerAuthentication and a way in to Redis from
+  KEDA's namespace.
+- The exporter is always on (one small pod; its `/metrics` serves Prometheus the same numbers), so
+  KEDA can read it while there are no workers at all. `activationTargetValue: "0"`: any task
+  wakes the first worker.
+
+**Scaling down loses no task.** KEDA lowers the Deployment's replica count; Kubernetes sends
+SIGTERM to the pods it removes. A worker that gets it finishes the task it is running, gives back
+the one it holds, takes no other and exits; `worker.terminationGracePeriodSeconds` (default 300 s)
+bounds how long that may take, so set it above your longest task. A worker killed anyway is like a
+worker that died: its task runs again elsewhere once its lease (`worker.leaseSeconds`) expires,
+up to `worker.maxRetries` times.
+
+On the offline test cluster, `make keda-up` builds KEDA from its Go module and installs it
+(docs/cluster.md).
+"""
+
 KEY_LINE = re.compile(r"^(\s*)([A-Za-z0-9_-]+):(\s|$)")
 COMMENT_LINE = re.compile(r"^\s*#\s?(.*)$")
 
@@ -177,7 +216,7 @@ def render():
     for key, typ, default, desc, _ in table:
         cell = (lambda s: s.replace("|", "\\|"))
         lines.append(f"| `{key}` | {cell(typ)} | {('`' + cell(default) + '`') if default else ''} | {cell(desc)} |")
-    lines += ["", NOTES.strip(), ""]
+    lines += ["", NOTES.strip(), "", AUTOSCALING.strip(), ""]
     return "\n".join(lines) + "\n", problems
 
 

@@ -5,6 +5,7 @@
 #   - etcd (the version the Kubernetes build pins) through its own wrapper module
 #   - CoreDNS v$COREDNS_VERSION (go install)
 #   - kube-router v$KUBE_ROUTER_VERSION (NetworkPolicy enforcement) through a wrapper module
+#   - KEDA v$KEDA_VERSION (operator, metrics API server, CRDs; its images) by ci/build-keda.sh
 #   - image tarballs: pause (static C), CoreDNS, busybox (Debian's busybox-static)
 # Binaries land in $CLUSTER_CACHE/bin/<name>-v<version>/, Go caches in $GO_CACHE_ROOT (GOMODCACHE, GOCACHE).
 # Each build's duration goes to $CLUSTER_CACHE/timings.log. Usage: ci/cluster-build.sh [bins|images|all]
@@ -21,9 +22,11 @@ export GOFLAGS="-modcacherw -buildvcs=false" GOTOOLCHAIN=local CGO_ENABLED=0
 WORK=$CLUSTER_CACHE/work   # wrapper modules (kept: small, and `go build` in them is incremental)
 tmp_dirs=()
 side_pid=
+keda_pid=
 cleanup() {
   local d
   [[ -n $side_pid ]] && kill -- "$side_pid" 2>/dev/null || true   # the background etcd/coredns build
+  [[ -n $keda_pid ]] && kill -- "$keda_pid" 2>/dev/null || true   # the background KEDA build
   for d in "${tmp_dirs[@]}"; do rm -rf "$d"; done
 }
 trap cleanup EXIT
@@ -232,6 +235,13 @@ main() {
   command -v go >/dev/null || die "go is not on PATH"
   log "go: $(go version | cut -d' ' -f3-); GOMODCACHE=$GOMODCACHE GOCACHE=$GOCACHE"
   if [[ $what == all || $what == bins ]]; then
+    # KEDA (only for the autoscaling e2e) has nothing in common with the rest: it builds next to
+    # all of it (a no-op when cached), and only its failure is reported at the end.
+    local keda_log=$CLUSTER_CACHE/build-keda.log
+    if [[ ${CLUSTER_BUILD_PARALLEL:-1} == 1 ]]; then
+      bash "$here/build-keda.sh" bins >"$keda_log" 2>&1 &
+      keda_pid=$!
+    fi
     if [[ ${CLUSTER_BUILD_PARALLEL:-1} == 1 ]] && ! { have_k8s && etcd_bin >/dev/null && [[ -x $COREDNS_BIN_DIR/coredns && -x $KUBE_ROUTER_BIN ]]; }; then
       # etcd + CoreDNS + kube-router build next to Kubernetes (the long pole): on 2 shared cores
       # this took the cold wall time from ~42 to ~26 minutes. etcd's version comes from Kubernetes' go.mod.
@@ -256,11 +266,19 @@ main() {
       build_coredns
       build_kube_router
     fi
+    if [[ -n $keda_pid ]]; then
+      if ! wait "$keda_pid"; then keda_pid=; tail -n 30 "$keda_log" >&2; die "KEDA build failed (log: $keda_log)"; fi
+      keda_pid=
+      grep -E 'took|cached' "$keda_log" >&2 || true
+    else
+      bash "$here/build-keda.sh" bins
+    fi
   fi
   if [[ $what == all || $what == images ]]; then
     build_images
+    bash "$here/build-keda.sh" images
   fi
-  log "done in $((SECONDS - t0))s: kubernetes v$K8S_VERSION, etcd $(etcd_bin || echo '?'), coredns v$COREDNS_VERSION, kube-router v$KUBE_ROUTER_VERSION"
+  log "done in $((SECONDS - t0))s: kubernetes v$K8S_VERSION, etcd $(etcd_bin || echo '?'), coredns v$COREDNS_VERSION, kube-router v$KUBE_ROUTER_VERSION, keda v$KEDA_VERSION"
 }
 
 main "$@"

@@ -8,6 +8,10 @@ COREDNS_VERSION=${COREDNS_VERSION:-1.12.4}  # CoreDNS, built with `go install`
 # serves only v2.1.0; docs/cluster.md says why not kube-network-policies (no nft `queue` here).
 KUBE_ROUTER_VERSION=${KUBE_ROUTER_VERSION:-2.1.0}
 # etcd: by default the version the Kubernetes build pins (go.etcd.io/etcd/client/v3); ETCD_VERSION overrides.
+# KEDA (autoscaling e2e): operator + metrics API server. v2.21.1 needs Go >= 1.27.4, which this
+# machine cannot get (Go 1.26.8; the only newer toolchain the module proxy may give here is 1.27.3);
+# v2.21.0 is the newest release that builds with Go 1.26 (docs/cluster.md).
+KEDA_VERSION=${KEDA_VERSION:-2.21.0}
 
 PYWORKER_CACHE=${PYWORKER_CACHE:-$HOME/.cache/pyworker}
 CLUSTER_CACHE=${CLUSTER_CACHE:-$PYWORKER_CACHE/cluster}     # binaries, images, kubeconfig (persist)
@@ -35,6 +39,9 @@ BUSYBOX_IMAGE=pyworker/busybox:dev
 K8S_BIN_DIR=$CLUSTER_CACHE/bin/kubernetes-v$K8S_VERSION
 COREDNS_BIN_DIR=$CLUSTER_CACHE/bin/coredns-v$COREDNS_VERSION
 KUBE_ROUTER_BIN=$CLUSTER_CACHE/bin/kube-router-v$KUBE_ROUTER_VERSION/kube-router
+KEDA_BIN_DIR=$CLUSTER_CACHE/bin/keda-v$KEDA_VERSION    # keda-operator, keda-adapter, crds/
+KEDA_OPERATOR_IMAGE=pyworker/keda-operator:v$KEDA_VERSION
+KEDA_ADAPTER_IMAGE=pyworker/keda-adapter:v$KEDA_VERSION
 IMAGES_DIR=$CLUSTER_CACHE/images
 K8S_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
 

@@ -177,6 +177,34 @@ subjectAltName=DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,
   log "PKI and kubeconfigs written to $PKI ($((SECONDS - t0))s)"
 }
 
+# The aggregation layer (APIServices such as KEDA's external metrics API, which the HPA controller
+# reads): kube-apiserver proves itself to an extension API server with this client certificate, and
+# that server trusts the X-Remote-User/Group headers only from it. A CA of its own, as kubeadm does,
+# so no other client certificate of the cluster's CA can pass those headers. Idempotent: a cluster
+# made before this existed gets the files on its next start.
+make_front_proxy_pki() {
+  [[ -s $PKI/front-proxy-client.crt ]] && return 0
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=pyworker-front-proxy-ca \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign,digitalSignature \
+    -keyout "$PKI/front-proxy-ca.key" -out "$PKI/front-proxy-ca.crt" 2>/dev/null
+  local n=front-proxy-client
+  openssl req -new -newkey rsa:2048 -nodes -keyout "$PKI/$n.key" -subj /CN=front-proxy-client -out "$PKI/$n.csr" 2>/dev/null
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' >"$PKI/$n.ext"
+  openssl x509 -req -in "$PKI/$n.csr" -CA "$PKI/front-proxy-ca.crt" -CAkey "$PKI/front-proxy-ca.key" -CAcreateserial \
+    -days 365 -sha256 -extfile "$PKI/$n.ext" -out "$PKI/$n.crt" 2>/dev/null
+  rm -f "$PKI/$n.csr" "$PKI/$n.ext"
+  log "front-proxy CA and client certificate (aggregation layer) written to $PKI"
+}
+
+# An API server started by an older version of this script lacks the aggregation flags: restart it
+# alone (its state is in etcd; pods keep running; clients see a few seconds without an API server).
+restart_apiserver_without_aggregation() {
+  local pid; pid=$(daemon_pid kube-apiserver) || return 0
+  tr '\0' '\n' <"/proc/$pid/cmdline" | grep -q -- '^--proxy-client-cert-file=' && return 0
+  log "kube-apiserver runs without the aggregation layer: restarting it with it"
+  stop_daemon kube-apiserver
+}
+
 # ---- daemons -------------------------------------------------------------------------------------
 start_containerd() {
   daemon_alive containerd && return 0
@@ -255,6 +283,11 @@ start_control_plane() {
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
     --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction --allow-privileged=true \
+    --requestheader-client-ca-file="$PKI/front-proxy-ca.crt" --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
+    --proxy-client-cert-file="$PKI/front-proxy-client.crt" --proxy-client-key-file="$PKI/front-proxy-client.key" \
+    --enable-aggregator-routing=true \
     --profiling=false
   wait_for "kube-apiserver /readyz" "$UP_TIMEOUT" sh -c '[ "$('"$B"'/kubectl --kubeconfig '"$PKI"'/admin.conf get --raw=/readyz 2>/dev/null)" = ok ]'
   log "kube-apiserver ready"
@@ -464,6 +497,9 @@ main() {
     log "cluster already running; checking node and DNS"
     trap on_exit EXIT
     succeeded=1   # a healthy cluster is never torn down by a failing re-check
+    make_front_proxy_pki
+    restart_apiserver_without_aggregation
+    start_control_plane
     start_node
     start_kube_router
     deploy_coredns
@@ -484,6 +520,7 @@ main() {
   preflight
   setup_network
   make_pki
+  make_front_proxy_pki
   start_containerd
   load_cluster_images
   start_etcd

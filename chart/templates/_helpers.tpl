@@ -479,6 +479,9 @@ every problem listed.
 {{- if and $v.lab.ingress.enabled (not $v.lab.enabled) }}
 {{- $errors = append $errors "lab.ingress.enabled needs lab.enabled" }}
 {{- end }}
+{{- if lt (int $v.autoscaling.maxWorkers) (int $v.autoscaling.minWorkers) }}
+{{- $errors = append $errors (printf "autoscaling.maxWorkers (%v) must be at least autoscaling.minWorkers (%v)" $v.autoscaling.maxWorkers $v.autoscaling.minWorkers) }}
+{{- end }}
 {{- $limit := dig "limits" "memory" "" ($v.redis.resources | default dict) }}
 {{- $maxmemory := $v.redis.maxmemory | default "" }}
 {{- if and (include "pyworker.redis.enabled" .) (ne (toString $maxmemory) "") (ne (toString $limit) "") }}

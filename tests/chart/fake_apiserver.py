@@ -13,6 +13,8 @@ RESOURCES = {
            ("serviceaccounts", "ServiceAccount")],
     "rbac.authorization.k8s.io/v1": [("roles", "Role"), ("rolebindings", "RoleBinding")],
     "apps/v1": [("deployments", "Deployment")],
+    # KEDA's, so that Helm 3 sees a cluster where autoscaling.enabled can install (NOTES tests).
+    "keda.sh/v1alpha1": [("scaledobjects", "ScaledObject")],
     "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget")],
     "networking.k8s.io/v1": [("networkpolicies", "NetworkPolicy"), ("ingresses", "Ingress")],
 }
@@ -37,8 +39,8 @@ class FakeAPIServer:
             "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
                 {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]},
             "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-                {"name": gv.split("/")[0], "versions": [{"groupVersion": gv, "version": "v1"}],
-                 "preferredVersion": {"groupVersion": gv, "version": "v1"}}
+                {"name": gv.split("/")[0], "versions": [{"groupVersion": gv, "version": gv.split("/")[1]}],
+                 "preferredVersion": {"groupVersion": gv, "version": gv.split("/")[1]}}
                 for gv in RESOURCES if "/" in gv]},
         }
         for gv in RESOURCES:

@@ -103,3 +103,11 @@ def test_plain_http_warns(helm, args, why):
 ])
 def test_no_warning_without_plain_http(helm, args):
     assert "WARNING" not in helm.notes(*args)
+
+
+def test_autoscaled_notes_give_the_range_and_how_to_change_it(helm3):
+    """Helm 3 only: its dry run asks the (fake) API server, which knows KEDA's ScaledObject."""
+    notes = helm3.notes("--set", "autoscaling.enabled=true", "--set", "autoscaling.maxWorkers=6", "--set", "workers=9")
+    common(notes, "0 to 6 workers, scaled by KEDA on the tasks queued and running")
+    assert "--reuse-values --set autoscaling.maxWorkers=N" in notes
+    assert "9 worker" not in notes and "--set workers=N" not in notes
