@@ -6,8 +6,9 @@ autoscaling on (the chart sets PYWORKER_SCALED_OBJECT), the autoscaler owns the 
 sets its ScaledObject's minReplicaCount instead. Plain urllib and ssl: no Kubernetes client.
 
 What the chart gives the Lab: PYWORKER_WORKER_DEPLOYMENT, PYWORKER_NAMESPACE (downward API),
-PYWORKER_ALLOW_SCALING, PYWORKER_SCALED_OBJECT (with autoscaling), and the token under SA_DIR
-(only with lab.allowScaling).
+PYWORKER_ALLOW_SCALING, PYWORKER_SCALED_OBJECT (with autoscaling), PYWORKER_WORKER_GROUPS and
+PYWORKER_AUTOSCALED_GROUPS (workerGroups: group G's Deployment, and its ScaledObject, is named
+"<PYWORKER_WORKER_DEPLOYMENT>-G"), and the token under SA_DIR (only with lab.allowScaling).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import urllib.error
 import urllib.request
 from typing import NamedTuple
 
+from .config import DEFAULT_GROUP
 from .errors import ScalingError
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -36,8 +38,9 @@ class Target(NamedTuple):
     ca_file: str
 
 
-def target(environ=None, sa_dir: str | None = None) -> Target:
-    """Where scale() would write, from the Lab's environment; ScalingError saying why not."""
+def target(environ=None, sa_dir: str | None = None, group: str | None = None) -> Target:
+    """Where scale() would write for worker group ``group`` (None: the default group), from the
+    Lab's environment; ScalingError saying why not."""
     env = os.environ if environ is None else environ
     sa_dir = sa_dir or SA_DIR
     deployment = env.get("PYWORKER_WORKER_DEPLOYMENT", "")
@@ -45,6 +48,17 @@ def target(environ=None, sa_dir: str | None = None) -> Target:
         raise ScalingError("pyworker.scale() sets the number of workers from the Lab of a pyworker "
                            "Helm release, and this is not one (PYWORKER_WORKER_DEPLOYMENT is not "
                            f"set); {ELSEWHERE}")
+    scaled_object = env.get("PYWORKER_SCALED_OBJECT") or None
+    if group not in (None, DEFAULT_GROUP):
+        groups = [g for g in env.get("PYWORKER_WORKER_GROUPS", "").split(",") if g]
+        if group not in groups:
+            raise ScalingError(
+                f"this release has no worker group {group!r} (its groups: "
+                f"{', '.join([DEFAULT_GROUP, *groups])}); add it under workerGroups with helm "
+                "upgrade")
+        deployment = f"{deployment}-{group}"
+        autoscaled = env.get("PYWORKER_AUTOSCALED_GROUPS", "").split(",")
+        scaled_object = deployment if group in autoscaled else None
     if env.get("PYWORKER_ALLOW_SCALING", "true").lower() == "false":
         raise ScalingError(
             "scaling from the notebook is off for this release (lab.allowScaling=false): turn it "
@@ -72,8 +86,7 @@ def target(environ=None, sa_dir: str | None = None) -> Target:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # an IPv6 address
     api = f"https://{host}:{env.get('KUBERNETES_SERVICE_PORT', '443')}"
-    return Target(api, namespace, deployment, env.get("PYWORKER_SCALED_OBJECT") or None,
-                  token_file, ca_file)
+    return Target(api, namespace, deployment, scaled_object, token_file, ca_file)
 
 
 def _request(t: Target, method: str, path: str, body: dict | None = None,
@@ -126,13 +139,14 @@ def _scaled_object_path(t: Target) -> str:
     return f"/apis/keda.sh/v1alpha1/namespaces/{t.namespace}/scaledobjects/{t.scaled_object}"
 
 
-def scale(n: int, wait: bool = False, timeout: float = 300.0) -> int:
+def scale(n: int, wait: bool = False, timeout: float = 300.0, group: str | None = None) -> int:
     """Set the number of worker pods to ``n`` (with autoscaling: the least number the autoscaler
     keeps); returns the number the cluster now wants. ``wait=True``: return once ``n`` workers
-    are live in Redis (at most ``timeout`` seconds: TimeoutError)."""
+    are live in Redis (at most ``timeout`` seconds: TimeoutError). ``group``: that worker group's
+    pods (the chart's workerGroups; None: the default group)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"scale() takes a number of workers >= 0, not {n!r}")
-    t = target()
+    t = target(group=group)
     if t.scaled_object:
         spec = _request(t, "GET", _scaled_object_path(t)).get("spec", {})
         most = spec.get("maxReplicaCount")
@@ -145,7 +159,7 @@ def scale(n: int, wait: bool = False, timeout: float = 300.0) -> int:
         reply = _request(t, "PATCH", _scale_path(t), {"spec": {"replicas": n}})
         desired = reply.get("spec", {}).get("replicas", n)
     if wait:
-        _wait_for_workers(n, timeout)
+        _wait_for_workers(n, timeout, group)
     return desired
 
 
@@ -162,9 +176,9 @@ def desired_workers(timeout_s: float = 2.0) -> int | None:
         return None
 
 
-def _wait_for_workers(n: int, timeout_s: float):
+def _wait_for_workers(n: int, timeout_s: float, group: str | None = None):
     from .api import get_client
-    broker = get_client().broker
+    broker = get_client().for_group(group).broker
     deadline = time.monotonic() + timeout_s
     while True:
         live = broker.live_workers()

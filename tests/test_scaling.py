@@ -79,7 +79,8 @@ def lab(tls, tmp_path, monkeypatch):
     (sa / "ca.crt").write_bytes(cert.read_bytes())
     (sa / "namespace").write_text("ns")
     monkeypatch.setattr(scaling, "SA_DIR", str(sa))
-    for var in ("PYWORKER_SCALED_OBJECT", "PYWORKER_NAMESPACE"):
+    for var in ("PYWORKER_SCALED_OBJECT", "PYWORKER_NAMESPACE", "PYWORKER_WORKER_GROUPS",
+                "PYWORKER_AUTOSCALED_GROUPS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("PYWORKER_WORKER_DEPLOYMENT", "par-pyworker-worker")
     monkeypatch.setenv("PYWORKER_ALLOW_SCALING", "true")
@@ -148,6 +149,24 @@ def test_autoscaling_sets_the_minimum(lab, monkeypatch):
     assert not [p for v, p, _, _ in api.requests if v == "PATCH" and p == SCALE]
     with pytest.raises(ValueError, match="above the autoscaler's maximum of 6"):
         pyworker.scale(7)
+
+
+def test_a_worker_groups_deployment_or_scaled_object(lab, monkeypatch):
+    monkeypatch.setenv("PYWORKER_WORKER_GROUPS", "gpu,big")
+    monkeypatch.setenv("PYWORKER_AUTOSCALED_GROUPS", "big")
+    gpu = SCALE.replace("par-pyworker-worker", "par-pyworker-worker-gpu")
+    big = SCALED_OBJECT.replace("par-pyworker-worker", "par-pyworker-worker-big")
+    api = lab({("PATCH", gpu): (200, scale_reply(2)),
+               ("GET", big): (200, {"spec": {"minReplicaCount": 0, "maxReplicaCount": 8}}),
+               ("PATCH", big): (200, {"spec": {"minReplicaCount": 3}}),
+               ("GET", SCALE.replace("par-pyworker-worker", "par-pyworker-worker-big")):
+                   (200, scale_reply(0))})
+    assert pyworker.scale(2, group="gpu") == 2
+    assert api.requests[-1][:2] == ("PATCH", gpu) and api.requests[-1][3] == {"spec": {"replicas": 2}}
+    assert pyworker.scale(3, group="big") == 3
+    assert ("PATCH", big) in [(v, p) for v, p, _, _ in api.requests]
+    with pytest.raises(ScalingError, match=r"no worker group 'tpu' \(its groups: default, gpu, big\)"):
+        pyworker.scale(1, group="tpu")
 
 
 def test_scaling_off(lab, monkeypatch):

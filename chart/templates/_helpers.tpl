@@ -48,6 +48,55 @@ use these. Kubernetes names are at most 63 characters; the longest suffix below 
 {{- include "pyworker.fullname" . }}-worker
 {{- end }}
 
+{{/* pyworker.worker.groupFullname: group .group's worker Deployment, ScaledObject and PodDisruptionBudget ("default": pyworker.worker.fullname; else "<that>-<group>"). Call with (dict "ctx" $ "group" name). */}}
+{{- define "pyworker.worker.groupFullname" -}}
+{{- if eq .group "default" }}
+{{- include "pyworker.worker.fullname" .ctx }}
+{{- else }}
+{{- printf "%s-%s" (include "pyworker.worker.fullname" .ctx) .group | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* pyworker.worker.groupPdbName: group .group's PodDisruptionBudget. Call with (dict "ctx" $ "group" name). */}}
+{{- define "pyworker.worker.groupPdbName" -}}
+{{- if eq .group "default" }}
+{{- include "pyworker.worker.pdb.fullname" .ctx }}
+{{- else }}
+{{- printf "%s-pdb" (include "pyworker.worker.groupFullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* pyworker.worker.component: the component label of group .group's workers ("worker", "worker-<group>": each Deployment's selector its own). Call with (dict "group" name). */}}
+{{- define "pyworker.worker.component" -}}
+{{- if eq .group "default" }}worker{{ else }}worker-{{ .group }}{{ end }}
+{{- end }}
+
+{{/* pyworker.worker.groups: the worker groups as YAML, name -> settings: "default" from workers/worker/autoscaling, then each of workerGroups with what it leaves out taken from worker and autoscaling (env: worker.env, then the group's). Read with fromYaml. */}}
+{{- define "pyworker.worker.groups" -}}
+{{- $worker := omit .Values.worker "podDisruptionBudget" "leaseSeconds" "maxRetries" "maxTasksPerChild" "maxMemoryMB" }}
+{{- $auto := .Values.autoscaling | default dict }}
+{{- $out := dict "default" (merge (dict "replicas" .Values.workers "autoscaling" $auto "image" (dict)) $worker) }}
+{{- range $name, $g := .Values.workerGroups | default dict }}
+{{- $g = $g | default dict }}
+{{- $one := merge (omit $g "env" "autoscaling" "image") (deepCopy $worker) }}
+{{- $_ := set $one "replicas" (hasKey $g "replicas" | ternary $g.replicas 1) }}
+{{- $_ := set $one "env" (concat ($worker.env | default list) ($g.env | default list)) }}
+{{- $_ := set $one "autoscaling" (merge (deepCopy ($g.autoscaling | default dict)) (deepCopy $auto)) }}
+{{- $_ := set $one "image" ($g.image | default dict) }}
+{{- $_ := set $out $name $one }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/* pyworker.worker.autoscaledGroups: the groups whose workers KEDA scales, comma-separated. */}}
+{{- define "pyworker.worker.autoscaledGroups" -}}
+{{- $names := list }}
+{{- range $name, $g := include "pyworker.worker.groups" . | fromYaml }}
+{{- if $g.autoscaling.enabled }}{{ $names = append $names $name }}{{ end }}
+{{- end }}
+{{- join "," $names }}
+{{- end }}
+
 {{/* pyworker.worker.pdb.fullname: the workers' PodDisruptionBudget. */}}
 {{- define "pyworker.worker.pdb.fullname" -}}
 {{- include "pyworker.fullname" . }}-worker-pdb
@@ -63,9 +112,9 @@ use these. Kubernetes names are at most 63 characters; the longest suffix below 
 {{- include "pyworker.fullname" . }}-metrics
 {{- end }}
 
-{{/* pyworker.metrics.enabled: "true" when the exporter is deployed: metrics.enabled, or autoscaling.enabled (the autoscaler reads it). */}}
+{{/* pyworker.metrics.enabled: "true" when the exporter is deployed: metrics.enabled, or any worker group autoscaled (the autoscaler reads it). */}}
 {{- define "pyworker.metrics.enabled" -}}
-{{- if or .Values.metrics.enabled (.Values.autoscaling | default dict).enabled }}true{{ end }}
+{{- if or .Values.metrics.enabled (include "pyworker.worker.autoscaledGroups" .) }}true{{ end }}
 {{- end }}
 
 {{/* pyworker.lab.serviceAccountName: the Lab's ServiceAccount (its token only scales the workers, and only with lab.allowScaling). */}}
@@ -117,6 +166,12 @@ Settings.
 {{/* pyworker.image: "<repository>:<tag>" of the pyworker image; the tag defaults to appVersion. */}}
 {{- define "pyworker.image" -}}
 {{- printf "%s:%s" .Values.image.repository (toString (default .Chart.AppVersion .Values.image.tag)) }}
+{{- end }}
+
+{{/* pyworker.groupImage: a worker group's image: its image.repository/tag where given, else the chart's. Call with (dict "ctx" $ "image" $group.image). */}}
+{{- define "pyworker.groupImage" -}}
+{{- $i := .image | default dict }}
+{{- printf "%s:%s" ($i.repository | default .ctx.Values.image.repository) (toString ($i.tag | default (default .ctx.Chart.AppVersion .ctx.Values.image.tag))) }}
 {{- end }}
 
 {{/* pyworker.redis.image: "<repository>:<tag>" of the Redis image. */}}
