@@ -56,7 +56,8 @@ NOTES = """
   `GET /metrics` is Prometheus' text format: `pyworker_workers`, `pyworker_workers_busy`,
   `pyworker_tasks_queued`, `pyworker_tasks_running` (gauges), `pyworker_tasks_done_total`,
   `pyworker_tasks_failed_total`, `pyworker_items_done_total`, `pyworker_items_failed_total`
-  (counters) and the histogram `pyworker_task_duration_seconds`, all labelled `group="default"`.
+  (counters) and the histogram `pyworker_task_duration_seconds`, each labelled with its worker
+  group (`group="default"`, `group="gpu"`, ...; `GET /scale?group=gpu` for one group's JSON).
   A task is what a worker takes at a time: a chunk of a `pmap`'s items, one `Executor.submit`
   call. `GET /scale` is the JSON an autoscaler reads: `{"tasks": queued + running, "queued",
   "running", "workers", "busy"}`; `/healthz` says the server runs. Each scrape is one Redis round
@@ -131,6 +132,35 @@ up to `worker.maxRetries` times.
 
 On the offline test cluster, `make keda-up` builds KEDA from its Go module and installs it
 (docs/cluster.md).
+
+## Worker groups
+
+`workerGroups` adds a worker Deployment per named group next to the default one, for work that
+needs other machines, such as GPUs:
+
+```yaml
+workerGroups:
+  gpu:
+    replicas: 1                      # default 1; or autoscaling below
+    resources: {limits: {nvidia.com/gpu: 1}}
+    nodeSelector: {nvidia.com/gpu.present: "true"}
+    tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+    image: {repository: registry.example/pyworker-cuda, tag: "1.0"}   # FROM the pyworker image
+    env: [{name: CUDA_MODULE_LOADING, value: LAZY}]
+    autoscaling: {enabled: true, minWorkers: 0, maxWorkers: 4}
+```
+
+`pmap(fn, xs, group="gpu")` (and `imap`, `Executor(group=...)`, `Pool(group=...)`, joblib's
+`parallel_config(backend="pyworker", group=...)`) runs only on that group's workers; a call
+without `group=` runs on the default group (`workers`, `worker.*`). Each group is a queue of its
+own in Redis (docs/protocol.md), so a group's tasks never wait behind another's and an idle
+group costs nothing. A group with no live worker keeps its tasks queued until one starts (its
+autoscaler, or `pyworker.scale(n, group="gpu")`); the `pmap` says it is waiting. Maps a group
+sets are merged over `worker.*`'s (a group that only adds `nvidia.com/gpu` keeps `worker`'s CPU
+and memory), lists replace them, `env` is appended to `worker.env`, and `autoscaling` is merged
+over the top-level `autoscaling`. The group's Deployment, PodDisruptionBudget and ScaledObject are
+`<release>-pyworker-worker-<group>`; its pods carry `app.kubernetes.io/component:
+worker-<group>` and `PYWORKER_GROUP=<group>`.
 """
 
 KEY_LINE = re.compile(r"^(\s*)([A-Za-z0-9_-]+):(\s|$)")
