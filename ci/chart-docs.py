@@ -106,7 +106,8 @@ saying so. KEDA starts the first worker as soon as a task is queued (from zero w
 `maxWorkers`, aiming at `tasksPerWorker` tasks per worker (wanted = ceil(tasks / tasksPerWorker)),
 and after `cooldownSeconds` without a task the workers stop, down to `minWorkers`. The same window
 holds between two non-zero counts, so a pause between two cells does not stop the workers the next
-cell needs. `workers` is ignored while autoscaling is on.
+cell needs. Scaling up goes to the wanted count in one step of the HPA (which decides every 15 s
+by default), not by its default +4 pods a step. `workers` is ignored while autoscaling is on.
 
 **Why KEDA's `metrics-api` scaler on the chart's own metrics exporter** (`GET /scale` of
 `<release>-pyworker-metrics`, field `tasks`), not its `redis` list scaler:

@@ -23,8 +23,11 @@ def test_scaledobject_targets_the_workers_and_reads_the_metrics_exporter(helm):
     assert spec["scaleTargetRef"] == {"name": "par-pyworker-worker"}
     assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (0, 6)
     assert (spec["pollingInterval"], spec["cooldownPeriod"]) == (5, 45)
-    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"] == {
-        "stabilizationWindowSeconds": 45}
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"] == {"stabilizationWindowSeconds": 45}
+    # up to maxWorkers in one HPA sync
+    assert behavior["scaleUp"] == {"stabilizationWindowSeconds": 0,
+                                   "policies": [{"type": "Pods", "value": 6, "periodSeconds": 15}]}
     [trigger] = spec["triggers"]
     assert trigger["type"] == "metrics-api" and trigger["metricType"] == "AverageValue"
     # KEDA reads trigger metadata as strings only: numbers must be quoted.
