@@ -177,11 +177,12 @@ def test_shared_volume_existing_claim_and_no_provisioning(helm):
 
 def test_network_policy_leaves_egress_to_a_package_index_open(helm):
     """The init container and pip_install reach the index: no policy of the chart selects the
-    worker or Lab pods, and the one it has restricts ingress only."""
+    worker or Lab pods, and those it has (Redis', the metrics exporter's) restrict ingress only."""
     docs = render(helm, "--set", "pip.packages={x}")
     for np in [d for d in docs if d["kind"] == "NetworkPolicy"]:
         assert "Egress" not in np["spec"]["policyTypes"]
-        assert np["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+        assert np["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] in (
+            "redis", "metrics")
 
 
 def test_notes_say_where_pip_errors_and_shared_files_are(helm):
