@@ -1,6 +1,6 @@
 """pyworker.scale() and status()'s desired workers, against a local HTTPS server standing in for
 the Kubernetes API server: the requests' shape (path, verb, token, patch), TLS checked against the
-given CA, and the error messages. (The real API server, RBAC included, is tests/e2e/test_scaling.py.)"""
+given CA, and the error messages. (The real API server, RBAC included, is tests/e2e/test_scale_from_lab.py.)"""
 import json
 import ssl
 import subprocess
